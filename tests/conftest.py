@@ -1,0 +1,25 @@
+import os
+
+import jax
+import pytest
+
+from cometjax.data import data_dir, data_path
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+  """The shared data folder; the test is skipped with the reason when it is absent."""
+  root = data_dir()
+  if not root.is_dir():
+    pytest.skip(f"shared data not found at {root} (set COMETJAX_DATA to the folder holding shared/data)")
+  return root
+
+
+def require_data(*parts: str):
+  """Path to a shared data file, or skip the calling test naming the missing path."""
+  path = data_path(*parts)
+  if not path.exists():
+    pytest.skip(f"shared data file missing: {path} (set COMETJAX_DATA)")
+  return path
