@@ -1,0 +1,313 @@
+"""Noise schedules, DDPM/DDIM samplers (jitted `lax` loops) and evaluation helpers for the MNIST models.
+
+The two checkpoints differ in schedule and update rule (see shared/data/README.md):
+  - "dit": betas = linspace(1e-4, 0.02, 1000), t in 0..999 passed as an integer, data in [-1, 1];
+    DDPM with the posterior variance, x clamped to [-1, 1] after every step.
+  - "cnn": its own 1001-entry beta_t/alpha_t (alpha-bar) buffers, i in 1..1000, model input i/1000,
+    data in [-0.5, 0.5]; its own DDPM rule z = (z - b_i/sqrt(1-ab_i) eps)/sqrt(1-b_i) + sqrt(b_i) n.
+DDIM (eta = 0) works for both on the same alpha-bar table; x0 is clipped to the data range.
+
+Per-timestep hook: every sampler takes `group_fn(index) -> int group`, passed to the model as `group`,
+so quantized layers pick the activation scales of that timestep group.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MODEL_KINDS = ("dit", "cnn")
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+  kind: str  # "dit" | "cnn": which update rule / time input the checkpoint expects
+  betas: tuple[float, ...]  # [table] indexed by timestep index (tuples keep the schedule hashable)
+  alpha_bars: tuple[float, ...]  # [table]
+  first_index: int  # smallest timestep index used (0 for dit, 1 for cnn)
+  last_index: int  # largest (999 for dit, 1000 for cnn)
+  data_low: float
+  data_high: float
+
+  def __post_init__(self):
+    if self.kind not in MODEL_KINDS:
+      raise ValueError(f"kind must be one of {MODEL_KINDS}, got {self.kind!r}")
+
+  @property
+  def num_steps(self) -> int:
+    return self.last_index - self.first_index + 1
+
+  def model_time(self, index: jax.Array) -> jax.Array:
+    """What the network receives as t: the integer index (dit) or index/1000 (cnn)."""
+    if self.kind == "dit":
+      return index.astype(jnp.int32)
+    return index.astype(jnp.float32) / self.last_index
+
+  def to_unit(self, x: jax.Array) -> jax.Array:
+    """Model data range -> [0, 1] pixels."""
+    return jnp.clip((x - self.data_low) / (self.data_high - self.data_low), 0.0, 1.0)
+
+  def from_uint8(self, images: np.ndarray) -> np.ndarray:
+    return (images.astype(np.float32) / 255.0) * (self.data_high - self.data_low) + self.data_low
+
+  def q_sample(self, x0: jax.Array, index: jax.Array, noise: jax.Array) -> jax.Array:
+    ab = jnp.asarray(self.alpha_bars, jnp.float32)[index][:, None, None, None]
+    return jnp.sqrt(ab) * x0 + jnp.sqrt(1 - ab) * noise
+
+  def ddim_indices(self, steps: int) -> np.ndarray:
+    """`steps` evenly spaced timestep indices, descending, from last_index."""
+    if not 1 <= steps <= self.num_steps:
+      raise ValueError(f"steps must be in 1..{self.num_steps}, got {steps}")
+    idx = np.round(np.linspace(self.last_index, self.first_index, steps)).astype(np.int32)
+    return idx
+
+
+def dit_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
+  betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float32)
+  alpha_bars = np.cumprod(1.0 - betas, dtype=np.float32)
+  return NoiseSchedule("dit", tuple(betas.tolist()), tuple(alpha_bars.tolist()), 0, num_timesteps - 1, -1.0, 1.0)
+
+
+def cnn_schedule(beta_t: np.ndarray | None = None, alpha_t: np.ndarray | None = None, num_timesteps: int = 1000,
+                 beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
+  """The CNN's 1001-entry table (its checkpoint buffers when given, else recomputed as in DDPM.ipynb)."""
+  if beta_t is None:
+    beta_t = ((beta_end - beta_start) * np.arange(0, num_timesteps + 1, dtype=np.float32) / num_timesteps
+              + beta_start).astype(np.float32)
+    alpha_t = np.exp(np.cumsum(np.log(1 - beta_t))).astype(np.float32)
+  return NoiseSchedule("cnn", tuple(np.asarray(beta_t, np.float32).tolist()),
+                       tuple(np.asarray(alpha_t, np.float32).tolist()), 1, num_timesteps,
+                       -0.5, 0.5)
+
+
+def schedule_for(model) -> NoiseSchedule:
+  """The schedule that belongs to a loaded model (DiT or CNNDenoiser)."""
+  from cometjax.models.cnn_ddpm import CNNDenoiser
+  from cometjax.models.dit import DiT
+  if isinstance(model, DiT):
+    return dit_schedule(model.config.num_timesteps)
+  if isinstance(model, CNNDenoiser):
+    return cnn_schedule(np.asarray(model.beta_t[...]), np.asarray(model.alpha_bar_t[...]), model.config.num_timesteps)
+  raise TypeError(f"model must be a DiT or CNNDenoiser, got {type(model).__name__}")
+
+
+# An eps function: (graph state, x [B,1,28,28], timestep index [B] int32, group int, labels [B]) -> eps
+GroupFn = Callable[[jax.Array], jax.Array]
+
+
+def _no_groups(index: jax.Array) -> jax.Array:
+  return jnp.zeros((), jnp.int32)
+
+
+def predict_noise(model, schedule: NoiseSchedule, x: jax.Array, index: jax.Array, labels=None, group=0):
+  """Call the model with the time input its checkpoint expects.  index: int [B]."""
+  t = schedule.model_time(index)
+  if schedule.kind == "dit":
+    if labels is None:
+      raise ValueError("the DiT is class-conditional: labels (int [B] in 0..9) are required")
+    return model(x, t, labels, group)
+  return model(x, t, group)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "indices", "group_fn", "clip"))
+def _ddim_loop(graphdef, state, schedule, indices, group_fn, clip, noise, labels):
+  table = jnp.asarray(schedule.alpha_bars, jnp.float32)
+  steps = jnp.asarray(indices)
+  prev = jnp.concatenate([steps[1:], jnp.array([-1], jnp.int32)])
+  batch = noise.shape[0]
+
+  def body(i, x):
+    model = nnx.merge(graphdef, state)
+    index = steps[i]
+    ab = table[index]
+    ab_prev = jnp.where(prev[i] >= 0, table[jnp.maximum(prev[i], 0)], 1.0)
+    eps = predict_noise(model, schedule, x, jnp.full((batch,), index, jnp.int32), labels, group_fn(index))
+    x0 = (x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
+    if clip:
+      x0 = jnp.clip(x0, schedule.data_low, schedule.data_high)
+    return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1 - ab_prev) * eps
+
+  return jax.lax.fori_loop(0, len(indices), body, noise)
+
+
+def ddim_sample(model, schedule: NoiseSchedule, noise: jax.Array, labels=None, *, steps: int = 50,
+                group_fn: GroupFn | None = None, clip: bool = True) -> jax.Array:
+  """Deterministic DDIM (eta = 0) from `noise` [B,1,28,28]; returns samples in the data range."""
+  graphdef, state = nnx.split(model)
+  indices = tuple(int(i) for i in schedule.ddim_indices(steps))
+  return _ddim_loop(graphdef, state, schedule, indices, group_fn or _no_groups, clip, noise, labels)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "group_fn"))
+def _ddpm_loop(graphdef, state, schedule, group_fn, noise, labels, key):
+  betas = jnp.asarray(schedule.betas, jnp.float32)
+  table = jnp.asarray(schedule.alpha_bars, jnp.float32)
+  batch = noise.shape[0]
+  n = schedule.num_steps
+
+  def body(i, carry):
+    x, key = carry
+    index = schedule.last_index - i
+    key, sub = jax.random.split(key)
+    z = jax.random.normal(sub, x.shape, x.dtype)
+    model = nnx.merge(graphdef, state)
+    eps = predict_noise(model, schedule, x, jnp.full((batch,), index, jnp.int32), labels, group_fn(index))
+    beta, ab = betas[index], table[index]
+    if schedule.kind == "dit":
+      ab_prev = jnp.where(index > 0, table[jnp.maximum(index - 1, 0)], 1.0)
+      mean = (x - beta / jnp.sqrt(1 - ab) * eps) / jnp.sqrt(1 - beta)
+      sigma = jnp.sqrt(beta * (1 - ab_prev) / (1 - ab))
+      x = mean + jnp.where(index > 0, sigma, 0.0) * z
+      x = jnp.clip(x, schedule.data_low, schedule.data_high)
+    else:
+      x = (x - beta / jnp.sqrt(1 - ab) * eps) / jnp.sqrt(1 - beta)
+      x = x + jnp.where(index > schedule.first_index, jnp.sqrt(beta), 0.0) * z
+    return x, key
+
+  x, _ = jax.lax.fori_loop(0, n, body, (noise, key))
+  return x
+
+
+def ddpm_sample(model, schedule: NoiseSchedule, noise: jax.Array, labels=None, *, key: jax.Array,
+                group_fn: GroupFn | None = None) -> jax.Array:
+  """Ancestral DDPM over all timesteps with the checkpoint's own update rule."""
+  graphdef, state = nnx.split(model)
+  return _ddpm_loop(graphdef, state, schedule, group_fn or _no_groups, noise, labels, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and losses
+
+
+def load_mnist_test(folder=None) -> tuple[np.ndarray, np.ndarray]:
+  """The MNIST test set: uint8 images [10000, 28, 28] and uint8 labels [10000]."""
+  from cometjax.data import data_path
+  from pathlib import Path
+  folder = Path(folder) if folder is not None else data_path("mnist")
+  images_path, labels_path = folder / "t10k-images-idx3-ubyte.gz", folder / "t10k-labels-idx1-ubyte.gz"
+  for p in (images_path, labels_path):
+    if not p.exists():
+      raise FileNotFoundError(f"MNIST file missing: {p} (set COMETJAX_DATA)")
+  raw = gzip.decompress(images_path.read_bytes())
+  magic, count, rows, cols = struct.unpack(">IIII", raw[:16])
+  if magic != 2051:
+    raise ValueError(f"{images_path}: bad IDX magic {magic}, expected 2051")
+  images = np.frombuffer(raw, np.uint8, offset=16).reshape(count, rows, cols)
+  raw = gzip.decompress(labels_path.read_bytes())
+  magic, count = struct.unpack(">II", raw[:8])
+  if magic != 2049:
+    raise ValueError(f"{labels_path}: bad IDX magic {magic}, expected 2049")
+  return images, np.frombuffer(raw, np.uint8, offset=8)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule"))
+def _loss_terms(graphdef, state, schedule, x0, labels, index, noise):
+  model = nnx.merge(graphdef, state)
+  x_t = schedule.q_sample(x0, index, noise)
+  eps = predict_noise(model, schedule, x_t, index, labels)
+  err = eps - noise
+  return jnp.abs(err).mean((1, 2, 3)), (err ** 2).mean((1, 2, 3))
+
+
+def noise_prediction_loss(model, images: np.ndarray, labels: np.ndarray | None, *, seed: int = 0,
+                          batch_size: int = 500, label_shift: int = 0) -> dict:
+  """The README's protocol: one random timestep and noise per image; returns mean L1 and MSE.
+
+  images: uint8 [N,28,28]. DiT: t ~ U{0..999}; CNN: t ~ U{1..999}.
+  """
+  schedule = schedule_for(model)
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(seed)
+  high = schedule.last_index if schedule.kind == "dit" else schedule.last_index - 1
+  l1, mse = [], []
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    x0 = jnp.asarray(schedule.from_uint8(chunk))[:, None]
+    index = jnp.asarray(rng.integers(schedule.first_index, high + 1, size=len(chunk)), jnp.int32)
+    noise = jnp.asarray(rng.standard_normal(x0.shape).astype(np.float32))
+    y = None
+    if schedule.kind == "dit":
+      y = jnp.asarray((labels[start:start + batch_size].astype(np.int32) + label_shift) % 10)
+    a, b = _loss_terms(graphdef, state, schedule, x0, y, index, noise)
+    l1.append(np.asarray(a))
+    mse.append(np.asarray(b))
+  return {"l1": float(np.concatenate(l1).mean()), "mse": float(np.concatenate(mse).mean()), "count": len(images)}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "indices"))
+def _ddim_trajectory(graphdef, state, schedule, indices, noise, labels):
+  table = jnp.asarray(schedule.alpha_bars, jnp.float32)
+  steps = jnp.asarray(indices, jnp.int32)
+  prev = jnp.concatenate([steps[1:], jnp.array([-1], jnp.int32)])
+  batch = noise.shape[0]
+
+  def body(x, step):
+    index, prev_index = step
+    model = nnx.merge(graphdef, state)
+    ab = table[index]
+    ab_prev = jnp.where(prev_index >= 0, table[jnp.maximum(prev_index, 0)], 1.0)
+    eps = predict_noise(model, schedule, x, jnp.full((batch,), index, jnp.int32), labels)
+    x0 = jnp.clip((x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab), schedule.data_low, schedule.data_high)
+    return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1 - ab_prev) * eps, (x, eps)
+
+  _, (xs, eps) = jax.lax.scan(body, noise, (steps, prev))
+  return xs, eps  # [S, B, ...] inputs of every step and the model's noise prediction there
+
+
+def ddim_trajectory(model, schedule: NoiseSchedule, noise: jax.Array, labels=None, *, steps: int = 50):
+  """The DDIM (eta=0) path of a float model: (x_t [S,B,...], eps [S,B,...], indices [S])."""
+  graphdef, state = nnx.split(model)
+  indices = tuple(int(i) for i in schedule.ddim_indices(steps))
+  xs, eps = _ddim_trajectory(graphdef, state, schedule, indices, noise, labels)
+  return xs, eps, np.asarray(indices, np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image grids
+
+
+def image_grid(images: np.ndarray, columns: int = 10, pad: int = 2) -> np.ndarray:
+  """[N, H, W] (or [N,1,H,W]) floats in [0,1] -> one uint8 [rows*(H+pad)+pad, ...] grid."""
+  images = np.asarray(images)
+  if images.ndim == 4:
+    images = images[:, 0]
+  n, h, w = images.shape
+  rows = -(-n // columns)
+  grid = np.zeros((rows * (h + pad) + pad, columns * (w + pad) + pad), np.uint8)
+  for i, image in enumerate(images):
+    r, c = divmod(i, columns)
+    grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = (
+      np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+  return grid
+
+
+def write_png(path, gray: np.ndarray) -> None:
+  """Write a uint8 [H, W] grayscale PNG (PIL when installed, else zlib + struct)."""
+  from pathlib import Path
+  gray = np.ascontiguousarray(gray, np.uint8)
+  if gray.ndim != 2:
+    raise ValueError(f"gray must be a [H, W] uint8 image, got shape {gray.shape}")
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  try:
+    from PIL import Image
+  except ImportError:
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+      return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w = gray.shape
+    raw = b"".join(b"\x00" + gray[row].tobytes() for row in range(h))  # filter type 0 per row
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+    Path(path).write_bytes(png)
+    return
+  Image.fromarray(gray, mode="L").save(path)

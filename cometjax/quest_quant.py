@@ -1,0 +1,421 @@
+"""Quantized layers for diffusion models (QuEST / Q-Diffusion style).
+
+Weights: INT4 (or INT8) symmetric, one scale per output channel, rounding either to nearest or learned
+with AdaRound. Activations: asymmetric (step + zero point), *static* step sizes learned per timestep
+group, so a sampler switches scales by timestep. Softmax outputs and the inputs of the first and last
+layer run at 8 bit.
+
+Every quantized layer has two executions that agree to rounding:
+  - "fake": simulated quantization in float with straight-through rounding (used for calibration and
+    finetuning; gradients reach weights, step sizes and AdaRound variables);
+  - "integer": the real thing. Weights are packed INT4 (uint8 [K//2, N], low nibble first along K, the
+    layout of `cometjax.qtypes`), activations are rounded to int8 with the static step, the matmul is
+    `int8 x int8 -> int32` and the float scales are applied once in the epilogue. The leaf type is
+    `StaticActQuantWeight`, which `cometjax.ops.linear` dispatches to through `quantized_matmul`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cometjax import ops
+
+EXECUTIONS = ("fake", "integer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class DiffusionQuantConfig:
+  """How a diffusion model is quantized.  `act_bits=None` keeps activations in float."""
+
+  weight_bits: int = 4
+  act_bits: int | None = 4
+  edge_act_bits: int = 8  # inputs of the first and last layer
+  softmax_bits: int = 8  # attention probabilities
+  num_timestep_groups: int = 4
+  num_timesteps: int = 1000
+  quantize_attention_matmuls: bool = True
+  # Layers (path regexes, matched against "a.b.0.c") that stay in float entirely.
+  keep_float: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.weight_bits not in (2, 3, 4, 8):
+      raise ValueError(f"weight_bits must be one of 2, 3, 4, 8, got {self.weight_bits}")
+    for name in ("act_bits", "edge_act_bits", "softmax_bits"):
+      bits = getattr(self, name)
+      if bits is not None and not 2 <= bits <= 8:
+        raise ValueError(f"{name} must be in 2..8 (int8 carries the integer activations), got {bits}")
+    if self.num_timestep_groups < 1:
+      raise ValueError(f"num_timestep_groups must be >= 1, got {self.num_timestep_groups}")
+
+  def timestep_group(self, t: jax.Array) -> jax.Array:
+    """Integer timestep(s) in [0, num_timesteps) -> activation-scale group index."""
+    t = jnp.asarray(t)
+    group = (t.astype(jnp.int32) * self.num_timestep_groups) // self.num_timesteps
+    return jnp.clip(group, 0, self.num_timestep_groups - 1)
+
+
+PRESETS = {
+  "w8a8": DiffusionQuantConfig(weight_bits=8, act_bits=8),
+  "w4a8": DiffusionQuantConfig(weight_bits=4, act_bits=8),
+  "w4a4": DiffusionQuantConfig(weight_bits=4, act_bits=4),
+}
+
+
+def preset(name: str) -> DiffusionQuantConfig:
+  if name not in PRESETS:
+    raise ValueError(f"quantization preset must be one of {sorted(PRESETS)}, got {name!r}")
+  return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer helpers
+
+
+def signed_range(bits: int) -> tuple[int, int]:
+  return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def round_ste(x: jax.Array) -> jax.Array:
+  """Round to nearest with a straight-through (identity) gradient."""
+  return x + jax.lax.stop_gradient(jnp.round(x) - x)
+
+
+def pack_int4(values: jax.Array) -> jax.Array:
+  """int values in [-8, 7], [K, N] with K even -> uint8 [K//2, N], row 2i in the low nibble."""
+  if values.shape[0] % 2:
+    raise ValueError(f"pack_int4 needs an even number of rows, got shape {values.shape}")
+  nibbles = (values.astype(jnp.int32) & 0xF).astype(jnp.uint8)
+  return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_int4(packed: jax.Array) -> jax.Array:
+  """uint8 [K//2, N] -> int8 [K, N] with sign extension (inverse of `pack_int4`)."""
+  low = (packed & 0xF).astype(jnp.int8)
+  high = (packed >> 4).astype(jnp.int8)
+  low = jnp.where(low > 7, low - 16, low)
+  high = jnp.where(high > 7, high - 16, high)
+  return jnp.stack([low, high], axis=1).reshape(packed.shape[0] * 2, *packed.shape[1:])
+
+
+def quantize_activation_int(x: jax.Array, step: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """Static asymmetric activation quantization: x ~ step * (x_int - zero); x_int is int8."""
+  qmin, qmax = signed_range(bits)
+  return jnp.clip(jnp.round(x / step) + jnp.round(zero), qmin, qmax).astype(jnp.int8)
+
+
+def fake_quantize_activation(x: jax.Array, step: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """Float simulation of `quantize_activation_int` with LSQ-style straight-through gradients."""
+  qmin, qmax = signed_range(bits)
+  zero = round_ste(zero)
+  return (jnp.clip(round_ste(x / step) + zero, qmin, qmax) - zero) * step
+
+
+# ----------------------------------------------------------------------------------------------
+# The integer leaf
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class StaticActQuantWeight:
+  """Packed INT4/INT8 weight + a static activation quantizer: `ops.linear` runs it as an integer GEMM.
+
+  `act_step`/`act_zero` are scalars already chosen for the current timestep group.
+  """
+
+  data: jax.Array  # uint8 [K_pad//2, N] (INT4, packed) or int8 [K, N] (INT8)
+  weight_scale: jax.Array  # f32 [1, N]
+  column_sums: jax.Array  # int32 [N]: sum over K of the integer weight, for the zero-point term
+  act_step: jax.Array  # f32 []
+  act_zero: jax.Array  # f32 []
+  in_features: int = dataclasses.field(metadata=dict(static=True))
+  weight_bits: int = dataclasses.field(metadata=dict(static=True))
+  act_bits: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.in_features, self.weight_scale.shape[-1])
+
+  def integer_weight(self) -> jax.Array:  # int8 [K, N]
+    if self.weight_bits <= 4:
+      return unpack_int4(self.data)[: self.in_features]
+    return self.data
+
+  def quantized_matmul(self, x: jax.Array, implementation: str = "xla") -> jax.Array:
+    # One path for every backend: XLA's int8 dot with int32 accumulation (the shapes are tiny).
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f"x last dim must be in_features={self.in_features}, got shape {x.shape}")
+    x_int = quantize_activation_int(x, self.act_step, self.act_zero, self.act_bits)  # int8 [..., K]
+    accumulator = jnp.dot(x_int, self.integer_weight(), preferred_element_type=jnp.int32)  # [..., N]
+    zero = jnp.round(self.act_zero).astype(jnp.int32)
+    accumulator = accumulator - zero * self.column_sums
+    return accumulator.astype(jnp.float32) * (self.act_step * self.weight_scale[0])
+
+
+def make_static_act_weight(weight_int: jax.Array, weight_scale: jax.Array, act_step, act_zero, *,
+                           weight_bits: int, act_bits: int) -> StaticActQuantWeight:
+  """weight_int: integer-valued [K, N]; weight_scale: [N]."""
+  in_features = weight_int.shape[0]
+  weight_int = weight_int.astype(jnp.int8)
+  if weight_bits <= 4:
+    padded = jnp.pad(weight_int, ((0, in_features % 2), (0, 0)))
+    data = pack_int4(padded)
+  else:
+    data = weight_int
+  return StaticActQuantWeight(
+    data=data, weight_scale=weight_scale.reshape(1, -1).astype(jnp.float32),
+    column_sums=weight_int.astype(jnp.int32).sum(0), act_step=jnp.asarray(act_step, jnp.float32),
+    act_zero=jnp.asarray(act_zero, jnp.float32), in_features=in_features, weight_bits=weight_bits,
+    act_bits=act_bits)
+
+
+def integer_act_matmul(a_int: jax.Array, a_step, a_zero, b_int: jax.Array, b_step, b_zero) -> jax.Array:
+  """(a_step (a_int - a_zero)) @ (b_step (b_int - b_zero)) with an int32 accumulator.
+
+  a_int: int8 [..., M, K]; b_int: int8 [..., K, N].
+  """
+  a_zero = jnp.round(a_zero).astype(jnp.int32)
+  b_zero = jnp.round(b_zero).astype(jnp.int32)
+  depth = a_int.shape[-1]
+  accumulator = jnp.matmul(a_int, b_int, preferred_element_type=jnp.int32)
+  accumulator = (accumulator - a_zero * b_int.astype(jnp.int32).sum(-2, keepdims=True)
+                 - b_zero * a_int.astype(jnp.int32).sum(-1, keepdims=True) + a_zero * b_zero * depth)
+  return accumulator.astype(jnp.float32) * (a_step * b_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# NNX quantizer modules (attached to layers by `attach_quantizers`)
+
+
+class QuantParam(nnx.Param):
+  """Learnable quantization parameter: activation step sizes / zero points, weight scales."""
+
+
+class AdaRoundParam(nnx.Param):
+  """AdaRound's continuous rounding variable V (soft rounding h(V) in [0, 1])."""
+
+
+class IntegerState(nnx.Variable):
+  """Frozen integer weights of a converted layer (never trained)."""
+
+
+ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
+
+
+def rectified_sigmoid(v: jax.Array) -> jax.Array:
+  return jnp.clip(jax.nn.sigmoid(v) * (ADAROUND_ZETA - ADAROUND_GAMMA) + ADAROUND_GAMMA, 0.0, 1.0)
+
+
+class ActQuantizer(nnx.Module):
+  """Static asymmetric activation quantizer with one (step, zero) per timestep group."""
+
+  def __init__(self, bits: int, num_groups: int):
+    self.bits = bits
+    self.step = QuantParam(jnp.ones((num_groups,), jnp.float32))  # [G]
+    self.zero = QuantParam(jnp.zeros((num_groups,), jnp.float32))  # [G]
+    self.calibrated = False
+
+  def __call__(self, x: jax.Array, group) -> jax.Array:
+    return fake_quantize_activation(x, self.step[...][group], self.zero[...][group], self.bits)
+
+  def quantize_int(self, x: jax.Array, group) -> tuple[jax.Array, jax.Array, jax.Array]:
+    step, zero = self.step[...][group], self.zero[...][group]
+    return quantize_activation_int(x, step, zero, self.bits), step, zero
+
+  def set_range(self, group: int, low: float, high: float):
+    """Step and zero point so [low, high] maps onto the integer range (low <= 0 <= high enforced)."""
+    qmin, qmax = signed_range(self.bits)
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    step = max((high - low) / (qmax - qmin), 1e-8)
+    self.step[...] = self.step[...].at[group].set(step)
+    self.zero[...] = self.zero[...].at[group].set(float(np.round(qmin - low / step)))
+
+
+class WeightQuantizer(nnx.Module):
+  """Symmetric per-output-channel weight quantizer; rounding "nearest" (STE) or "adaround"."""
+
+  def __init__(self, kernel: jax.Array, bits: int):  # kernel: [K, N]
+    self.bits = bits
+    _, qmax = signed_range(bits)
+    self.scale = QuantParam(best_weight_scale(kernel, bits))  # [N]
+    self.rounding = "nearest"
+    self.soft = True
+    self.adaround_v = nnx.data(None)
+
+  def integer_values(self, kernel: jax.Array) -> jax.Array:  # [K, N], integer-valued float
+    qmin, qmax = signed_range(self.bits)
+    scaled = kernel / self.scale[...]
+    if self.rounding == "adaround":
+      v = self.adaround_v[...]
+      offset = rectified_sigmoid(v) if self.soft else (v >= 0).astype(kernel.dtype)
+      return jnp.clip(jax.lax.stop_gradient(jnp.floor(scaled)) + offset, qmin, qmax)
+    return jnp.clip(round_ste(scaled), qmin, qmax)
+
+  def __call__(self, kernel: jax.Array) -> jax.Array:
+    return self.integer_values(kernel) * self.scale[...]
+
+  def start_adaround(self, kernel: jax.Array):
+    """Initialise V so that the soft rounding reproduces the float weight (AdaRound's init)."""
+    scaled = kernel / self.scale[...]
+    rest = scaled - jnp.floor(scaled)
+    p = jnp.clip((rest - ADAROUND_GAMMA) / (ADAROUND_ZETA - ADAROUND_GAMMA), 1e-4, 1 - 1e-4)
+    self.adaround_v = AdaRoundParam(jnp.log(p / (1 - p)))
+    self.rounding, self.soft = "adaround", True
+
+  def finish_adaround(self, kernel_variable: nnx.Param):
+    """Fold the hard rounding into the kernel (kernel := scale * q) and return to nearest rounding.
+
+    Later finetuning then starts exactly at the AdaRound solution.
+    """
+    self.soft = False
+    kernel_variable[...] = self(kernel_variable[...])
+    self.rounding, self.adaround_v = "nearest", nnx.data(None)
+
+
+def best_weight_scale(kernel: jax.Array, bits: int, ratios=np.linspace(0.5, 1.0, 11)) -> jax.Array:
+  """Per-output-channel scale minimising the rounding MSE over a few clipping ratios."""
+  qmin, qmax = signed_range(bits)
+  absmax = jnp.maximum(jnp.abs(kernel).max(0), 1e-8)  # [N]
+  best_scale, best_error = absmax / qmax, jnp.full(absmax.shape, jnp.inf)
+  for ratio in ratios:
+    scale = absmax * ratio / qmax
+    error = ((jnp.clip(jnp.round(kernel / scale), qmin, qmax) * scale - kernel) ** 2).sum(0)
+    better = error < best_error
+    best_scale = jnp.where(better, scale, best_scale)
+    best_error = jnp.where(better, error, best_error)
+  return best_scale.astype(jnp.float32)
+
+
+class LinearQuantizer(nnx.Module):
+  """Quantizer of one linear (or im2col conv) layer: input activations + weights."""
+
+  def __init__(self, kernel: jax.Array, weight_bits: int, act_bits: int | None, num_groups: int):
+    self.weight = WeightQuantizer(kernel, weight_bits)
+    self.act = ActQuantizer(act_bits, num_groups) if act_bits is not None else nnx.data(None)
+    self.execution = "fake"
+    self.integer_data = nnx.data(None)
+    self.column_sums = nnx.data(None)
+
+  def to_integer(self, kernel: jax.Array):
+    if self.act is None:
+      raise ValueError("integer execution needs an activation quantizer (act_bits is None)")
+    values = self.weight.integer_values(kernel)
+    leaf = make_static_act_weight(values, self.weight.scale[...], 0.0, 0.0, weight_bits=self.weight.bits,
+                                  act_bits=self.act.bits)
+    self.integer_data = IntegerState(leaf.data)
+    self.column_sums = IntegerState(leaf.column_sums)
+    self.in_features = kernel.shape[0]
+    self.execution = "integer"
+
+  def integer_leaf(self, group) -> StaticActQuantWeight:
+    return StaticActQuantWeight(
+      data=self.integer_data[...], weight_scale=self.weight.scale[...].reshape(1, -1),
+      column_sums=self.column_sums[...], act_step=self.act.step[...][group],
+      act_zero=self.act.zero[...][group], in_features=self.in_features, weight_bits=self.weight.bits,
+      act_bits=self.act.bits)
+
+
+class MatmulQuantizer(nnx.Module):
+  """Quantizer of an activation x activation matmul (attention q@k^T and p@v)."""
+
+  def __init__(self, lhs_bits: int, rhs_bits: int, num_groups: int):
+    self.lhs = ActQuantizer(lhs_bits, num_groups)
+    self.rhs = ActQuantizer(rhs_bits, num_groups)
+    self.execution = "fake"
+
+  def __call__(self, a: jax.Array, b: jax.Array, group) -> jax.Array:  # a [..., M, K], b [..., K, N]
+    if self.execution == "integer":
+      a_int, a_step, a_zero = self.lhs.quantize_int(a, group)
+      b_int, b_step, b_zero = self.rhs.quantize_int(b, group)
+      return integer_act_matmul(a_int, a_step, a_zero, b_int, b_step, b_zero)
+    return jnp.matmul(self.lhs(a, group), self.rhs(b, group))
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers used by the diffusion models
+
+
+class QuantLinear(nnx.Module):
+  """y = x @ kernel + bias through `ops.linear`; quantizes when a `LinearQuantizer` is attached."""
+
+  def __init__(self, kernel: jax.Array, bias: jax.Array | None):  # kernel [in, out]
+    self.kernel = nnx.Param(jnp.asarray(kernel, jnp.float32))
+    self.bias = nnx.Param(jnp.asarray(bias, jnp.float32)) if bias is not None else nnx.data(None)
+    self.quant = nnx.data(None)
+    self.edge = False  # first or last layer: its input stays at 8 bit
+
+  def __call__(self, x: jax.Array, group=0) -> jax.Array:  # x [..., in] -> [..., out]
+    bias = self.bias[...] if self.bias is not None else None
+    quant = self.quant
+    if quant is None:
+      return ops.linear(x, self.kernel[...], bias)
+    if quant.execution == "integer":
+      return ops.linear(x, quant.integer_leaf(group), bias)
+    if quant.act is not None:
+      x = quant.act(x, group)
+    return ops.linear(x, quant.weight(self.kernel[...]), bias)
+
+
+class QuantMatmul(nnx.Module):
+  """a @ b, quantized when a `MatmulQuantizer` is attached."""
+
+  def __init__(self, softmax_lhs: bool = False):
+    self.softmax_lhs = softmax_lhs  # lhs is a softmax output (kept at 8 bit)
+    self.quant = nnx.data(None)
+
+  def __call__(self, a: jax.Array, b: jax.Array, group=0) -> jax.Array:
+    if self.quant is None:
+      return jnp.matmul(a, b)
+    return self.quant(a, b, group)
+
+
+def named_modules(model: nnx.Module, kind) -> Iterator[tuple[str, nnx.Module]]:
+  """(dotted path, module) for every submodule of type `kind`, in a stable order."""
+  for path, module in nnx.iter_graph(model):
+    if isinstance(module, kind):
+      yield ".".join(str(p) for p in path), module
+
+
+def attach_quantizers(model: nnx.Module, config: DiffusionQuantConfig) -> nnx.Module:
+  """Attach fresh (uncalibrated) quantizers to every QuantLinear/QuantMatmul of `model`, in place."""
+  keep = [re.compile(p) for p in config.keep_float]
+  for name, layer in named_modules(model, QuantLinear):
+    if any(p.search(name) for p in keep):
+      continue
+    act_bits = config.act_bits
+    if act_bits is not None and layer.edge:
+      act_bits = max(act_bits, config.edge_act_bits)
+    layer.quant = LinearQuantizer(layer.kernel[...], config.weight_bits, act_bits, config.num_timestep_groups)
+  if config.quantize_attention_matmuls and config.act_bits is not None:
+    for name, matmul in named_modules(model, QuantMatmul):
+      if any(p.search(name) for p in keep):
+        continue
+      lhs_bits = max(config.act_bits, config.softmax_bits) if matmul.softmax_lhs else config.act_bits
+      matmul.quant = MatmulQuantizer(lhs_bits, config.act_bits, config.num_timestep_groups)
+  return model
+
+
+def to_integer(model: nnx.Module) -> nnx.Module:
+  """Switch every quantized layer to real integer execution (packed weights), in place."""
+  for _, layer in named_modules(model, QuantLinear):
+    if layer.quant is not None:
+      layer.quant.to_integer(layer.kernel[...])
+  for _, matmul in named_modules(model, QuantMatmul):
+    if matmul.quant is not None:
+      matmul.quant.execution = "integer"
+  return model
+
+
+def act_quantizers(model: nnx.Module) -> Iterator[tuple[str, ActQuantizer]]:
+  yield from named_modules(model, ActQuantizer)
