@@ -1,0 +1,273 @@
+"""Flax NNX Llama family: Llama-2, Llama-3/3.1 (llama3 RoPE scaling), Mistral, Qwen2.
+
+Every projection goes through `cometjax.ops.linear`, so a weight leaf may be a float array
+`[in, out]` or a quantized-weight pytree and this file never changes for quantization.
+Attention reads and writes a KV cache object (`cometjax.kvcache`), passed in and returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cometjax import ops
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+  """RoPE frequency scaling as in Hugging Face `rope_parameters` ("linear" or "llama3")."""
+  rope_type: str
+  factor: float = 1.0
+  low_freq_factor: float = 1.0  # llama3 only
+  high_freq_factor: float = 4.0  # llama3 only
+  original_max_position_embeddings: int = 8192  # llama3 only
+
+  def __post_init__(self):
+    if self.rope_type not in ("linear", "llama3"):
+      raise ValueError(f"rope_type must be 'linear' or 'llama3', got {self.rope_type!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int | None = None  # None: hidden_size // num_heads
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  max_position_embeddings: int = 2048
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False  # Qwen2, Llama attention_bias
+  o_bias: bool = False  # Llama attention_bias
+  mlp_bias: bool = False
+  sliding_window: int | None = None  # Mistral: a key is visible iff query_pos - key_pos < window
+  bos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 2
+  model_type: str = "llama"
+  dtype: Any = jnp.float32  # parameter and activation dtype; norms, RoPE and softmax run in float32
+
+  def __post_init__(self):
+    if self.model_type not in SUPPORTED_MODEL_TYPES:
+      raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim is None and self.hidden_size % self.num_heads:
+      raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}) "
+                       "when head_dim is not given")
+    if self.resolved_head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.resolved_head_dim}")
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+  @property
+  def eos_token_ids(self) -> tuple[int, ...]:
+    if self.eos_token_id is None:
+      return ()
+    return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> jax.Array:
+  """[head_dim // 2] float32 inverse frequencies, with the config's scaling applied."""
+  dim = config.resolved_head_dim
+  inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  if scaling.rope_type == "linear":
+    return inv_freq / scaling.factor
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
+  low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+  high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+  smooth = ((scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate-half RoPE (Hugging Face layout).  x: [B, T, H, D]; positions: [B, T]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias) through `ops.linear`; kernel is [in, out] (float or quantized leaf)."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.02)
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    bias = None if self.bias is None else self.bias.get_value()
+    return ops.linear(x, self.kernel.get_value(), bias)
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight.get_value() * normed.astype(x.dtype)
+
+
+def attention_mask(query_positions: jax.Array, key_positions: jax.Array, key_valid: jax.Array | None,
+                   sliding_window: int | None) -> jax.Array:
+  """[B, T, S] bool: causal (key_pos <= query_pos), optional sliding window and key validity."""
+  q = query_positions[:, :, None]
+  k = key_positions[:, None, :]
+  mask = k <= q
+  if sliding_window is not None:
+    mask &= (q - k) < sliding_window
+  if key_valid is not None:
+    mask &= key_valid[:, None, :]
+  return mask
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, layer_index: int, *, rngs: nnx.Rngs):
+    dim, hd = config.hidden_size, config.resolved_head_dim
+    self.config = config
+    self.layer_index = layer_index
+    self.q_proj = Linear(dim, config.num_heads * hd, use_bias=config.qkv_bias, dtype=config.dtype, rngs=rngs)
+    self.k_proj = Linear(dim, config.num_kv_heads * hd, use_bias=config.qkv_bias, dtype=config.dtype, rngs=rngs)
+    self.v_proj = Linear(dim, config.num_kv_heads * hd, use_bias=config.qkv_bias, dtype=config.dtype, rngs=rngs)
+    self.o_proj = Linear(config.num_heads * hd, dim, use_bias=config.o_bias, dtype=config.dtype, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, cache, key_valid):
+    cfg = self.config
+    b, t, _ = x.shape
+    hd = cfg.resolved_head_dim
+    q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_heads, hd), positions, inv_freq)
+    k = apply_rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, hd), positions, inv_freq)
+    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, hd)
+    if cache is None:
+      keys, values, key_positions = k, v, positions
+    else:
+      cache, keys, values = cache.update(self.layer_index, k, v, positions)
+      key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+    mask = attention_mask(positions, key_positions, key_valid, cfg.sliding_window)
+    out = grouped_query_attention(q, keys, values, mask)
+    return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
+
+
+def grouped_query_attention(q, k, v, mask):
+  """Softmax attention in float32.  q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S]."""
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  out_dtype = q.dtype
+  q = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32)) / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+  probs = jax.nn.softmax(scores, axis=-1)
+  probs = jnp.where(mask[:, None, None], probs, 0.0)  # rows with no visible key (padding) give 0, not NaN
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
+  return out.reshape(b, t, hq, d).astype(out_dtype)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    dim, hidden = config.hidden_size, config.intermediate_size
+    kw = dict(use_bias=config.mlp_bias, dtype=config.dtype, rngs=rngs)
+    self.gate_proj = Linear(dim, hidden, **kw)
+    self.up_proj = Linear(dim, hidden, **kw)
+    self.down_proj = Linear(hidden, dim, **kw)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, config: LlamaConfig, layer_index: int, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+    self.self_attn = Attention(config, layer_index, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, inv_freq, cache, key_valid):
+    attn, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, key_valid)
+    x = x + attn
+    return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Llama(nnx.Module):
+  """Decoder-only transformer.  `__call__(tokens, positions=None, cache=None) -> (logits, cache)`."""
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    init = nnx.initializers.normal(0.02)
+    self.embed_tokens = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size), config.dtype))
+    self.layers = nnx.List([DecoderLayer(config, i, rngs=rngs) for i in range(config.num_layers)])
+    self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=config.dtype, rngs=rngs))
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None,
+               key_valid: jax.Array | None = None):
+    """tokens: [B, T] int; positions: [B, T] (default 0..T-1); cache: a KV cache or None.
+
+    key_valid: [B, S] bool marks keys that may be attended (S = T without cache, the cache length
+    with one); None means all. Returns float32 logits [B, T, vocab] and the updated cache.
+    """
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    embedding = self.embed_tokens.get_value()
+    x = jnp.take(embedding, tokens, axis=0).astype(self.config.dtype)
+    inv_freq = rope_inverse_frequencies(self.config)
+    for layer in self.layers:
+      x, cache = layer(x, positions, inv_freq, cache, key_valid)
+    x = self.norm(x)
+    if self.lm_head is None:
+      logits = jnp.dot(x, embedding.T.astype(x.dtype))
+    else:
+      logits = self.lm_head(x)
+    return logits.astype(jnp.float32), cache
+
+
+def init_llama(config: LlamaConfig, seed: int = 0) -> Llama:
+  """A randomly initialized model (normal(0.02) weights, unit norms)."""
+  return Llama(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_llama(config: LlamaConfig) -> Llama:
+  """The model's structure with ShapeDtypeStruct leaves: for loading without initializing."""
+  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+
+
+TINY_CONFIG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_layers=5, num_heads=8,
+                          num_kv_heads=4, max_position_embeddings=512, tie_word_embeddings=True)
