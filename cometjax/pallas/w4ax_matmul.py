@@ -1,0 +1,256 @@
+"""W4Ax mixed-precision GEMM (Pallas Triton backend): y[M, N] = x_q[M, K] . w_q[K, N].
+
+x_q is a `QuantizedActivation` (FMPQ: a leading INT8 region, then an INT4 region, each with its own
+per-token scale); w_q a 4-bit `QuantizedWeight` (packed along K, per-output-channel or group scales).
+Pure W4A4 (no INT8 blocks) and pure W4A8 (all INT8) are the two ends of the same kernel.
+
+No INT4 MMA on Ampere/Hopper, so 4-bit operands are widened in registers with COMET's x16 trick: the
+nibble is shifted into the high half of an int8 (value * 16, no sign-extension step), multiplied on
+the int8 MMA (`jnp.dot(int8, int8, preferred_element_type=int32)`), and the 1/16 per 4-bit operand
+is folded into the float scale. Exactness: |x16 * w16| <= 128 * 128, so int32 holds K < 131072.
+
+Even/odd split: byte j of a K tile holds channels 2j (low nibble) and 2j+1 (high nibble) for weights
+and INT4 activations alike, and the INT8 region is stored as separate even/odd channel planes, so a
+tile is `x_even . w_low + x_odd . w_high`: two dots, no interleave in registers.
+
+Scales: integer accumulation runs over a *segment* (a run of channels sharing one activation scale
+and one weight scale: the whole precision region for per-channel weights, else gcd(group_size,
+block_size) channels); at each segment end the int32 sum is converted and scaled into the f32
+accumulator. The reference below uses the same segments and the same order.
+
+Grid: (M / block_m, N / block_n); each program walks all of K (Triton has no sequential grid axis to
+accumulate over). M is padded inside the wrapper; N must be a multiple of block_n.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+from cometjax.qtypes import QuantizedActivation, QuantizedWeight, unpack_int4
+
+MAX_EXACT_K = 131072  # 2**31 / (128 * 128): the int32 accumulator of x16 operands cannot overflow
+
+
+@dataclasses.dataclass(frozen=True)
+class W4AxMatmulTuning:
+  """Tiles (powers of two) and Triton launch knobs; `resolve` fits them to a problem."""
+
+  block_m: int = 64
+  block_n: int = 128
+  block_k: int = 128
+  num_warps: int = 4
+  num_stages: int = 3
+
+  def resolve(self, m: int, n: int, segment: int) -> W4AxMatmulTuning:
+    for name in ("block_m", "block_n", "block_k"):
+      value = getattr(self, name)
+      if value < 2 or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= 2, got {value}")
+    block_m = max(1, min(self.block_m, pl.next_power_of_2(m)))
+    block_n = self.block_n
+    while n % block_n and block_n > 1:
+      block_n //= 2
+    block_k = self.block_k
+    while segment % block_k and block_k > 2:
+      block_k //= 2
+    if segment % block_k:
+      raise ValueError(f"the scale segment ({segment} channels) must be a multiple of 2; "
+                       "block_size and group_size must be even")
+    return dataclasses.replace(self, block_m=block_m, block_n=block_n, block_k=block_k)
+
+
+def segment_lengths(qw: QuantizedWeight) -> tuple[int, int]:
+  """(INT8-region, INT4-region) channels sharing one activation and one weight scale (module doc)."""
+  fmt = qw.activation
+  if qw.group_size is None:
+    return fmt.int8_channels, fmt.int4_channels
+  shared = math.gcd(qw.group_size, fmt.block_size)
+  return shared, shared
+
+
+def _unpack_x16(packed):  # uint8 [r, c] -> (low * 16, high * 16) int8 [r, c] each
+  as_int = packed.astype(jnp.int32)
+  low16 = (as_int << 28) >> 24  # arithmetic shift: signed nibble in bits 4..7
+  high16 = ((as_int >> 4) << 28) >> 24
+  return low16.astype(jnp.int8), high16.astype(jnp.int8)
+
+
+def _w4ax_kernel(
+    *refs,  # [int8_part [2, bm, K8 // 2]] [int4_part [bm, K4 // 2]] int8_scale [bm], int4_scale [bm],
+            # w [K // 2, bn] uint8, w_scales [G, bn] f32, out [bm, bn]
+    int8_channels: int,
+    int4_channels: int,
+    segments: tuple[int, int],
+    group_size: int | None,
+    block_k: int,
+):
+  refs = list(refs)
+  int8_ref = refs.pop(0) if int8_channels else None
+  int4_ref = refs.pop(0) if int4_channels else None
+  int8_scale_ref, int4_scale_ref, w_ref, w_scales_ref, out_ref = refs
+  block_m, block_n = out_ref.shape
+  half_k = block_k // 2
+
+  def region(acc, first_channel, num_channels, segment, load_x_tile, x_scale, unscale):
+    tiles_per_segment = segment // block_k
+
+    def segment_body(s, acc):
+      segment_start = first_channel + s * segment
+
+      def tile_body(t, acc_int):
+        offset = s * segment + t * block_k  # channel offset inside the region
+        x_even, x_odd = load_x_tile(offset // 2)  # int8 [bm, half_k] each
+        w_rows = pl.ds((segment_start + t * block_k) // 2, half_k)
+        w_even16, w_odd16 = _unpack_x16(w_ref[w_rows, :])  # int8 [half_k, bn] each
+        acc_int += jnp.dot(x_even, w_even16, preferred_element_type=jnp.int32)
+        acc_int += jnp.dot(x_odd, w_odd16, preferred_element_type=jnp.int32)
+        return acc_int
+
+      acc_int = lax.fori_loop(0, tiles_per_segment, tile_body, jnp.zeros((block_m, block_n), jnp.int32))
+      group = 0 if group_size is None else segment_start // group_size
+      w_scale = w_scales_ref[group, :]  # [bn]
+      return acc + acc_int.astype(jnp.float32) * ((x_scale[:, None] * w_scale[None, :]) * unscale)
+
+    return lax.fori_loop(0, num_channels // segment, segment_body, acc)
+
+  acc = jnp.zeros((block_m, block_n), jnp.float32)
+  if int8_channels:
+    def load_int8_tile(pair_offset):
+      cols = pl.ds(pair_offset, half_k)
+      return int8_ref[0, :, cols], int8_ref[1, :, cols]
+
+    acc = region(acc, 0, int8_channels, segments[0], load_int8_tile, int8_scale_ref[...], 1.0 / 16)
+  if int4_channels:
+    def load_int4_tile(pair_offset):
+      return _unpack_x16(int4_ref[:, pl.ds(pair_offset, half_k)])
+
+    acc = region(acc, int8_channels, int4_channels, segments[1], load_int4_tile, int4_scale_ref[...], 1.0 / 256)
+  out_ref[...] = acc.astype(out_ref.dtype)
+
+
+def _check_operands(qx: QuantizedActivation, qw: QuantizedWeight):
+  if not isinstance(qx, QuantizedActivation):
+    raise ValueError(f"qx must be a QuantizedActivation, got {type(qx).__name__}")
+  if not isinstance(qw, QuantizedWeight):
+    raise ValueError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
+  qw.check_arrays()
+  if qw.activation is None:
+    raise ValueError("qw.activation is None (weight-only); use dequantize_weight for A16 layers")
+  if qx.format != qw.activation:
+    raise ValueError(f"activation format mismatch: qx.format={qx.format} but qw.activation={qw.activation}")
+  fmt = qx.format
+  m = qx.int4_part.shape[0]
+  expected = {"int8_part": (2, m, fmt.int8_channels // 2), "int4_part": (m, fmt.int4_channels // 2),
+              "int8_scale": (m,), "int4_scale": (m,)}
+  for name, shape in expected.items():
+    if tuple(getattr(qx, name).shape) != shape:
+      raise ValueError(f"qx.{name} must have shape {list(shape)}, got {list(getattr(qx, name).shape)}")
+  if qw.in_features >= MAX_EXACT_K:
+    raise ValueError(f"in_features must be < {MAX_EXACT_K} for exact int32 accumulation, got {qw.in_features}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=["out_dtype", "block_m", "block_n", "block_k", "num_warps", "num_stages", "interpret"],
+)
+def w4ax_matmul(
+    qx: QuantizedActivation,  # M tokens, K channels (FMPQ layout)
+    qw: QuantizedWeight,  # bits=4, [K, N]
+    *,
+    out_dtype=jnp.float32,
+    block_m: int = W4AxMatmulTuning.block_m,
+    block_n: int = W4AxMatmulTuning.block_n,
+    block_k: int = W4AxMatmulTuning.block_k,
+    num_warps: int = W4AxMatmulTuning.num_warps,
+    num_stages: int = W4AxMatmulTuning.num_stages,
+    interpret: bool = False,
+) -> jax.Array:  # [M, N] out_dtype
+  """The W4Ax GEMM as one Pallas kernel; tiles shrink to fit the problem (see W4AxMatmulTuning)."""
+  _check_operands(qx, qw)
+  if qw.bits != 4:
+    raise ValueError(f"w4ax_matmul needs a 4-bit weight (bits=4), got bits={qw.bits}; "
+                     "use w4ax_matmul_reference for 8-bit weights")
+  fmt = qx.format
+  m = qx.int4_part.shape[0]
+  k, n = qw.shape
+  segments = segment_lengths(qw)
+  tuning = W4AxMatmulTuning(block_m, block_n, block_k, num_warps, num_stages).resolve(
+      m, n, math.gcd(*segments))
+  bm, bn = tuning.block_m, tuning.block_n
+  padded_m = pl.cdiv(m, bm) * bm
+  pad_rows = padded_m - m
+
+  operands, in_specs = [], []
+  if fmt.int8_channels:
+    operands.append(jnp.pad(qx.int8_part, ((0, 0), (0, pad_rows), (0, 0))))
+    in_specs.append(pl.BlockSpec((2, bm, fmt.int8_channels // 2), lambda i, j: (0, i, 0)))
+  if fmt.int4_channels:
+    operands.append(jnp.pad(qx.int4_part, ((0, pad_rows), (0, 0))))
+    in_specs.append(pl.BlockSpec((bm, fmt.int4_channels // 2), lambda i, j: (i, 0)))
+  operands += [jnp.pad(qx.int8_scale, (0, pad_rows)), jnp.pad(qx.int4_scale, (0, pad_rows)),
+               qw.data, qw.scales.astype(jnp.float32)]
+  in_specs += [
+      pl.BlockSpec((bm,), lambda i, j: (i,)),
+      pl.BlockSpec((bm,), lambda i, j: (i,)),
+      pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)),
+      pl.BlockSpec((qw.num_scale_groups, bn), lambda i, j: (0, j)),
+  ]
+  kernel = functools.partial(
+      _w4ax_kernel, int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels,
+      segments=segments, group_size=qw.group_size, block_k=tuning.block_k)
+  out = pl.pallas_call(
+      kernel,
+      grid=(padded_m // bm, n // bn),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((padded_m, n), out_dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
+      interpret=interpret,
+      name="w4ax_matmul",
+  )(*operands)
+  return out[:m]
+
+
+def _int_activation(qx: QuantizedActivation):  # -> (int8 values [M, K8], int8 values [M, K4])
+  even, odd = qx.int8_part[0], qx.int8_part[1]
+  int8_values = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], 2 * even.shape[1])
+  return int8_values, unpack_int4(qx.int4_part, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=["out_dtype"])
+def w4ax_matmul_reference(
+    qx: QuantizedActivation,
+    qw: QuantizedWeight,  # bits=4 or 8
+    out_dtype=jnp.float32,
+) -> jax.Array:  # [M, N]
+  """Plain-jnp W4Ax / W8Ax GEMM with the kernel's segments: exact int32 sums, f32 scaling in K order."""
+  _check_operands(qx, qw)
+  fmt = qx.format
+  m = qx.int4_part.shape[0]
+  k, n = qw.shape
+  w_values = qw.int_values()  # int8 [K, N]
+  terms = []  # f32 [segments, M, N] per region
+  for x_values, x_scale, first, segment in zip(_int_activation(qx), (qx.int8_scale, qx.int4_scale),
+                                               (0, fmt.int8_channels), segment_lengths(qw)):
+    channels = x_values.shape[1]
+    if not channels:
+      continue
+    num_segments = channels // segment
+    x_seg = x_values.reshape(m, num_segments, segment)
+    w_seg = w_values[first:first + channels].reshape(num_segments, segment, n)
+    sums = jnp.einsum("msc,scn->smn", x_seg, w_seg, preferred_element_type=jnp.int32)
+    starts = first + segment * jnp.arange(num_segments)
+    groups = jnp.zeros_like(starts) if qw.group_size is None else starts // qw.group_size
+    w_scales = qw.scales.astype(jnp.float32)[groups]  # [segments, N]
+    terms.append(sums.astype(jnp.float32) * (x_scale[None, :, None] * w_scales[:, None, :]))
+  terms = jnp.concatenate(terms, axis=0)
+  y, _ = lax.scan(lambda acc, term: (acc + term, None), jnp.zeros((m, n), jnp.float32), terms)
+  return y.astype(out_dtype)
