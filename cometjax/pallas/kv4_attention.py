@@ -1,0 +1,252 @@
+"""Decode attention over an INT4 K/V cache (Pallas Triton backend), flash-decoding style.
+
+One query token per sequence, grouped-query heads, a `QuantizedKV` cache (asymmetric INT4 per token,
+per KV head, per head_dim group; layout in `cometjax.qtypes`) and a valid length per batch row.
+
+Grid: (batch, kv_head, k_split). A program holds the query heads of one KV head (padded to block_h),
+walks its 1/k_splits share of the cache in tiles of block_k tokens with an online softmax, and writes
+an unnormalized partial output plus its running max and sum; the wrapper merges the splits.
+
+K/V bytes are dequantized in registers: code = nibble, value = (code - zero) * scale. Byte j holds
+head_dim channels 2j (low nibble) and 2j+1 (high nibble), so the query is split into even / odd
+channels once in the wrapper, each group of head_dim is two dots (even, odd) and the output is
+interleaved back at the end. Tiles that start past a row's length are skipped.
+
+Prefill (several query tokens) has no kernel yet: `kv4_attention_reference` handles any number of
+query tokens (causal, the queries being the last T positions of each row) and
+`cometjax.ops.attention_kv4` falls back to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+
+from cometjax.qtypes import QuantizedKV, dequantize_kv
+
+MIN_BLOCK_K = 16  # Triton dots need >= 16 along every dimension
+
+
+@dataclasses.dataclass(frozen=True)
+class KV4AttentionTuning:
+  """Tiles and launch knobs; `resolve` fits them to a cache length."""
+
+  block_h: int = 16
+  block_k: int = 128
+  k_splits: int = 16
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def resolve(self, cache_len: int, group_heads: int) -> KV4AttentionTuning:
+    for name in ("block_h", "block_k", "k_splits"):
+      value = getattr(self, name)
+      if value <= 0 or value & (value - 1):
+        raise ValueError(f"{name} must be a positive power of two, got {value}")
+    block_h = max(self.block_h, pl.next_power_of_2(group_heads))
+    block_k = self.block_k
+    while cache_len % block_k and block_k > MIN_BLOCK_K:
+      block_k //= 2
+    if cache_len % block_k:
+      raise ValueError(f"the cache length S={cache_len} must be a multiple of {MIN_BLOCK_K} for the "
+                       "kv4 attention kernel")
+    k_splits = min(self.k_splits, cache_len // block_k)
+    while cache_len % (k_splits * block_k):
+      k_splits //= 2
+    return dataclasses.replace(self, block_h=block_h, block_k=block_k, k_splits=k_splits)
+
+
+def _kv4_decode_kernel(
+    q_even_ref,  # [block_h, D // 2]
+    q_odd_ref,  # [block_h, D // 2]
+    k_ref,  # [split_len, D // 2] uint8
+    v_ref,  # [split_len, D // 2] uint8
+    k_scale_ref,  # [split_len, groups]
+    k_zero_ref,  # [split_len, groups]
+    v_scale_ref,  # [split_len, groups]
+    v_zero_ref,  # [split_len, groups]
+    length_ref,  # [] int32
+    out_even_ref,  # [block_h, D // 2] f32, unnormalized
+    out_odd_ref,  # [block_h, D // 2] f32, unnormalized
+    max_ref,  # [block_h] f32
+    sum_ref,  # [block_h] f32
+    *,
+    sm_scale: float,
+    block_k: int,
+    compute_dtype,
+):
+  block_h, _ = q_even_ref.shape
+  split_len, _ = k_ref.shape
+  num_groups = k_scale_ref.shape[1]
+  group_half = q_even_ref.shape[1] // num_groups  # bytes (= channel pairs) per head_dim group
+  split_start = pl.program_id(2) * split_len
+  length = length_ref[()]
+  num_tiles = jnp.clip(pl.cdiv(length - split_start, block_k), 0, split_len // block_k)
+
+  group_cols = [pl.ds(g * group_half, group_half) for g in range(num_groups)]
+  q_even = [q_even_ref[:, cols].astype(compute_dtype) for cols in group_cols]  # [block_h, group_half]
+  q_odd = [q_odd_ref[:, cols].astype(compute_dtype) for cols in group_cols]
+
+  def dequantize(codes_ref, scale_ref, zero_ref, rows, g):  # -> even, odd [block_k, group_half]
+    packed = codes_ref[rows, group_cols[g]].astype(jnp.int32)
+    scale = scale_ref[rows, g][:, None]
+    zero = zero_ref[rows, g][:, None]
+    even = ((packed & 0xF).astype(jnp.float32) - zero) * scale
+    odd = ((packed >> 4).astype(jnp.float32) - zero) * scale
+    return even.astype(compute_dtype), odd.astype(compute_dtype)
+
+  def dot(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+  def body(t, carry):
+    max_prev, sum_prev, outs = carry
+    rows = pl.ds(t * block_k, block_k)
+    logits = jnp.zeros((block_h, block_k), jnp.float32)
+    for g in range(num_groups):
+      k_even, k_odd = dequantize(k_ref, k_scale_ref, k_zero_ref, rows, g)
+      logits += dot(q_even[g], k_even.T) + dot(q_odd[g], k_odd.T)
+    positions = split_start + t * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    valid = positions < length  # [1, block_k]
+    logits = jnp.where(valid, logits * sm_scale, jnp.finfo(jnp.float32).min)
+    max_next = jnp.maximum(max_prev, jnp.max(logits, axis=1))
+    correction = jnp.exp(max_prev - max_next)
+    probs = jnp.where(valid, jnp.exp(logits - max_next[:, None]), 0.0)
+    sum_next = correction * sum_prev + jnp.sum(probs, axis=1)
+    probs = probs.astype(compute_dtype)
+    new_outs = []
+    for g in range(num_groups):
+      v_even, v_odd = dequantize(v_ref, v_scale_ref, v_zero_ref, rows, g)
+      new_outs.append(correction[:, None] * outs[2 * g] + dot(probs, v_even))
+      new_outs.append(correction[:, None] * outs[2 * g + 1] + dot(probs, v_odd))
+    return max_next, sum_next, tuple(new_outs)
+
+  init = (jnp.full((block_h,), jnp.finfo(jnp.float32).min, jnp.float32),
+          jnp.zeros((block_h,), jnp.float32),
+          tuple(jnp.zeros((block_h, group_half), jnp.float32) for _ in range(2 * num_groups)))
+  max_i, sum_i, outs = lax.fori_loop(0, num_tiles, body, init)
+  for g, cols in enumerate(group_cols):
+    out_even_ref[:, cols] = outs[2 * g]
+    out_odd_ref[:, cols] = outs[2 * g + 1]
+  max_ref[...] = max_i
+  sum_ref[...] = sum_i
+
+
+def _check_inputs(q, kv: QuantizedKV, lengths):
+  if not isinstance(kv, QuantizedKV):
+    raise ValueError(f"kv must be a QuantizedKV, got {type(kv).__name__}")
+  kv.check_arrays()
+  batch, _, kv_heads, _ = kv.k.shape
+  if q.shape[0] != batch or q.shape[-1] != kv.head_dim:
+    raise ValueError(f"q must be [B={batch}, ..., D={kv.head_dim}] to match the cache, got {q.shape}")
+  if q.shape[-2] % kv_heads:
+    raise ValueError(f"query heads ({q.shape[-2]}) must be a multiple of kv heads ({kv_heads})")
+  if tuple(lengths.shape) != (batch,):
+    raise ValueError(f"lengths must be int32 [B={batch}], got shape {list(lengths.shape)}")
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=["sm_scale", "block_h", "block_k", "k_splits", "num_warps", "num_stages",
+                     "interpret"],
+)
+def kv4_decode_attention(
+    q,  # [B, Hq, D] bf16/f32
+    kv: QuantizedKV,  # [B, S, Hkv, ...]
+    lengths,  # [B] int32: valid cache tokens per row (keys at positions >= length are ignored)
+    *,
+    sm_scale: float | None = None,
+    block_h: int = KV4AttentionTuning.block_h,
+    block_k: int = KV4AttentionTuning.block_k,
+    k_splits: int = KV4AttentionTuning.k_splits,
+    num_warps: int = KV4AttentionTuning.num_warps,
+    num_stages: int = KV4AttentionTuning.num_stages,
+    interpret: bool = False,
+) -> jax.Array:  # [B, Hq, D] q.dtype
+  """Single-token GQA attention over an INT4 cache; rows with length 0 give zeros."""
+  if q.ndim != 3:
+    raise ValueError(f"q must be [B, Hq, D] (one token per row), got shape {q.shape}")
+  lengths = jnp.asarray(lengths, jnp.int32)
+  _check_inputs(q, kv, lengths)
+  batch, q_heads, head_dim = q.shape
+  _, cache_len, kv_heads, half = kv.k.shape
+  num_groups = kv.k_scale.shape[-1]
+  group_heads = q_heads // kv_heads
+  sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+  tuning = KV4AttentionTuning(block_h, block_k, k_splits, num_warps, num_stages).resolve(
+      cache_len, group_heads)
+  bh, splits = tuning.block_h, tuning.k_splits
+  split_len = cache_len // splits
+  compute_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
+
+  q_grouped = q.reshape(batch, kv_heads, group_heads, head_dim)
+  q_grouped = jnp.pad(q_grouped, ((0, 0), (0, 0), (0, bh - group_heads), (0, 0)))
+  q_even, q_odd = q_grouped[..., 0::2], q_grouped[..., 1::2]  # [B, Hkv, bh, D // 2]
+
+  q_spec = pl.BlockSpec((None, None, bh, half), lambda b, h, s: (b, h, 0, 0))
+  codes_spec = pl.BlockSpec((None, split_len, None, half), lambda b, h, s: (b, s, h, 0))
+  scale_spec = pl.BlockSpec((None, split_len, None, num_groups), lambda b, h, s: (b, s, h, 0))
+  out_spec = pl.BlockSpec((None, None, None, bh, half), lambda b, h, s: (b, h, s, 0, 0))
+  stat_spec = pl.BlockSpec((None, None, None, bh), lambda b, h, s: (b, h, s, 0))
+  partial_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, bh, half), jnp.float32)
+  stat_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, bh), jnp.float32)
+  kernel = functools.partial(_kv4_decode_kernel, sm_scale=sm_scale, block_k=tuning.block_k,
+                             compute_dtype=compute_dtype)
+  out_even, out_odd, maxes, sums = pl.pallas_call(
+      kernel,
+      grid=(batch, kv_heads, splits),
+      in_specs=[q_spec, q_spec, codes_spec, codes_spec, scale_spec, scale_spec, scale_spec, scale_spec,
+                pl.BlockSpec((None,), lambda b, h, s: (b,))],
+      out_specs=[out_spec, out_spec, stat_spec, stat_spec],
+      out_shape=[partial_shape, partial_shape, stat_shape, stat_shape],
+      compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
+      interpret=interpret,
+      name="kv4_decode_attention",
+  )(q_even, q_odd, kv.k, kv.v, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, lengths)
+
+  # Merge the k splits (flash-decoding's final reduction).
+  global_max = jnp.max(maxes, axis=2, keepdims=True)  # [B, Hkv, 1, bh]
+  correction = jnp.exp(maxes - global_max)  # [B, Hkv, splits, bh]
+  total = jnp.sum(sums * correction, axis=2)  # [B, Hkv, bh]
+  denominator = jnp.where(total > 0, total, 1.0)[..., None]
+  out_even = jnp.sum(out_even * correction[..., None], axis=2) / denominator  # [B, Hkv, bh, D // 2]
+  out_odd = jnp.sum(out_odd * correction[..., None], axis=2) / denominator
+  out = jnp.stack([out_even, out_odd], axis=-1).reshape(batch, kv_heads, bh, head_dim)
+  return out[:, :, :group_heads].reshape(batch, q_heads, head_dim).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=["sm_scale"])
+def kv4_attention_reference(
+    q,  # [B, T, Hq, D]: the last T positions of each row (T = 1 for decode)
+    kv: QuantizedKV,  # [B, S, Hkv, ...]
+    lengths,  # [B] int32: valid cache tokens per row, the T query tokens included
+    sm_scale: float | None = None,
+) -> jax.Array:  # [B, T, Hq, D] q.dtype
+  """Causal GQA attention on the dequantized cache in f32; query t of row b sits at lengths[b] - T + t."""
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, T, Hq, D], got shape {q.shape}")
+  lengths = jnp.asarray(lengths, jnp.int32)
+  _check_inputs(q, kv, lengths)
+  batch, num_queries, q_heads, head_dim = q.shape
+  cache_len, kv_heads = kv.k.shape[1], kv.k.shape[2]
+  sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+  keys, values = dequantize_kv(kv)  # f32 [B, S, Hkv, D]
+  q_grouped = q.astype(jnp.float32).reshape(batch, num_queries, kv_heads, q_heads // kv_heads, head_dim)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q_grouped, keys) * sm_scale
+  query_pos = lengths[:, None] - num_queries + jnp.arange(num_queries)[None, :]  # [B, T]
+  key_pos = jnp.arange(cache_len)
+  visible = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < lengths[:, None, None])
+  visible = visible[:, None, None]  # [B, 1, 1, T, S]
+  logits = jnp.where(visible, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  weights = jnp.where(visible, jnp.exp(logits - row_max), 0.0)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  weights = weights / jnp.where(total > 0, total, 1.0)
+  out = jnp.einsum("bkgts,bskd->btkgd", weights, values)
+  return out.reshape(batch, num_queries, q_heads, head_dim).astype(q.dtype)

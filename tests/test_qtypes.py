@@ -1,0 +1,205 @@
+"""Shared quantized formats: INT4 packing, quantizers, QuantizedWeight / QuantizedKV pytrees."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from cometjax import ops
+from cometjax.qtypes import (ActivationFormat, QuantizedWeight, dequantize_asymmetric, dequantize_kv,
+                             dequantize_symmetric, dequantize_weight, pack_int4, quantize_asymmetric,
+                             quantize_kv, quantize_symmetric, quantize_weight, unpack_int4)
+
+FUZZ = settings(max_examples=25, deadline=None)
+
+
+@FUZZ
+@given(rows_pairs=st.sampled_from([(1, 1), (3, 4)]), axis=st.sampled_from([0, -1]),
+       seed=st.integers(0, 2**16))
+def test_pack_unpack_round_trip(rows_pairs, axis, seed):
+  rows, pairs = rows_pairs  # few shapes: each new shape recompiles the eager ops
+  rng = np.random.default_rng(seed)
+  shape = [rows, 2 * pairs]
+  if axis == 0:
+    shape = [2 * pairs, rows]
+  signed = rng.integers(-8, 8, size=shape).astype(np.int8)
+  packed = pack_int4(signed, axis=axis)
+  assert packed.dtype == jnp.uint8
+  assert packed.shape[axis] == shape[axis] // 2
+  np.testing.assert_array_equal(unpack_int4(packed, axis=axis), signed)
+  codes = rng.integers(0, 16, size=shape).astype(np.uint8)
+  np.testing.assert_array_equal(unpack_int4(pack_int4(codes, axis=axis), axis=axis, signed=False), codes)
+
+
+def test_pack_layout_low_nibble_first():
+  packed = pack_int4(np.array([[1, -2, 7, -8]], np.int8))
+  np.testing.assert_array_equal(packed, [[0xE1, 0x87]])
+
+
+def test_pack_odd_length_raises():
+  with pytest.raises(ValueError, match="even length"):
+    pack_int4(np.zeros((3, 5), np.int8), axis=-1)
+  with pytest.raises(ValueError, match="uint8"):
+    unpack_int4(np.zeros((3, 4), np.int8))
+
+
+@FUZZ
+@given(bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**16), axis=st.sampled_from([0, 1, (0, 1)]),
+       spread=st.floats(1e-3, 1e3))
+def test_symmetric_error_bound(bits, seed, axis, spread):
+  x = np.random.default_rng(seed).normal(size=(5, 12)).astype(np.float32) * spread
+  q, scale = quantize_symmetric(x, bits, axis=axis)
+  qmax = 2 ** (bits - 1) - 1
+  assert q.dtype == jnp.int8 and int(jnp.max(jnp.abs(q))) <= qmax
+  error = np.abs(x - np.asarray(dequantize_symmetric(q, scale)))
+  assert np.all(error <= np.asarray(scale) * (0.5 + 1e-5))
+
+
+def test_symmetric_clipping_and_exact_zeros():
+  x = np.array([[0.0, 0.0, 0.0], [-10.0, 1.0, 10.0]], np.float32)
+  q, scale = quantize_symmetric(x, 4, axis=1, clip_ratio=0.5)
+  np.testing.assert_array_equal(q[0], 0)
+  assert float(scale[0, 0]) == 1.0
+  np.testing.assert_array_equal(q[1], [-7, 1, 7])  # +-10 saturate at the clipped range +-5
+  np.testing.assert_allclose(dequantize_symmetric(q, scale)[1], [-5.0, 5 / 7, 5.0], rtol=1e-6)
+  with pytest.raises(ValueError, match="clip_ratio"):
+    quantize_symmetric(x, 4, clip_ratio=0.0)
+  with pytest.raises(ValueError, match="bits"):
+    quantize_symmetric(x, 9)
+
+
+@FUZZ
+@given(bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**16), offset=st.floats(-50, 50))
+def test_asymmetric_error_bound(bits, seed, offset):
+  x = np.random.default_rng(seed).normal(size=(4, 16)).astype(np.float32) + offset
+  q, scale, zero = quantize_asymmetric(x, bits, axis=-1)
+  assert q.dtype == jnp.uint8 and int(jnp.max(q)) <= 2**bits - 1
+  error = np.abs(x - np.asarray(dequantize_asymmetric(q, scale, zero)))
+  assert np.all(error <= np.asarray(scale) * (0.5 + 1e-4) + 1e-6 * abs(offset))
+
+
+def test_asymmetric_zero_slice_is_exact():
+  q, scale, zero = quantize_asymmetric(np.zeros((2, 8), np.float32), 4, axis=-1)
+  np.testing.assert_array_equal(dequantize_asymmetric(q, scale, zero), 0.0)
+
+
+def test_activation_format_properties_and_errors():
+  fmt = ActivationFormat(block_size=64, num_int8_blocks=1, num_blocks=4)
+  assert (fmt.in_features, fmt.int8_channels, fmt.int4_channels) == (256, 64, 192)
+  assert fmt.int4_block_fraction == 0.75
+  assert ActivationFormat.for_features(512, 128, 0.25) == ActivationFormat(128, 1, 4)
+  with pytest.raises(ValueError, match="num_int8_blocks"):
+    ActivationFormat(64, 5, 4)
+  with pytest.raises(ValueError, match="block_size"):
+    ActivationFormat(63, 0, 4)
+  with pytest.raises(ValueError, match="multiple of block_size"):
+    ActivationFormat.for_features(100, 64)
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_quantize_weight_layout_and_dequantize(group_size):
+  k, n = 64, 24
+  w = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
+  perm = np.random.default_rng(1).permutation(k).astype(np.int32)
+  qw = quantize_weight(w, bits=4, group_size=group_size, perm=perm)
+  assert qw.data.shape == (k // 2, n) and qw.data.dtype == jnp.uint8
+  assert qw.scales.shape == ((1 if group_size is None else k // group_size), n)
+  permuted = np.asarray(dequantize_weight(qw))
+  np.testing.assert_allclose(permuted, np.asarray(dequantize_weight(qw, original_order=True))[perm])
+  scales = np.repeat(np.asarray(qw.scales), k // qw.scales.shape[0], axis=0)
+  assert np.all(np.abs(permuted - w[perm]) <= scales * (0.5 + 1e-5))
+  # Row r of data is packed row pair (2i, 2i+1) of the permuted weight.
+  values = np.asarray(unpack_int4(qw.data, axis=0))
+  np.testing.assert_allclose(values * scales, permuted, rtol=1e-6)
+
+
+def test_quantize_weight_errors():
+  w = np.zeros((64, 8), np.float32)
+  with pytest.raises(ValueError, match="group_size"):
+    quantize_weight(w, group_size=48)
+  with pytest.raises(ValueError, match="bits"):
+    quantize_weight(w, bits=3)
+  with pytest.raises(ValueError, match="perm"):
+    quantize_weight(w, perm=np.arange(32))
+  with pytest.raises(ValueError, match="activation format covers"):
+    quantize_weight(w, activation=ActivationFormat(16, 0, 2))
+  qw = quantize_weight(w)
+  bad = QuantizedWeight(data=qw.data, scales=jnp.ones((2, 8)), perm=None, bits=4, group_size=None,
+                        shape=(64, 8))
+  with pytest.raises(ValueError, match="scales must have shape"):
+    bad.quantized_matmul(jnp.zeros((1, 64)), "xla")
+  with pytest.raises(ValueError, match="channels"):
+    qw.quantized_matmul(jnp.zeros((1, 32)), "xla")
+
+
+@pytest.mark.parametrize("bits,int8_fraction", [(4, None), (4, 0.0), (4, 0.5), (8, 1.0), (8, None)])
+def test_linear_quantized_paths_agree(bits, int8_fraction):
+  k, n = 64, 32
+  rng = np.random.default_rng(2)
+  w = rng.normal(size=(k, n)).astype(np.float32)
+  x = rng.normal(size=(2, 3, k)).astype(np.float32)
+  fmt = None if int8_fraction is None else ActivationFormat.for_features(k, 32, int8_fraction)
+  qw = quantize_weight(w, bits=bits, activation=fmt, perm=rng.permutation(k).astype(np.int32))
+  y_xla = ops.linear(x, qw, implementation="xla")
+  y_interpret = ops.linear(x, qw, implementation="interpret")
+  assert y_xla.shape == (2, 3, n) and y_xla.dtype == jnp.float32
+  np.testing.assert_allclose(y_interpret, y_xla, rtol=1e-5, atol=1e-5)
+  exact = x @ w
+  tolerance = 0.25 if bits == 4 else 0.05  # 4-bit RTN on Gaussian data is coarse
+  assert float(jnp.max(jnp.abs(y_xla - exact)) / jnp.max(jnp.abs(exact))) < tolerance
+
+
+def test_w8a8_uses_int8_dot():
+  k, n = 32, 16
+  w = np.random.default_rng(3).normal(size=(k, n)).astype(np.float32)
+  qw = quantize_weight(w, bits=8, activation=ActivationFormat(16, 2, 2))
+  assert qw.data.dtype == jnp.int8 and qw.data.shape == (k, n)
+  jaxpr = str(jax.make_jaxpr(lambda x: qw.quantized_matmul(x, "xla"))(jnp.ones((2, k))))
+  assert "preferred_element_type=int32" in jaxpr
+
+
+def test_quantized_weight_is_a_pytree_through_jit_and_nnx():
+  from flax import nnx
+
+  k, n = 32, 16
+  w = np.random.default_rng(4).normal(size=(k, n)).astype(np.float32)
+  qw = quantize_weight(w, activation=ActivationFormat(16, 1, 2), perm=np.arange(k)[::-1].copy())
+  leaves, treedef = jax.tree_util.tree_flatten(qw)
+  assert len(leaves) == 3  # data, scales, perm; the rest is static
+  x = jnp.ones((2, k))
+  y = jax.jit(lambda qw, x: ops.linear(x, qw, implementation="xla"))(qw, x)
+  np.testing.assert_allclose(y, qw.quantized_matmul(x, "xla"), rtol=1e-6)
+
+  class Layer(nnx.Module):
+    def __init__(self):
+      self.kernel = nnx.Param(jnp.asarray(w))
+
+    def __call__(self, x):
+      return ops.linear(x, self.kernel.get_value(), implementation="xla")
+
+  layer = Layer()
+  graphdef, state = nnx.split(layer)
+  state["kernel"].set_value(qw)
+  merged = nnx.merge(graphdef, state)
+  np.testing.assert_allclose(jax.jit(lambda m, x: m(x))(merged, x), y, rtol=1e-6)
+
+
+def test_quantize_kv_round_trip_and_errors():
+  rng = np.random.default_rng(5)
+  k = rng.normal(size=(2, 8, 2, 32)).astype(np.float32)
+  v = rng.normal(size=(2, 8, 2, 32)).astype(np.float32) * 3
+  for group in (None, 16):
+    kv = quantize_kv(k, v, group)
+    groups = 1 if group is None else 2
+    assert kv.k.shape == (2, 8, 2, 16) and kv.k.dtype == jnp.uint8
+    assert kv.k_scale.shape == (2, 8, 2, groups) and kv.group_size == (group or 32)
+    k_dq, v_dq = dequantize_kv(kv)
+    k_bound = np.repeat(np.asarray(kv.k_scale), 32 // groups, axis=-1) * (0.5 + 1e-4)
+    v_bound = np.repeat(np.asarray(kv.v_scale), 32 // groups, axis=-1) * (0.5 + 1e-4)
+    assert np.all(np.abs(np.asarray(k_dq) - k) <= k_bound)
+    assert np.all(np.abs(np.asarray(v_dq) - v) <= v_bound)
+  with pytest.raises(ValueError, match="group"):
+    quantize_kv(k, v, 12)
+  with pytest.raises(ValueError, match="share one"):
+    quantize_kv(k, v[:, :4])
