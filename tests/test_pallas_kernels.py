@@ -1,0 +1,243 @@
+"""Pallas kernels (interpret mode on CPU, tiny shapes) against their jnp references.
+
+Poisoning: in interpret mode Pallas fills every output buffer with NaN (floats) or the dtype's minimum
+(ints) before the kernel runs (`test_interpret_mode_poisons_outputs` pins this down), so an unwritten
+tile shows up as NaN / -128 / a mismatch. The int8 codes never reach -128 (they clip to +-127).
+"""
+
+import jax
+from jax.experimental import pallas as pl
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from cometjax import ops
+from cometjax.pallas.kv4_attention import kv4_attention_reference, kv4_decode_attention
+from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference
+from cometjax.pallas.w4ax_matmul import w4ax_matmul, w4ax_matmul_reference
+from cometjax.qtypes import (ActivationFormat, QuantizedActivation, QuantizedWeight, pack_int4,
+                             quantize_kv, quantize_weight)
+
+FUZZ = settings(max_examples=6, deadline=None)
+
+
+def _normal(seed, shape, dtype=np.float32):
+  return np.random.default_rng(seed).normal(size=shape).astype(dtype)
+
+
+def _assert_same_activation(got: QuantizedActivation, want: QuantizedActivation):
+  for name in ("int8_part", "int4_part", "int8_scale", "int4_scale"):
+    np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+  assert not np.any(np.asarray(got.int8_part) == -128), "unwritten int8 tile"
+
+
+def test_interpret_mode_poisons_outputs():
+  def writes_nothing(x_ref, o_ref, i_ref):
+    del x_ref, o_ref, i_ref
+
+  out, out_int = pl.pallas_call(
+      writes_nothing, out_shape=[jax.ShapeDtypeStruct((8,), jnp.float32), jax.ShapeDtypeStruct((8,), jnp.int8)],
+      interpret=True)(jnp.zeros((8,)))
+  assert np.all(np.isnan(out)) and np.all(np.asarray(out_int) == -128)
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize_act
+
+
+@pytest.mark.parametrize("num_int8_blocks", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_quantize_act_matches_reference(num_int8_blocks, dtype):
+  fmt = ActivationFormat(block_size=32, num_int8_blocks=num_int8_blocks, num_blocks=3)
+  x = jnp.asarray(_normal(0, (5, 96)) * np.linspace(0.1, 20, 96, dtype=np.float32)).astype(dtype)
+  perm = jnp.asarray(np.random.default_rng(1).permutation(96).astype(np.int32))
+  got = quantize_act(x, perm, fmt=fmt, block_m=4, block_pairs=8, interpret=True)
+  _assert_same_activation(got, quantize_act_reference(x, perm, fmt))
+  np.testing.assert_allclose(got.dequantize(), np.asarray(x, np.float32)[:, np.asarray(perm)],
+                             atol=float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / 7)
+
+
+def test_quantize_act_identity_permutation_and_zero_rows():
+  fmt = ActivationFormat(16, 1, 2)
+  x = np.zeros((3, 32), np.float32)
+  x[1] = _normal(2, (32,))
+  got = quantize_act(jnp.asarray(x), None, fmt=fmt, interpret=True)
+  _assert_same_activation(got, quantize_act_reference(jnp.asarray(x), None, fmt))
+  assert float(got.int8_scale[0]) == 1.0 and np.all(np.asarray(got.int4_part[0]) == 0)
+
+
+def test_quantize_act_errors():
+  fmt = ActivationFormat(32, 1, 3)
+  with pytest.raises(ValueError, match="multiple of block_size"):
+    quantize_act(jnp.zeros((2, 80)), None, fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match="perm must have shape"):
+    quantize_act(jnp.zeros((2, 96)), jnp.arange(64, dtype=jnp.int32), fmt=fmt, interpret=True)
+  with pytest.raises(ValueError, match="block_m must be a positive power of two"):
+    quantize_act(jnp.zeros((2, 96)), None, fmt=fmt, block_m=3, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# w4ax_matmul
+
+
+def _problem(m, k, n, block_size, num_int8_blocks, group_size, seed=0, dtype=np.float32):
+  fmt = ActivationFormat(block_size, num_int8_blocks, k // block_size)
+  perm = jnp.asarray(np.random.default_rng(seed + 1).permutation(k).astype(np.int32))
+  w = _normal(seed + 2, (k, n))
+  qw = quantize_weight(w, bits=4, group_size=group_size, activation=fmt, perm=perm)
+  x = jnp.asarray(_normal(seed + 3, (m, k))).astype(dtype)
+  return x, qw, quantize_act_reference(x, perm, fmt)
+
+
+@pytest.mark.parametrize("num_int8_blocks", [0, 1, 4])  # W4A4, mixed, W4A8
+@pytest.mark.parametrize("group_size", [None, 32, 64])
+def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size):
+  _, qw, qx = _problem(m=5, k=128, n=64, block_size=32, num_int8_blocks=num_int8_blocks,
+                       group_size=group_size)
+  got = w4ax_matmul(qx, qw, block_m=4, block_n=32, block_k=16, interpret=True)
+  want = w4ax_matmul_reference(qx, qw)
+  assert got.shape == (5, 64) and not np.any(np.isnan(got))
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
+
+
+def test_w4ax_matmul_integer_accumulation_is_exact():
+  m, k, n = 3, 64, 32
+  fmt = ActivationFormat(16, 2, 4)
+  rng = np.random.default_rng(7)
+  x_int8 = rng.integers(-127, 128, size=(m, fmt.int8_channels))
+  x_int4 = rng.integers(-8, 8, size=(m, fmt.int4_channels))
+  w_int = rng.integers(-8, 8, size=(k, n))
+  qx = QuantizedActivation(
+      int8_part=jnp.asarray(np.stack([x_int8[:, 0::2], x_int8[:, 1::2]]), jnp.int8),
+      int4_part=pack_int4(jnp.asarray(x_int4, jnp.int8)),
+      int8_scale=jnp.ones((m,)), int4_scale=jnp.ones((m,)), format=fmt)
+  qw = QuantizedWeight(data=pack_int4(jnp.asarray(w_int, jnp.int8), axis=0), scales=jnp.ones((1, n)),
+                       perm=None, bits=4, group_size=None, shape=(k, n), activation=fmt)
+  exact = np.concatenate([x_int8, x_int4], axis=1) @ w_int  # int64
+  got = w4ax_matmul(qx, qw, block_m=2, block_n=16, block_k=16, interpret=True)
+  np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
+  np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw)).astype(np.int64), exact)
+
+
+def test_w4ax_matmul_bf16_output_and_linear_dispatch():
+  x, qw, qx = _problem(m=6, k=64, n=32, block_size=16, num_int8_blocks=1, group_size=None,
+                       dtype=jnp.bfloat16)
+  got = w4ax_matmul(qx, qw, out_dtype=jnp.bfloat16, interpret=True)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(w4ax_matmul_reference(qx, qw, out_dtype=jnp.bfloat16), np.float32),
+                             rtol=1e-2, atol=1e-2)
+  x3 = x.reshape(2, 3, 64)
+  y_xla = ops.linear(x3, qw, implementation="xla")
+  y_interpret = ops.linear(x3, qw, implementation="interpret")
+  assert y_interpret.shape == (2, 3, 32) and y_interpret.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y_interpret, np.float32), np.asarray(y_xla, np.float32))
+
+
+@FUZZ
+@given(m=st.integers(1, 9), block_size=st.sampled_from([16, 32]), num_blocks=st.integers(1, 3),
+       int8_share=st.floats(0, 1), n=st.sampled_from([16, 48]), grouped=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_w4ax_matmul_fuzz(m, block_size, num_blocks, int8_share, n, grouped, seed):
+  k = block_size * num_blocks
+  x, qw, qx = _problem(m, k, n, block_size, round(int8_share * num_blocks),
+                       block_size if grouped else None, seed=seed)
+  got = w4ax_matmul(qx, qw, block_m=4, block_n=16, block_k=16, interpret=True)
+  np.testing.assert_allclose(got, w4ax_matmul_reference(qx, qw), rtol=1e-6, atol=1e-5)
+  fused = quantize_act(x, qw.perm, fmt=qw.activation, block_m=4, block_pairs=8, interpret=True)
+  _assert_same_activation(fused, qx)
+
+
+def test_w4ax_matmul_errors():
+  _, qw, qx = _problem(m=2, k=64, n=32, block_size=32, num_int8_blocks=1, group_size=None)
+  bad_scales = QuantizedWeight(data=qw.data, scales=jnp.ones((2, 32)), perm=qw.perm, bits=4,
+                               group_size=None, shape=qw.shape, activation=qw.activation)
+  with pytest.raises(ValueError, match="scales must have shape"):
+    w4ax_matmul(qx, bad_scales, interpret=True)
+  other_format = ActivationFormat(32, 0, 2)
+  _, qw_other, _ = _problem(m=2, k=64, n=32, block_size=32, num_int8_blocks=0, group_size=None)
+  assert qw_other.activation == other_format
+  with pytest.raises(ValueError, match="activation format mismatch"):
+    w4ax_matmul(qx, qw_other, interpret=True)
+  bad_act = QuantizedActivation(qx.int8_part, qx.int4_part, jnp.ones((3,)), qx.int4_scale, qx.format)
+  with pytest.raises(ValueError, match="int8_scale must have shape"):
+    w4ax_matmul(bad_act, qw, interpret=True)
+  w8 = quantize_weight(np.ones((64, 32), np.float32), bits=8, activation=qw.activation)
+  with pytest.raises(ValueError, match="4-bit weight"):
+    w4ax_matmul(qx, w8, interpret=True)
+  with pytest.raises(ValueError, match="block_k must be a power of two"):
+    w4ax_matmul(qx, qw, block_k=24, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# kv4 attention
+
+
+def _cache(batch, seq, kv_heads, head_dim, group, seed=0):
+  k = _normal(seed, (batch, seq, kv_heads, head_dim))
+  v = _normal(seed + 1, (batch, seq, kv_heads, head_dim))
+  return quantize_kv(jnp.asarray(k), jnp.asarray(v), group)
+
+
+@pytest.mark.parametrize("group", [None, 16])
+@pytest.mark.parametrize("dtype,tolerance", [(np.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_kv4_decode_matches_reference(group, dtype, tolerance):
+  kv = _cache(batch=3, seq=64, kv_heads=2, head_dim=32, group=group)
+  q = jnp.asarray(_normal(9, (3, 6, 32))).astype(dtype)
+  lengths = jnp.array([1, 37, 64], jnp.int32)
+  got = kv4_decode_attention(q, kv, lengths, block_k=16, k_splits=2, interpret=True)
+  want = kv4_attention_reference(q[:, None], kv, lengths)[:, 0]
+  assert got.shape == (3, 6, 32) and got.dtype == q.dtype and not np.any(np.isnan(np.asarray(got, np.float32)))
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                             rtol=tolerance, atol=tolerance)
+
+
+def test_kv4_decode_empty_row_gives_zeros():
+  kv = _cache(batch=2, seq=32, kv_heads=1, head_dim=32, group=None)
+  q = jnp.asarray(_normal(3, (2, 2, 32)))
+  got = kv4_decode_attention(q, kv, jnp.array([0, 32], jnp.int32), block_k=16, k_splits=2, interpret=True)
+  np.testing.assert_array_equal(got[0], 0.0)
+  np.testing.assert_array_equal(kv4_attention_reference(q[:, None], kv, jnp.array([0, 32]))[0], 0.0)
+
+
+@FUZZ
+@given(batch=st.integers(1, 3), seq_tiles=st.integers(1, 4), kv_heads=st.sampled_from([1, 2]),
+       group_heads=st.sampled_from([1, 4]), k_splits=st.sampled_from([1, 2, 4]), seed=st.integers(0, 1000))
+def test_kv4_decode_fuzz(batch, seq_tiles, kv_heads, group_heads, k_splits, seed):
+  seq = 16 * seq_tiles
+  kv = _cache(batch, seq, kv_heads, 32, None, seed)
+  q = jnp.asarray(_normal(seed + 5, (batch, kv_heads * group_heads, 32)))
+  lengths = jnp.asarray(np.random.default_rng(seed).integers(1, seq + 1, size=batch), jnp.int32)
+  got = kv4_decode_attention(q, kv, lengths, block_k=16, k_splits=k_splits, interpret=True)
+  want = kv4_attention_reference(q[:, None], kv, lengths)[:, 0]
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+def test_attention_kv4_dispatch_decode_and_prefill():
+  kv = _cache(batch=2, seq=32, kv_heads=2, head_dim=32, group=None)
+  lengths = jnp.array([5, 32], jnp.int32)
+  q1 = jnp.asarray(_normal(4, (2, 1, 4, 32)))
+  np.testing.assert_allclose(ops.attention_kv4(q1, kv, lengths, implementation="interpret"),
+                             ops.attention_kv4(q1, kv, lengths, implementation="xla"), rtol=2e-5, atol=2e-5)
+  # Prefill falls back to the reference; the last query of a prefill equals a decode step.
+  q3 = jnp.asarray(_normal(6, (2, 3, 4, 32)))
+  prefill = ops.attention_kv4(q3, kv, lengths, implementation="interpret")
+  decode = ops.attention_kv4(q3[:, -1:], kv, lengths, implementation="interpret")
+  np.testing.assert_allclose(prefill[:, -1:], decode, rtol=2e-5, atol=2e-5)
+
+
+def test_kv4_attention_errors():
+  kv = _cache(batch=2, seq=24, kv_heads=2, head_dim=32, group=None)
+  lengths = jnp.array([3, 4], jnp.int32)
+  with pytest.raises(ValueError, match="multiple of 16"):
+    kv4_decode_attention(jnp.zeros((2, 4, 32)), kv, lengths, interpret=True)
+  with pytest.raises(ValueError, match="multiple of kv heads"):
+    kv4_decode_attention(jnp.zeros((2, 3, 32)), kv, lengths, interpret=True)
+  with pytest.raises(ValueError, match="D=32"):
+    kv4_decode_attention(jnp.zeros((2, 4, 16)), kv, lengths, interpret=True)
+  with pytest.raises(ValueError, match="lengths must be"):
+    kv4_decode_attention(jnp.zeros((2, 4, 32)), kv, jnp.array([3]), interpret=True)
+  bad = kv.__class__(kv.k, kv.v, kv.k_scale[:, :3], kv.k_zero, kv.v_scale, kv.v_zero)
+  with pytest.raises(ValueError, match="k_scale must have shape"):
+    kv4_attention_reference(jnp.zeros((2, 1, 4, 32)), bad, lengths)
