@@ -1,0 +1,320 @@
+"""Kernel microbenchmarks: W4Ax GEMM, fused activation quantization, KV4 decode attention.
+
+    python bench/kernels.py                 # GPU: full shape sweep, compiled Pallas kernels
+    python bench/kernels.py --smoke         # tiny shapes, interpret mode on CPU, a few seconds
+
+Every op is timed against baselines in the same run:
+  w4ax_matmul   vs xla_bf16 (jnp.dot bf16) and xla_int8 (int8 x int8 -> int32 jnp.dot)
+  quantize_act  vs xla_reference (the jnp twin, XLA-fused)
+  kv4_attention vs pallas_bf16_decode (jax.experimental.pallas.ops.gpu.decode_attention.gqa, bf16 cache)
+                and jax_dpa (jax.nn.dot_product_attention, bf16 cache)
+GEMM shapes are one layer of Llama-2-7B, Llama-3-8B and Llama-3-70B (qkv, o, fused gate_up, down) at
+M in {1, 4, 16, 64, 256, 1024, 4096} and INT8-block fractions {0, 0.25, 1}; attention uses Llama-3-8B
+heads (32 q, 8 kv, head_dim 128) at context {1k, 8k, 32k} and batch {1, 8, 32}.
+
+Timing: warm-up calls, then the median (and 10th/90th percentiles) of many calls, each on the next of
+several input copies (rotating inputs so small operands are not served from L2), with
+block_until_ready. Results: a table (printed last), JSON `bench/results/kernels_<device>.json` and a
+PNG plot of speedup vs M (skipped with a message when matplotlib is missing). CPU numbers from
+--smoke only show that the script runs: they are written with "smoke": true and are not results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from cometjax.pallas.kv4_attention import kv4_decode_attention  # noqa: E402
+from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference  # noqa: E402
+from cometjax.pallas.w4ax_matmul import w4ax_matmul  # noqa: E402
+from cometjax.qtypes import ActivationFormat, QuantizedKV, QuantizedWeight  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShapes:
+  name: str
+  hidden: int
+  intermediate: int
+  q_heads: int
+  kv_heads: int
+  head_dim: int
+
+  def gemms(self) -> dict[str, tuple[int, int]]:  # layer -> (K, N)
+    qkv = (self.q_heads + 2 * self.kv_heads) * self.head_dim
+    return {"qkv": (self.hidden, qkv), "o": (self.q_heads * self.head_dim, self.hidden),
+            "gate_up": (self.hidden, 2 * self.intermediate), "down": (self.intermediate, self.hidden)}
+
+
+FULL_MODELS = (
+    ModelShapes("llama2-7b", 4096, 11008, 32, 32, 128),
+    ModelShapes("llama3-8b", 4096, 14336, 32, 8, 128),
+    ModelShapes("llama3-70b", 8192, 28672, 64, 8, 128),
+)
+SMOKE_MODELS = (ModelShapes("tiny", 64, 128, 4, 2, 16),)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  models: tuple[ModelShapes, ...]
+  layers: tuple[str, ...]
+  ms: tuple[int, ...]
+  int8_fractions: tuple[float, ...]
+  block_size: int
+  attention_model: ModelShapes
+  contexts: tuple[int, ...]
+  batches: tuple[int, ...]
+  warmup: int
+  iterations: int
+
+
+FULL = Sweep(FULL_MODELS, ("qkv", "o", "gate_up", "down"), (1, 4, 16, 64, 256, 1024, 4096), (0.0, 0.25, 1.0),
+             128, FULL_MODELS[1], (1024, 8192, 32768), (1, 8, 32), warmup=3, iterations=30)
+SMOKE = Sweep(SMOKE_MODELS, ("o",), (1, 8), (0.5,), 16, ModelShapes("tiny", 64, 128, 4, 2, 32), (64,), (2,),
+              warmup=1, iterations=2)
+
+
+def time_ms(fn, arg_sets, warmup: int, iterations: int) -> dict:
+  """Median and spread (ms) of fn over rotating argument sets, after warm-up."""
+  for i in range(warmup):
+    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+  samples = []
+  for i in range(iterations):
+    args = arg_sets[i % len(arg_sets)]
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    samples.append((time.perf_counter() - start) * 1e3)
+  samples.sort()
+  return {"ms": statistics.median(samples), "p10_ms": samples[int(0.1 * (len(samples) - 1))],
+          "p90_ms": samples[int(0.9 * (len(samples) - 1))]}
+
+
+def rotations(nbytes: int) -> int:
+  """Input copies to cycle through so an operand set is not L2-resident (H100 L2 = 50 MB)."""
+  return max(2, min(4, math.ceil(128 * 2**20 / max(nbytes, 1))))
+
+
+def random_quantized_weight(key, k: int, n: int, fmt: ActivationFormat) -> QuantizedWeight:
+  data_key, scale_key = jax.random.split(key)
+  data = jax.random.bits(data_key, (k // 2, n), jnp.uint8)
+  scales = jax.random.uniform(scale_key, (1, n), jnp.float32, 1e-3, 2e-3)
+  return QuantizedWeight(data=data, scales=scales, perm=jax.random.permutation(key, k).astype(jnp.int32),
+                         bits=4, group_size=None, shape=(k, n), activation=fmt)
+
+
+def bench_gemms(sweep: Sweep, interpret: bool, log) -> list[dict]:
+  rows = []
+  key = jax.random.key(0)
+  for model in sweep.models:
+    for layer in sweep.layers:
+      k, n = model.gemms()[layer]
+      shape = f"{model.name}.{layer} K={k} N={n}"
+      copies = rotations(k * n // 2)
+      weights_bf16 = [jax.random.normal(jax.random.fold_in(key, c), (k, n), jnp.bfloat16) for c in range(copies)]
+      weights_int8 = [jax.random.randint(jax.random.fold_in(key, 10 + c), (k, n), -127, 128, jnp.int8)
+                      for c in range(copies)]
+      for m in sweep.ms:
+        xs = [jax.random.normal(jax.random.fold_in(key, 100 + c), (m, k), jnp.bfloat16) for c in range(copies)]
+        xs_int8 = [x.astype(jnp.int8) for x in xs]
+        bf16 = time_ms(jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)),
+                       list(zip(xs, weights_bf16)), sweep.warmup, sweep.iterations)
+        int8 = time_ms(jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.int32)),
+                       list(zip(xs_int8, weights_int8)), sweep.warmup, sweep.iterations)
+        for fraction in sweep.int8_fractions:
+          fmt = ActivationFormat.for_features(k, sweep.block_size, fraction)
+          qws = [random_quantized_weight(jax.random.fold_in(key, 200 + c), k, n, fmt) for c in range(copies)]
+          qxs = [quantize_act_reference(x, qw.perm, fmt) for x, qw in zip(xs, qws)]
+          matmul = jax.jit(lambda qx, qw: w4ax_matmul(qx, qw, out_dtype=jnp.bfloat16, interpret=interpret))
+          w4ax = time_ms(matmul, list(zip(qxs, qws)), sweep.warmup, sweep.iterations)
+          fused = jax.jit(lambda x, perm, fmt=fmt: quantize_act(x, perm, fmt=fmt, interpret=interpret))
+          reference = jax.jit(lambda x, perm, fmt=fmt: quantize_act_reference(x, perm, fmt))
+          perm_sets = [(x, qw.perm) for x, qw in zip(xs, qws)]
+          quant = time_ms(fused, perm_sets, sweep.warmup, sweep.iterations)
+          quant_reference = time_ms(reference, perm_sets, sweep.warmup, sweep.iterations)
+          common = dict(shape=shape, m=m, k=k, n=n, int8_fraction=fraction, block_size=sweep.block_size)
+          for baseline, timing in (("xla_bf16", bf16), ("xla_int8", int8)):
+            rows.append(dict(op="w4ax_matmul", **common, **w4ax, baseline=baseline,
+                             baseline_ms=timing["ms"], speedup=timing["ms"] / w4ax["ms"]))
+          rows.append(dict(op="quantize_act", **common, **quant, baseline="xla_reference",
+                           baseline_ms=quant_reference["ms"], speedup=quant_reference["ms"] / quant["ms"]))
+          log(f"{shape} M={m} int8={fraction}: w4ax {w4ax['ms']:.4f} ms, bf16 {bf16['ms']:.4f} ms, "
+              f"int8 {int8['ms']:.4f} ms, quantize_act {quant['ms']:.4f} ms")
+  return rows
+
+
+def _jax_pallas_decode():
+  try:
+    from jax.experimental.pallas.ops.gpu import decode_attention
+    return decode_attention.gqa
+  except Exception as error:  # noqa: BLE001 - any import failure means "baseline unavailable"
+    print(f"pallas_bf16_decode baseline unavailable: {error!r}")
+    return None
+
+
+def bench_attention(sweep: Sweep, interpret: bool, log) -> list[dict]:
+  rows = []
+  model = sweep.attention_model
+  hq, hkv, d = model.q_heads, model.kv_heads, model.head_dim
+  pallas_gqa = _jax_pallas_decode()
+  key = jax.random.key(1)
+  for context in sweep.contexts:
+    for batch in sweep.batches:
+      shape = f"decode B={batch} S={context} Hq={hq} Hkv={hkv} D={d}"
+      cache_bytes = batch * context * hkv * d  # INT4 K and V
+      copies = 2 if cache_bytes > 2**28 else rotations(cache_bytes)
+      lengths = jnp.full((batch,), context, jnp.int32)
+      qs = [jax.random.normal(jax.random.fold_in(key, c), (batch, hq, d), jnp.bfloat16) for c in range(copies)]
+      caches = []
+      for c in range(copies):
+        bytes_key = jax.random.fold_in(key, 100 + c)
+        codes = jax.random.bits(bytes_key, (2, batch, context, hkv, d // 2), jnp.uint8)
+        scale = jnp.full((batch, context, hkv, 1), 0.05, jnp.float32)
+        zero = jnp.full((batch, context, hkv, 1), 8.0, jnp.float32)
+        caches.append(QuantizedKV(k=codes[0], v=codes[1], k_scale=scale, k_zero=zero, v_scale=scale, v_zero=zero))
+      kv4 = time_ms(jax.jit(lambda q, kv, lengths: kv4_decode_attention(q, kv, lengths, interpret=interpret)),
+                    [(q, kv, lengths) for q, kv in zip(qs, caches)], sweep.warmup, sweep.iterations)
+      del caches
+      bf16_caches = [(jax.random.normal(jax.random.fold_in(key, 200 + c), (batch, context, hkv, d), jnp.bfloat16),
+                      jax.random.normal(jax.random.fold_in(key, 300 + c), (batch, context, hkv, d), jnp.bfloat16))
+                     for c in range(min(copies, 2))]
+      baselines = {}
+      dpa = jax.jit(lambda q, k, v, lengths: jax.nn.dot_product_attention(
+          q[:, None], k, v, key_value_seq_lengths=lengths)[:, 0])
+      baselines["jax_dpa"] = time_ms(dpa, [(q, k, v, lengths) for q, (k, v) in zip(qs, bf16_caches)],
+                                     sweep.warmup, sweep.iterations)
+      if pallas_gqa is not None:
+        block_k = min(128, context)
+        k_splits = max(1, min(16, context // max(block_k, 256)))
+        gqa = jax.jit(lambda q, k, v, lengths: pallas_gqa(q, k, v, kv_seq_len=lengths, block_k=block_k,
+                                                          k_splits=k_splits, interpret=interpret))
+        try:
+          baselines["pallas_bf16_decode"] = time_ms(
+              gqa, [(q, k, v, lengths) for q, (k, v) in zip(qs, bf16_caches)], sweep.warmup, sweep.iterations)
+        except Exception as error:  # noqa: BLE001 - report and go on without this baseline
+          print(f"pallas_bf16_decode failed at {shape}: {error!r}")
+      for baseline, timing in baselines.items():
+        rows.append(dict(op="kv4_attention", shape=shape, m=batch, context=context, int8_fraction=None, **kv4,
+                         baseline=baseline, baseline_ms=timing["ms"], speedup=timing["ms"] / kv4["ms"]))
+      log(f"{shape}: kv4 {kv4['ms']:.4f} ms, " + ", ".join(f"{b} {t['ms']:.4f} ms" for b, t in baselines.items()))
+  return rows
+
+
+def device_tag() -> str:
+  device = jax.devices()[0]
+  kind = device.device_kind if device.platform != "cpu" else "cpu"
+  return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except Exception:  # noqa: BLE001 - no git, no commit
+    return "unknown"
+
+
+def format_table(rows: list[dict]) -> str:
+  header = f"{'op':<14} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} {'speedup':>8}"
+  lines = [header, "-" * len(header)]
+  for row in rows:
+    fraction = "-" if row["int8_fraction"] is None else f"{row['int8_fraction']:.2f}"
+    lines.append(f"{row['op']:<14} {row['shape']:<38} {row['m']:>5} {fraction:>5} {row['ms']:>10.4f} "
+                 f"{row['baseline']:<19} {row['baseline_ms']:>10.4f} {row['speedup']:>8.2f}")
+  return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: pathlib.Path) -> str:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    return "matplotlib not installed: skipped the plot (pip install matplotlib)"
+  gemm_rows = [r for r in rows if r["op"] == "w4ax_matmul" and r["baseline"] == "xla_bf16"]
+  shapes = sorted({r["shape"] for r in gemm_rows})
+  if not shapes:
+    return "no GEMM rows: skipped the plot"
+  columns = min(4, len(shapes))
+  figure, axes = plt.subplots(math.ceil(len(shapes) / columns), columns, squeeze=False,
+                              figsize=(4 * columns, 3 * math.ceil(len(shapes) / columns)))
+  for axis, shape in zip(axes.flat, shapes):
+    for fraction in sorted({r["int8_fraction"] for r in gemm_rows}):
+      points = sorted((r["m"], r["speedup"]) for r in gemm_rows if r["shape"] == shape and r["int8_fraction"] == fraction)
+      axis.plot(*zip(*points), marker="o", label=f"int8 blocks {fraction:.2f}")
+    axis.axhline(1.0, color="gray", linewidth=0.8)
+    axis.set_xscale("log", base=2)
+    axis.set_title(shape, fontsize=8)
+    axis.set_xlabel("M")
+    axis.set_ylabel("speedup vs XLA bf16")
+  axes.flat[0].legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  return f"wrote {path}"
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, a few seconds")
+  parser.add_argument("--out", type=pathlib.Path, default=None,
+                      help="JSON path (default bench/results/kernels_<device>[_smoke].json)")
+  parser.add_argument("--skip-gemm", action="store_true")
+  parser.add_argument("--skip-attention", action="store_true")
+  parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(m.name for m in FULL_MODELS))
+  parser.add_argument("--ms", default=None, help="comma-separated M values (default the full sweep)")
+  parser.add_argument("--quiet", action="store_true")
+  args = parser.parse_args(argv)
+
+  on_gpu = jax.default_backend() == "gpu"
+  if not args.smoke and not on_gpu:
+    parser.error("the full sweep needs a GPU (compiled Pallas Triton kernels); use --smoke on CPU")
+  sweep = SMOKE if args.smoke else FULL
+  if args.models:
+    wanted = args.models.split(",")
+    sweep = dataclasses.replace(sweep, models=tuple(m for m in FULL_MODELS if m.name in wanted))
+  if args.ms:
+    sweep = dataclasses.replace(sweep, ms=tuple(int(m) for m in args.ms.split(",")))
+  interpret = not on_gpu
+  log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+
+  rows = []
+  if not args.skip_gemm:
+    rows += bench_gemms(sweep, interpret, log)
+  if not args.skip_attention:
+    rows += bench_attention(sweep, interpret, log)
+
+  tag = device_tag()
+  out = args.out or ROOT / "bench" / "results" / f"kernels_{tag}{'_smoke' if args.smoke else ''}.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  report = {
+      "device": tag, "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+      "jax_version": jax.__version__, "git_commit": git_commit(),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "smoke": args.smoke, "interpret": interpret,
+      "timing": f"median of {sweep.iterations} calls after {sweep.warmup} warm-up, rotating inputs",
+      "rows": rows,
+  }
+  out.write_text(json.dumps(report, indent=1))
+  print(plot(rows, out.with_suffix(".png")))
+  print(f"wrote {out}")
+  print(format_table(rows))
+  return report
+
+
+if __name__ == "__main__":
+  main()

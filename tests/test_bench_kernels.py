@@ -1,0 +1,28 @@
+"""bench/kernels.py --smoke runs end to end (so the benchmark script cannot rot)."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+  spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+  bench = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes
+  spec.loader.exec_module(bench)
+  out = tmp_path / "kernels_smoke.json"
+  bench.main(["--smoke", "--quiet", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report["smoke"] is True and report["interpret"] is True
+  for field in ("device", "jax_version", "git_commit", "date"):
+    assert report[field]
+  ops = {(row["op"], row["baseline"]) for row in report["rows"]}
+  assert {("w4ax_matmul", "xla_bf16"), ("w4ax_matmul", "xla_int8"), ("quantize_act", "xla_reference"),
+          ("kv4_attention", "jax_dpa")} <= ops
+  for row in report["rows"]:
+    for field in ("op", "shape", "m", "int8_fraction", "ms", "baseline", "baseline_ms", "speedup"):
+      assert field in row
+    assert row["ms"] > 0 and row["speedup"] > 0
