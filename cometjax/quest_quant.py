@@ -42,6 +42,7 @@ class DiffusionQuantConfig:
   weight_bits: int = 4
   act_bits: int | None = 4
   edge_act_bits: int = 8  # inputs of the first and last layer
+  edge_weight_bits: int = 8  # weights of the first and last layer (BRECQ / Q-Diffusion convention)
   softmax_bits: int = 8  # attention probabilities
   num_timestep_groups: int = 4
   num_timesteps: int = 1000
@@ -226,11 +227,20 @@ class ActQuantizer(nnx.Module):
     self.zero = QuantParam(jnp.zeros((num_groups,), jnp.float32))  # [G]
     self.calibrated = False
 
+  def params_for(self, group, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(step, zero) of `group`: a scalar, or int [B] (one group per sample, broadcast over x)."""
+    step, zero = self.step[...][group], self.zero[...][group]
+    if jnp.ndim(group) == 1:
+      shape = (-1,) + (1,) * (x.ndim - 1)
+      step, zero = step.reshape(shape), zero.reshape(shape)
+    return step, zero
+
   def __call__(self, x: jax.Array, group) -> jax.Array:
-    return fake_quantize_activation(x, self.step[...][group], self.zero[...][group], self.bits)
+    step, zero = self.params_for(group, x)
+    return fake_quantize_activation(x, step, zero, self.bits)
 
   def quantize_int(self, x: jax.Array, group) -> tuple[jax.Array, jax.Array, jax.Array]:
-    step, zero = self.step[...][group], self.zero[...][group]
+    step, zero = self.params_for(group, x)
     return quantize_activation_int(x, step, zero, self.bits), step, zero
 
   def set_range(self, group: int, low: float, high: float):
@@ -354,8 +364,11 @@ class QuantLinear(nnx.Module):
     self.bias = nnx.Param(jnp.asarray(bias, jnp.float32)) if bias is not None else nnx.data(None)
     self.quant = nnx.data(None)
     self.edge = False  # first or last layer: its input stays at 8 bit
+    self.record = False  # sow the input (nnx.Intermediate "inputs") for calibration
 
   def __call__(self, x: jax.Array, group=0) -> jax.Array:  # x [..., in] -> [..., out]
+    if self.record:
+      self.sow(nnx.Intermediate, "inputs", x)
     bias = self.bias[...] if self.bias is not None else None
     quant = self.quant
     if quant is None:
@@ -373,8 +386,12 @@ class QuantMatmul(nnx.Module):
   def __init__(self, softmax_lhs: bool = False):
     self.softmax_lhs = softmax_lhs  # lhs is a softmax output (kept at 8 bit)
     self.quant = nnx.data(None)
+    self.record = False
 
   def __call__(self, a: jax.Array, b: jax.Array, group=0) -> jax.Array:
+    if self.record:
+      self.sow(nnx.Intermediate, "lhs", a)
+      self.sow(nnx.Intermediate, "rhs", b)
     if self.quant is None:
       return jnp.matmul(a, b)
     return self.quant(a, b, group)
@@ -393,10 +410,11 @@ def attach_quantizers(model: nnx.Module, config: DiffusionQuantConfig) -> nnx.Mo
   for name, layer in named_modules(model, QuantLinear):
     if any(p.search(name) for p in keep):
       continue
-    act_bits = config.act_bits
-    if act_bits is not None and layer.edge:
-      act_bits = max(act_bits, config.edge_act_bits)
-    layer.quant = LinearQuantizer(layer.kernel[...], config.weight_bits, act_bits, config.num_timestep_groups)
+    act_bits, weight_bits = config.act_bits, config.weight_bits
+    if layer.edge:
+      weight_bits = max(weight_bits, config.edge_weight_bits)
+      act_bits = max(act_bits, config.edge_act_bits) if act_bits is not None else None
+    layer.quant = LinearQuantizer(layer.kernel[...], weight_bits, act_bits, config.num_timestep_groups)
   if config.quantize_attention_matmuls and config.act_bits is not None:
     for name, matmul in named_modules(model, QuantMatmul):
       if any(p.search(name) for p in keep):
@@ -415,6 +433,12 @@ def to_integer(model: nnx.Module) -> nnx.Module:
     if matmul.quant is not None:
       matmul.quant.execution = "integer"
   return model
+
+
+def set_recording(model: nnx.Module, on: bool) -> None:
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, (QuantLinear, QuantMatmul)):
+      module.record = on
 
 
 def act_quantizers(model: nnx.Module) -> Iterator[tuple[str, ActQuantizer]]:

@@ -67,6 +67,8 @@ class QuantConv(nnx.Module):
     return y + self.linear.bias[...][None, :, None, None]
 
   def __call__(self, x: jax.Array, group=0) -> jax.Array:  # [B,C,H,W] -> [B,O,H,W]
+    if self.linear.record:
+      self.linear.sow(nnx.Intermediate, "inputs", x)
     quant = self.linear.quant
     if quant is not None and quant.execution == "integer":
       patches = im2col(x, self.kernel_size)  # [B,H,W,C*k*k]

@@ -113,6 +113,8 @@ class DiT(nnx.Module):
     self.patch_conv = QuantLinear(conv_w.reshape(conv_w.shape[0], -1).T, tensors["conv.bias"])
     self.patch_conv.edge = True  # first layer: its input (the noisy image) stays at 8 bit
     self.patch_emb = _linear(tensors, "patch_emb")
+    # conv and patch_emb are two linear maps in a row: together they are the first layer.
+    self.patch_emb.edge = True
     self.pos_emb = nnx.Param(jnp.asarray(tensors["patch_pos_emb"], jnp.float32))  # [1, L, D]
     self.half_emb = nnx.Variable(jnp.asarray(tensors["time_emb.0.half_emb"], jnp.float32))  # [D/2]
     self.time_mlp1 = _linear(tensors, "time_emb.1")

@@ -1,0 +1,198 @@
+"""QuEST selective finetuning (Wang et al., ICCV'25) on top of the PTQ base in `calib.adaround`.
+
+- TLA, time-embedding alignment: finetune the layers that carry the timestep embedding (the time MLP,
+  and in the DiT the gamma/beta/alpha modulation layers fed by cond) with their activation scales.
+- CMA, critical-module alignment: finetune the modules that break first at 4 bit (attention q/k/v/out
+  and feed-forward in the DiT; the conv blocks in the CNN) plus *all* activation step sizes.
+- Global loss: MSE between the quantized and the float model's noise prediction on the calibration set,
+  each sample using the activation scales of its timestep group.
+Rounding is straight-through: weights stay on the integer grid in the forward pass, gradients reach the
+latent float weights, the per-channel weight scales and the activation steps/zero points. Optax Adam,
+one learning rate for weights and one for quantizer scales.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from calib.adaround import CalibrationSet
+from cometjax.diffusion import NoiseSchedule, predict_noise
+from cometjax.quest_quant import DiffusionQuantConfig, QuantLinear, QuantParam, named_modules
+
+
+@dataclass(frozen=True)
+class QuestConfig:
+  """Which layers are finetuned (regexes on dotted layer paths) and how."""
+
+  time_embedding_layers: tuple[str, ...]  # TLA
+  critical_layers: tuple[str, ...]  # CMA
+  train_all_activation_scales: bool = True
+  steps: int = 300
+  batch_size: int = 32
+  weight_learning_rate: float = 1e-4
+  scale_learning_rate: float = 1e-3
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.steps < 0:
+      raise ValueError(f"steps must be >= 0, got {self.steps}")
+    if self.batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    for pattern in self.time_embedding_layers + self.critical_layers:
+      re.compile(pattern)
+
+
+DIT_QUEST = QuestConfig(
+  time_embedding_layers=(r"^time_mlp\d$", r"^blocks\.\d+\.(gamma|beta|alpha)[12]$"),
+  critical_layers=(r"^blocks\.\d+\.(wq|wk|wv|lv|ff1|ff2)$",),
+)
+CNN_QUEST = QuestConfig(
+  time_embedding_layers=(r"^time_mlp\.\d+$",),
+  critical_layers=(r"^blocks\.\d+\.conv\.linear$",),
+  batch_size=16,
+)
+
+
+def selected_layers(model, config: QuestConfig) -> dict[str, str]:
+  """{layer path: "TLA" | "CMA"} for the quantized linear layers that the rules select."""
+  tla = [re.compile(p) for p in config.time_embedding_layers]
+  cma = [re.compile(p) for p in config.critical_layers]
+  chosen = {}
+  for name, layer in named_modules(model, QuantLinear):
+    if any(p.search(name) for p in tla):
+      chosen[name] = "TLA"
+    elif any(p.search(name) for p in cma):
+      chosen[name] = "CMA"
+  return chosen
+
+
+def _path_name(path) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def trainable_filters(model, config: QuestConfig):
+  """(weight filter, scale filter) as nnx filters over (path, variable)."""
+  layers = tuple(selected_layers(model, config))
+
+  def in_selected(name: str) -> bool:
+    return any(name == layer or name.startswith(layer + ".") for layer in layers)
+
+  def weight_filter(path, variable) -> bool:
+    name = _path_name(path)
+    return (isinstance(variable, nnx.Param) and not isinstance(variable, QuantParam)
+            and path[-1] in ("kernel", "bias") and in_selected(name))
+
+  def scale_filter(path, variable) -> bool:
+    if not isinstance(variable, QuantParam):
+      return False
+    name = _path_name(path)
+    is_act = path[-1] in ("step", "zero")
+    return (is_act and config.train_all_activation_scales) or in_selected(name)
+
+  return weight_filter, scale_filter
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "quant", "optimizers"))
+def _quest_step(graphdef, weights, scales, rest, opt_states, schedule, quant, optimizers, x, index, labels, target):
+  def loss_fn(weights, scales):
+    model = nnx.merge(graphdef, weights, scales, rest)
+    eps = predict_noise(model, schedule, x, index, labels, quant.timestep_group(index))
+    return ((eps - target) ** 2).mean()
+
+  loss, (g_weights, g_scales) = jax.value_and_grad(loss_fn, argnums=(0, 1))(weights, scales)
+  weight_opt, scale_opt = optimizers
+  updates, weight_state = weight_opt.update(g_weights, opt_states[0], weights)
+  weights = optax.apply_updates(weights, updates)
+  updates, scale_state = scale_opt.update(g_scales, opt_states[1], scales)
+  scales = optax.apply_updates(scales, updates)
+  # A step size must stay positive.
+  scales = jax.tree.map_with_path(
+    lambda p, v: jnp.maximum(v, 1e-6) if "'step'" in jax.tree_util.keystr(p) else v, scales)
+  return weights, scales, (weight_state, scale_state), loss
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "quant"))
+def _global_loss(graphdef, state, schedule, quant, x, index, labels, target):
+  model = nnx.merge(graphdef, state)
+  eps = predict_noise(model, schedule, x, index, labels, quant.timestep_group(index))
+  return ((eps - target) ** 2).mean()
+
+
+def global_loss(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, calib: CalibrationSet,
+                batch_size: int = 64) -> float:
+  """Mean MSE between `model`'s and the float model's noise prediction over the calibration set."""
+  graphdef, state = nnx.split(model)
+  total = 0.0
+  for start in range(0, len(calib), batch_size):
+    part = calib.take(np.arange(start, min(start + batch_size, len(calib))))
+    labels = None if part.labels is None else jnp.asarray(part.labels)
+    total += float(_global_loss(graphdef, state, schedule, quant, jnp.asarray(part.x), jnp.asarray(part.index),
+                                labels, jnp.asarray(part.eps))) * len(part)
+  return total / len(calib)
+
+
+def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, calib: CalibrationSet,
+                   config: QuestConfig, progress: bool = True) -> dict:
+  """Finetune a fake-quantized model in place.  Returns a report: trained parameters and counts,
+  the global loss before and after, and the time taken."""
+  start = time.time()
+  weight_filter, scale_filter = trainable_filters(model, config)
+  graphdef, weights, scales, rest = nnx.split(model, weight_filter, scale_filter, ...)
+  trained = {}
+  for kind, state in (("weights", weights), ("scales", scales)):
+    for path, variable in nnx.to_flat_state(state):
+      trained[_path_name(path)] = int(np.prod(variable.get_value().shape))
+  layers = selected_layers(model, config)
+  report = {
+    "layers": layers,
+    "num_tla_layers": sum(v == "TLA" for v in layers.values()),
+    "num_cma_layers": sum(v == "CMA" for v in layers.values()),
+    "trained_parameters": trained,
+    "num_trained_tensors": len(trained),
+    "num_trained_values": int(sum(trained.values())),
+    "num_weight_values": int(sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(weights))),
+    "num_scale_values": int(sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(scales))),
+  }
+  report["global_loss_before"] = global_loss(model, schedule, quant, calib)
+  def adam(learning_rate):  # cosine decay to 10% over the run
+    return optax.adam(optax.cosine_decay_schedule(learning_rate, max(config.steps, 1), alpha=0.1))
+
+  optimizers = (adam(config.weight_learning_rate), adam(config.scale_learning_rate))
+  opt_states = (optimizers[0].init(weights), optimizers[1].init(scales))
+  rng = np.random.default_rng(config.seed)
+  bar = tqdm(range(config.steps), desc="quest", disable=not progress, mininterval=2.0)
+  running = None
+  for _ in bar:
+    rows = rng.choice(len(calib), size=min(config.batch_size, len(calib)), replace=False)
+    part = calib.take(rows)
+    labels = None if part.labels is None else jnp.asarray(part.labels)
+    weights, scales, opt_states, loss = _quest_step(
+      graphdef, weights, scales, rest, opt_states, schedule, quant, optimizers, jnp.asarray(part.x),
+      jnp.asarray(part.index), labels, jnp.asarray(part.eps))
+    running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
+    bar.set_postfix(loss=f"{running:.5f}")
+  nnx.update(model, weights, scales)
+  report["global_loss_after"] = global_loss(model, schedule, quant, calib)
+  report["seconds"] = time.time() - start
+  return report
+
+
+def format_report(report: dict) -> str:
+  lines = [f"QuEST: {report['num_tla_layers']} TLA layers, {report['num_cma_layers']} CMA layers; "
+           f"{report['num_trained_tensors']} tensors / {report['num_trained_values']:,} values trained "
+           f"({report['num_weight_values']:,} weights, {report['num_scale_values']:,} quantizer scales); "
+           f"global loss {report['global_loss_before']:.5f} -> {report['global_loss_after']:.5f} "
+           f"in {report['seconds']:.0f}s"]
+  for name, kind in sorted(report["layers"].items()):
+    lines.append(f"  {kind} {name}")
+  return "\n".join(lines)
