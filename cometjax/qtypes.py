@@ -305,7 +305,7 @@ class QuantizedWeight:
     activation=None: weight-only (A16); the weight is dequantized and multiplied in float (every
     implementation). Otherwise x is permuted and quantized to the FMPQ layout and multiplied with
     integer accumulation: "xla" runs the jnp reference path, "pallas" / "interpret" the Pallas kernels
-    (8-bit weights always take the XLA int8 path).
+    (8-bit weights, and shapes the compiled GEMM cannot tile, take the XLA int8 path: same numbers).
     """
     if implementation not in ("xla", "pallas", "interpret"):
       raise ValueError(f"implementation must be 'xla', 'pallas' or 'interpret' (resolve 'auto' first), "
@@ -323,8 +323,9 @@ class QuantizedWeight:
 
     from cometjax.pallas import quantize_act, w4ax_matmul  # kernels import this module
 
-    use_pallas = implementation != "xla" and self.bits == 4
     interpret = implementation == "interpret"
+    use_pallas = implementation != "xla" and self.bits == 4 and (
+        interpret or w4ax_matmul.pallas_supported(self))
     if implementation == "xla":
       qx = quantize_act.quantize_act_reference(x2d, self.perm, self.activation)
     else:

@@ -12,6 +12,8 @@ head_dim channels 2j (low nibble) and 2j+1 (high nibble), so the query is split 
 channels once in the wrapper, each group of head_dim is two dots (even, odd) and the output is
 interleaved back at the end. Tiles that start past a row's length are skipped.
 
+The compiled kernel needs S % 16 == 0 and head_dim groups of >= 32 channels (`decode_supported`).
+
 Prefill (several query tokens) has no kernel yet: `kv4_attention_reference` handles any number of
 query tokens (causal, the queries being the last T positions of each row) and
 `cometjax.ops.attention_kv4` falls back to it.
@@ -60,6 +62,11 @@ class KV4AttentionTuning:
     while cache_len % (k_splits * block_k):
       k_splits //= 2
     return dataclasses.replace(self, block_h=block_h, block_k=block_k, k_splits=k_splits)
+
+
+def decode_supported(kv: QuantizedKV) -> bool:
+  """Whether the kernel can run on this cache: S % 16 == 0 and head_dim groups of >= 32 channels."""
+  return kv.k.shape[1] % MIN_BLOCK_K == 0 and kv.group_size // 2 >= MIN_BLOCK_K
 
 
 def _kv4_decode_kernel(
@@ -173,6 +180,9 @@ def kv4_decode_attention(
     raise ValueError(f"q must be [B, Hq, D] (one token per row), got shape {q.shape}")
   lengths = jnp.asarray(lengths, jnp.int32)
   _check_inputs(q, kv, lengths)
+  if kv.group_size // 2 < MIN_BLOCK_K and not interpret:
+    raise ValueError(f"the compiled kernel needs head_dim groups of >= {2 * MIN_BLOCK_K} channels, "
+                     f"got group_size={kv.group_size}")
   batch, q_heads, head_dim = q.shape
   _, cache_len, kv_heads, half = kv.k.shape
   num_groups = kv.k_scale.shape[-1]

@@ -19,7 +19,9 @@ block_size) channels); at each segment end the int32 sum is converted and scaled
 accumulator. The reference below uses the same segments and the same order.
 
 Grid: (M / block_m, N / block_n); each program walks all of K (Triton has no sequential grid axis to
-accumulate over). M is padded inside the wrapper; N must be a multiple of block_n.
+accumulate over). M is padded inside the wrapper. The compiled kernel needs N % 16 == 0 and scale
+segments (block_size, group_size) that are multiples of 64; `pallas_supported` says whether a weight
+qualifies, and `QuantizedWeight.quantized_matmul` takes the XLA path when it does not.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ import jax.numpy as jnp
 from cometjax.qtypes import QuantizedActivation, QuantizedWeight, unpack_int4
 
 MAX_EXACT_K = 131072  # 2**31 / (128 * 128): the int32 accumulator of x16 operands cannot overflow
+MIN_COMPILED_TILE = 16  # Triton MMA: every dot dimension >= 16
+MIN_COMPILED_BLOCK_K = 64  # int8 MMA: K per dot (= block_k // 2 bytes) >= 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +53,13 @@ class W4AxMatmulTuning:
   num_warps: int = 4
   num_stages: int = 3
 
-  def resolve(self, m: int, n: int, segment: int) -> W4AxMatmulTuning:
+  def resolve(self, m: int, n: int, segment: int, interpret: bool) -> W4AxMatmulTuning:
+    """Shrinks tiles to the problem; compiled kernels keep the Triton minimums (M is padded)."""
     for name in ("block_m", "block_n", "block_k"):
       value = getattr(self, name)
       if value < 2 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= 2, got {value}")
-    block_m = max(1, min(self.block_m, pl.next_power_of_2(m)))
+    block_m = min(self.block_m, pl.next_power_of_2(m))
     block_n = self.block_n
     while n % block_n and block_n > 1:
       block_n //= 2
@@ -62,9 +67,27 @@ class W4AxMatmulTuning:
     while segment % block_k and block_k > 2:
       block_k //= 2
     if segment % block_k:
-      raise ValueError(f"the scale segment ({segment} channels) must be a multiple of 2; "
-                       "block_size and group_size must be even")
+      raise ValueError(f"the scale segment ({segment} channels) must be even: block_size and group_size "
+                       "must be even")
+    if not interpret:
+      block_m = max(block_m, MIN_COMPILED_TILE)
+      if block_n < MIN_COMPILED_TILE:
+        raise ValueError(f"out_features N={n} must be a multiple of {MIN_COMPILED_TILE} for the compiled kernel")
+      if block_k < MIN_COMPILED_BLOCK_K:
+        raise ValueError(f"block_size (and group_size) must be multiples of {MIN_COMPILED_BLOCK_K} for the "
+                         f"compiled kernel (scale segment of {segment} channels); use the XLA path")
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, block_k=block_k)
+
+
+def pallas_supported(qw: QuantizedWeight) -> bool:
+  """Whether the compiled kernel can tile this weight (else callers take the XLA path)."""
+  if qw.bits != 4 or qw.activation is None or qw.in_features >= MAX_EXACT_K:
+    return False
+  try:
+    W4AxMatmulTuning().resolve(1, qw.out_features, math.gcd(*segment_lengths(qw)), interpret=False)
+  except ValueError:
+    return False
+  return True
 
 
 def segment_lengths(qw: QuantizedWeight) -> tuple[int, int]:
@@ -132,7 +155,8 @@ def _w4ax_kernel(
     def load_int4_tile(pair_offset):
       return _unpack_x16(int4_ref[:, pl.ds(pair_offset, half_k)])
 
-    acc = region(acc, int8_channels, int4_channels, segments[1], load_int4_tile, int4_scale_ref[...], 1.0 / 256)
+    acc = region(acc, int8_channels, int4_channels, segments[1], load_int4_tile, int4_scale_ref[...],
+                 1.0 / 256)
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
@@ -183,7 +207,7 @@ def w4ax_matmul(
   k, n = qw.shape
   segments = segment_lengths(qw)
   tuning = W4AxMatmulTuning(block_m, block_n, block_k, num_warps, num_stages).resolve(
-      m, n, math.gcd(*segments))
+      m, n, math.gcd(*segments), interpret)
   bm, bn = tuning.block_m, tuning.block_n
   padded_m = pl.cdiv(m, bm) * bm
   pad_rows = padded_m - m
