@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cometjax.kvcache import KVCache
+from cometjax.kvcache import KVQuantConfig, create_cache, prefill_chunk
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +63,10 @@ def bucket(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
 # Incremented each time a step function is traced, i.e. compiled for a new shape bucket.
 TRACE_COUNTS = {"prefill": 0, "decode": 0}
 
@@ -74,11 +78,36 @@ class _Static:
   eos_ids: tuple[int, ...]
 
 
+def forward_with_cache(model, tokens: jax.Array, lengths: jax.Array, cache):
+  """Prefill: tokens [B, T] right-padded to T, lengths [B] -> (logits [B, T, V], cache).
+
+  Padding positions are set to the cache length, which caches drop. A cache with a `prefill_chunk`
+  (e.g. KV4 with per-channel K groups) is filled in chunks of that many tokens.
+  """
+  b, t = tokens.shape
+  steps = jnp.arange(t, dtype=jnp.int32)
+  positions = jnp.where(steps[None, :] < lengths[:, None], steps[None, :], cache.max_len)
+  chunk = cache.prefill_chunk
+  if chunk is None or chunk >= t:
+    return model(tokens, positions=positions, cache=cache)
+  if t % chunk:
+    raise ValueError(f"prefill length {t} must be a multiple of the cache's prefill_chunk {chunk}")
+
+  def step(cache, xs):
+    chunk_tokens, chunk_positions = xs
+    logits, cache = model(chunk_tokens, positions=chunk_positions, cache=cache)
+    return cache, logits
+
+  split = lambda x: x.reshape(b, t // chunk, chunk).swapaxes(0, 1)  # [n, B, chunk]
+  cache, logits = jax.lax.scan(step, cache, (split(tokens), split(positions)))
+  return logits.swapaxes(0, 1).reshape(b, t, -1), cache
+
+
 def _prefill(static: _Static, state, tokens, lengths, cache, key):
   """tokens: [B, T] right-padded; lengths: [B] -> first sampled token [B] and the filled cache."""
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(static.graphdef, state)
-  logits, cache = model(tokens, cache=cache)
+  logits, cache = forward_with_cache(model, tokens, lengths, cache)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
   return sample_logits(last, key, static.sampling), cache
 
@@ -152,14 +181,14 @@ class GenerateResult:
             "decode_tokens_per_s": self.decode_tokens_per_s}
 
 
-CacheFactory = Callable[..., object]
-
-
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              stop_at_eos: bool = True, eos_ids: Sequence[int] | None = None,
-             cache_factory: CacheFactory = KVCache.create, cache_dtype=None) -> GenerateResult:
+             kv: KVQuantConfig | None = None, cache_dtype=None) -> GenerateResult:
   """Generates up to `max_new_tokens` for each prompt (a list of token ids, at least one each).
+
+  `kv` selects the KV cache: None is a float cache (model dtype, or `cache_dtype`), a `KVQuantConfig`
+  an INT4 cache.
 
   `key` is required when sampling (temperature > 0). Timings exclude nothing: the first call for a
   new shape bucket includes compilation; call once to warm up when measuring throughput.
@@ -175,8 +204,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   lengths = np.array([len(p) for p in prompts], np.int32)
   if np.any(np.concatenate([np.asarray(p) for p in prompts]) >= config.vocab_size):
     raise ValueError(f"prompt token ids must be < vocab_size ({config.vocab_size})")
-  prompt_len = bucket(int(lengths.max()))
-  cache_len = bucket(prompt_len + max_new_tokens)
+  chunk = prefill_chunk(kv)
+  prompt_len = round_up(bucket(int(lengths.max())), chunk)
+  cache_len = round_up(bucket(prompt_len + max_new_tokens), chunk)
   if eos_ids is None:
     eos_ids = config.eos_token_ids if stop_at_eos else ()
   tokens = np.zeros((len(prompts), prompt_len), np.int32)
@@ -185,8 +215,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
 
   graphdef, state = nnx.split(model)
   static = _Static(graphdef, sampling, tuple(int(e) for e in eos_ids))
-  cache = cache_factory(config.num_layers, len(prompts), cache_len, config.num_kv_heads,
-                        config.resolved_head_dim, dtype=cache_dtype or config.dtype)
+  cache = create_cache(kv, config, len(prompts), cache_len, dtype=cache_dtype)
   prefill_key, decode_key = jax.random.split(key)
   lengths_j = jnp.asarray(lengths)
 

@@ -1,7 +1,21 @@
 """KV caches passed through the model: `update(layer, k, v, positions) -> (cache, keys, values)`.
 
-A cache is a pytree (it travels through `jax.jit` and `lax.while_loop`); `update` writes the new
-keys/values of one layer at their positions and returns the whole (dequantized) layer for attention.
+A cache is a pytree (it travels through `jax.jit` and `lax.while_loop`); `update` writes one layer's
+new keys/values at their positions and returns that whole layer (dequantized) for attention.
+Positions >= max_len mark padding: they are dropped, never written.
+
+Caches:
+- `KVCache`: float K/V.
+- `KV4Cache`: INT4 K/V (the COMET/QServe "KV4"). V is asymmetric INT4 per token, per KV head, per group
+  of `head_group` channels. K has three layouts (`KVQuantConfig.k_mode`):
+    "token"    like V;
+    "hadamard" K rotated by an orthonormal Hadamard matrix over head_dim, then like V (QuaRot-style:
+               the rotation spreads outlier channels; it is undone on read);
+    "channel"  KIVI-style: asymmetric per channel over groups of `group_tokens` tokens. The group that
+               holds the newest token stays full precision in a ring buffer and is quantized once it is
+               complete, so every query sees earlier groups quantized and its own group exact, in prefill
+               as in decode. Writes must not straddle a group: prefill runs in chunks of `group_tokens`
+               (`prefill_chunk`), decode writes one token at a time.
 """
 
 from __future__ import annotations
@@ -10,6 +24,11 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from cometjax.qtypes import dequantize_kv_tensor, pack_int4, quantize_asymmetric, quantize_kv_tensor, unpack_int4
+
+K_MODES = ("token", "hadamard", "channel")
 
 
 @jax.tree_util.register_dataclass
@@ -18,6 +37,7 @@ class KVCache:
   """Contiguous float cache.  k, v: [layers, batch, max_len, kv_heads, head_dim]."""
   k: jax.Array
   v: jax.Array
+  prefill_chunk = None  # prefill may write any number of tokens at once
 
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -32,6 +52,171 @@ class KVCache:
   def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
     """k_new, v_new: [B, T, Hkv, D] written at positions [B, T]; returns (cache, keys, values)."""
     rows = jnp.arange(k_new.shape[0])[:, None]
-    k = self.k.at[layer, rows, positions].set(k_new.astype(self.k.dtype))
-    v = self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype))
+    k = self.k.at[layer, rows, positions].set(k_new.astype(self.k.dtype), mode="drop")
+    v = self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
     return KVCache(k, v), k[layer], v[layer]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KVQuantConfig:
+  """INT4 KV cache settings (see the module docstring for the layouts)."""
+  k_mode: str = "channel"
+  head_group: int | None = None  # channels per scale for per-token layouts; None = the whole head
+  group_tokens: int = 32  # tokens per K scale group in "channel" mode
+
+  def __post_init__(self):
+    if self.k_mode not in K_MODES:
+      raise ValueError(f"k_mode must be one of {K_MODES}, got {self.k_mode!r}")
+    if self.group_tokens < 1:
+      raise ValueError(f"group_tokens must be >= 1, got {self.group_tokens}")
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def hadamard_matrix(n: int) -> np.ndarray:
+  """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two); symmetric, its own inverse."""
+  if n < 1 or n & (n - 1):
+    raise ValueError(f"Hadamard size must be a power of two, got {n}")
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h / np.sqrt(n)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KV4Cache:
+  """INT4 cache.  Codes: uint8 [L, B, S, Hkv, D/2]; scales/zeros f32 (shapes per layout, below)."""
+  k: jax.Array  # uint8 [L, B, S, Hkv, D/2]
+  v: jax.Array  # uint8 [L, B, S, Hkv, D/2]
+  k_scale: jax.Array  # per token: [L, B, S, Hkv, D/hg]; channel: [L, B, S/G, Hkv, D]
+  k_zero: jax.Array
+  v_scale: jax.Array  # [L, B, S, Hkv, D/hg]
+  v_zero: jax.Array
+  k_recent: jax.Array  # channel: f32 [L, B, G, Hkv, D], the open group; else [L, B, 0, Hkv, D]
+  length: jax.Array  # int32 [L, B]: tokens written so far per layer and row
+  config: KVQuantConfig = dataclasses.field(metadata=dict(static=True))
+  dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
+
+  @classmethod
+  def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32, *, config: KVQuantConfig = KVQuantConfig()) -> "KV4Cache":
+    if head_dim % 2:
+      raise ValueError(f"head_dim must be even for INT4 packing, got {head_dim}")
+    hg = config.head_group or head_dim
+    if head_dim % hg or hg % 2:
+      raise ValueError(f"head_group must be an even divisor of head_dim={head_dim}, got {hg}")
+    if config.k_mode == "hadamard":
+      hadamard_matrix(head_dim)  # validates the size
+    base = (num_layers, batch, max_len, num_kv_heads)
+    codes = jnp.zeros(base + (head_dim // 2,), jnp.uint8)
+    token_scales = jnp.ones(base + (head_dim // hg,), jnp.float32)
+    g = config.group_tokens
+    if config.k_mode == "channel":
+      if max_len % g:
+        raise ValueError(f"max_len ({max_len}) must be a multiple of group_tokens ({g}) for k_mode='channel'")
+      k_scales = jnp.ones((num_layers, batch, max_len // g, num_kv_heads, head_dim), jnp.float32)
+      recent = jnp.zeros((num_layers, batch, g, num_kv_heads, head_dim), jnp.float32)
+    else:
+      k_scales = token_scales
+      recent = jnp.zeros((num_layers, batch, 0, num_kv_heads, head_dim), jnp.float32)
+    return cls(k=codes, v=codes, k_scale=k_scales, k_zero=jnp.zeros_like(k_scales), v_scale=token_scales,
+               v_zero=jnp.zeros_like(token_scales), k_recent=recent,
+               length=jnp.zeros((num_layers, batch), jnp.int32), config=config, dtype=jnp.dtype(dtype))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def prefill_chunk(self) -> int | None:
+    return self.config.group_tokens if self.config.k_mode == "channel" else None
+
+  @property
+  def head_group(self) -> int:
+    return self.config.head_group or 2 * self.k.shape[-1]
+
+  def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
+    """k_new, v_new: [B, T, Hkv, D] written at positions [B, T]; returns (cache, keys, values)."""
+    b, t, _, d = k_new.shape
+    s = self.max_len
+    rows = jnp.arange(b)[:, None]
+    valid = positions < s
+    new_length = jnp.maximum(self.length[layer], jnp.max(jnp.where(valid, positions + 1, 0), axis=1))
+    fields = {}
+
+    v_codes, v_scale, v_zero = quantize_kv_tensor(v_new.astype(jnp.float32), self.head_group)
+    fields["v"] = self.v.at[layer, rows, positions].set(v_codes, mode="drop")
+    fields["v_scale"] = self.v_scale.at[layer, rows, positions].set(v_scale, mode="drop")
+    fields["v_zero"] = self.v_zero.at[layer, rows, positions].set(v_zero, mode="drop")
+
+    k32 = k_new.astype(jnp.float32)
+    if self.config.k_mode == "channel":
+      g = self.config.group_tokens
+      if t > g:
+        raise ValueError(f"k_mode='channel' writes at most group_tokens={g} tokens per update, got {t}; "
+                         "prefill through generate.forward_with_cache, which chunks")
+      slot = jnp.where(valid, positions % g, g)
+      recent = self.k_recent.at[layer, rows, slot].set(k32, mode="drop")[layer]  # [B, G, Hkv, D]
+      completed = (new_length % g == 0) & (new_length > self.length[layer])  # [B]
+      group = new_length // g - 1
+      codes, scale, zero = quantize_asymmetric(recent, 4, axis=1)  # over the group's tokens
+      token_rows = jnp.where(completed[:, None], group[:, None] * g + jnp.arange(g), s)
+      group_rows = jnp.where(completed, group, s // g)[:, None]
+      fields["k"] = self.k.at[layer, rows, token_rows].set(pack_int4(codes, axis=-1), mode="drop")
+      fields["k_scale"] = self.k_scale.at[layer, rows, group_rows].set(scale, mode="drop")
+      fields["k_zero"] = self.k_zero.at[layer, rows, group_rows].set(zero, mode="drop")
+      fields["k_recent"] = self.k_recent.at[layer].set(recent)
+    else:
+      if self.config.k_mode == "hadamard":
+        k32 = k32 @ hadamard_matrix(d)
+      k_codes, k_scale, k_zero = quantize_kv_tensor(k32, self.head_group)
+      fields["k"] = self.k.at[layer, rows, positions].set(k_codes, mode="drop")
+      fields["k_scale"] = self.k_scale.at[layer, rows, positions].set(k_scale, mode="drop")
+      fields["k_zero"] = self.k_zero.at[layer, rows, positions].set(k_zero, mode="drop")
+    fields["length"] = self.length.at[layer].set(new_length)
+    cache = dataclasses.replace(self, **fields)
+    return cache, cache.read_keys(layer).astype(self.dtype), cache.read_values(layer).astype(self.dtype)
+
+  def read_values(self, layer: int) -> jax.Array:
+    return dequantize_kv_tensor(self.v[layer], self.v_scale[layer], self.v_zero[layer])
+
+  def read_keys(self, layer: int) -> jax.Array:
+    """[B, S, Hkv, D] float32 keys of one layer, as attention sees them."""
+    if self.config.k_mode == "token":
+      return dequantize_kv_tensor(self.k[layer], self.k_scale[layer], self.k_zero[layer])
+    if self.config.k_mode == "hadamard":
+      rotated = dequantize_kv_tensor(self.k[layer], self.k_scale[layer], self.k_zero[layer])
+      return rotated @ hadamard_matrix(rotated.shape[-1])
+    g = self.config.group_tokens
+    codes = unpack_int4(self.k[layer], axis=-1, signed=False).astype(jnp.float32)  # [B, S, Hkv, D]
+    scale = jnp.repeat(self.k_scale[layer], g, axis=1)
+    zero = jnp.repeat(self.k_zero[layer], g, axis=1)
+    keys = (codes - zero) * scale
+    positions = jnp.arange(self.max_len)
+    open_group = (self.length[layer] - 1) // g  # [B]: the group of the newest token stays exact
+    in_open = (positions[None, :] // g) == open_group[:, None]  # [B, S]
+    recent = jnp.take(self.k_recent[layer], positions % g, axis=1)  # [B, S, Hkv, D]
+    return jnp.where(in_open[:, :, None, None], recent, keys)
+
+  def nbytes_per_token(self) -> float:
+    """Bytes one cached token costs across layers, codes plus scales (the ring buffer excluded)."""
+    l, _, s = self.k.shape[:3]
+    per_row = sum(x[:, 0].size * x.dtype.itemsize for x in (self.k, self.v, self.k_scale, self.k_zero,
+                                                             self.v_scale, self.v_zero))
+    return per_row / s
+
+
+def prefill_chunk(kv: KVQuantConfig | None) -> int:
+  """Tokens per prefill write the cache accepts (1 = any number)."""
+  return kv.group_tokens if kv is not None and kv.k_mode == "channel" else 1
+
+
+def create_cache(kv: KVQuantConfig | None, config, batch: int, max_len: int, dtype=None):
+  """An empty cache for a model config (`LlamaConfig`): float when kv is None, else INT4."""
+  dtype = dtype or config.dtype
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+  if kv is None:
+    return KVCache.create(*shape, dtype=dtype)
+  return KV4Cache.create(*shape, dtype=dtype, config=kv)

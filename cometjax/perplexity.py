@@ -15,6 +15,7 @@ is never predicted).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Iterable, Sequence
 
@@ -23,6 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
+
+from cometjax.generate import forward_with_cache, round_up
+from cometjax.kvcache import KVQuantConfig, create_cache, prefill_chunk
 
 DEFAULT_SEPARATOR = "<|endoftext|>"
 
@@ -52,18 +56,23 @@ def windows(ids: Sequence[int], window: int) -> Iterable[tuple[np.ndarray, np.nd
     yield chunk[:-1], chunk[1:]
 
 
-@jax.jit
-def _window_nll(graphdef, state, inputs, targets, valid):
-  """Summed NLL over valid targets.  inputs, targets, valid: [B, W]."""
+@functools.partial(jax.jit, static_argnames=("kv",))
+def _window_nll(graphdef, state, inputs, targets, valid, kv=None):
+  """Summed NLL over valid targets.  inputs, targets, valid: [B, W]; kv: the KV cache setting or None."""
   model = nnx.merge(graphdef, state)
-  logits, _ = model(inputs)
+  if kv is None:
+    logits, _ = model(inputs)
+  else:  # run the window through a quantized cache, as prefill would
+    b, w = inputs.shape
+    cache = create_cache(kv, model.config, b, round_up(w, prefill_chunk(kv)))
+    logits, _ = forward_with_cache(model, inputs, jnp.sum(valid, axis=1), cache)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
   return jnp.sum(jnp.where(valid, nll, 0.0), axis=-1)
 
 
 def perplexity_of_ids(model, streams: Sequence[Sequence[int]], *, window: int = 512, batch_size: int = 8,
-                      progress: bool = True) -> tuple[float, int, int]:
+                      kv: KVQuantConfig | None = None, progress: bool = True) -> tuple[float, int, int]:
   """Total NLL, scored-token count and window count over the windows of each id stream."""
   if window < 1:
     raise ValueError(f"window must be >= 1, got {window}")
@@ -81,7 +90,7 @@ def perplexity_of_ids(model, streams: Sequence[Sequence[int]], *, window: int = 
     valid = np.zeros((batch_size, window), bool)
     for row, (x, y) in enumerate(group):
       inputs[row, :len(x)], targets[row, :len(y)], valid[row, :len(y)] = x, y, True
-    nll = _window_nll(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(valid))
+    nll = _window_nll(graphdef, state, jnp.asarray(inputs), jnp.asarray(targets), jnp.asarray(valid), kv=kv)
     total += float(np.asarray(nll, np.float64).sum())
     count += int(valid.sum())
     bar.update(len(group))
@@ -91,8 +100,12 @@ def perplexity_of_ids(model, streams: Sequence[Sequence[int]], *, window: int = 
 
 def perplexity(model, tokenizer, text: str, *, window: int = 512, separator: str | None = DEFAULT_SEPARATOR,
                per_document: bool = False, batch_size: int = 8, max_documents: int | None = None,
-               progress: bool = True) -> PerplexityResult:
-  """Perplexity of `text` under the protocol in this module's docstring."""
+               kv: KVQuantConfig | None = None, progress: bool = True) -> PerplexityResult:
+  """Perplexity of `text` under the protocol in this module's docstring.
+
+  With `kv` (an INT4 KV cache setting) each window runs through that cache, as prefill would: every
+  query attends to the keys/values the cache returns (dequantized INT4).
+  """
   docs = split_documents(text, separator)
   if max_documents is not None:
     docs = docs[:max_documents]
@@ -100,7 +113,7 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, separator: str
     raise ValueError("the text holds no non-empty document")
   encoded = [tokenizer.encode(d, bos=True) for d in tqdm(docs, desc="tokenize", disable=not progress)]
   streams = encoded if per_document else [[i for ids in encoded for i in ids]]
-  total, count, num_windows = perplexity_of_ids(model, streams, window=window, batch_size=batch_size,
+  total, count, num_windows = perplexity_of_ids(model, streams, window=window, batch_size=batch_size, kv=kv,
                                                 progress=progress)
   if count == 0:
     raise ValueError("no token to score: every document is a single token")

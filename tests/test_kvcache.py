@@ -1,0 +1,142 @@
+"""INT4 KV caches: error bounds, decode == chunked prefill, generate/perplexity integration."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import require_data
+
+from cometjax.generate import generate
+from cometjax.kvcache import KV4Cache, KVCache, KVQuantConfig, create_cache, hadamard_matrix
+from cometjax.models.llama import LlamaConfig, init_llama
+
+L, B, S, H, D = 2, 2, 64, 2, 8
+MODES = ("token", "hadamard", "channel")
+
+
+def random_kv(t, seed=0):
+  rng = np.random.default_rng(seed)
+  k = rng.normal(0, 1, (B, t, H, D)).astype(np.float32)
+  k[..., 3] *= 8  # an outlier channel, as real keys have
+  return jnp.asarray(k), jnp.asarray(rng.normal(0, 1, (B, t, H, D)).astype(np.float32))
+
+
+def fill(cache, layer, k, v, chunk):
+  """Writes k, v [B, T, H, D] at positions 0..T-1 in chunks; returns the cache and the last read."""
+  t = k.shape[1]
+  for start in range(0, t, chunk):
+    pos = jnp.broadcast_to(jnp.arange(start, min(start + chunk, t)), (B, min(chunk, t - start)))
+    cache, keys, values = cache.update(layer, k[:, start:start + chunk], v[:, start:start + chunk], pos)
+  return cache, keys, values
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quantization_error_is_bounded(mode):
+  k, v = random_kv(S)
+  cache = KV4Cache.create(L, B, S, H, D, config=KVQuantConfig(k_mode=mode, group_tokens=16))
+  _, keys, values = fill(cache, 1, k, v, chunk=16)
+  v_step = (v.max(-1, keepdims=True) - v.min(-1, keepdims=True)) / 15  # per token per head scale
+  assert np.all(np.abs(values - v) <= v_step / 2 + 1e-5)
+  if mode == "channel":  # per channel over groups of 16 tokens; the newest group is exact
+    groups = k.reshape(B, S // 16, 16, H, D)
+    k_step = jnp.repeat((groups.max(2) - groups.min(2)) / 15, 16, axis=1)
+    assert np.all(np.abs(keys - k) <= k_step / 2 + 1e-5)
+    np.testing.assert_array_equal(keys[:, -16:], k[:, -16:])
+    assert np.abs(keys[:, :-16] - k[:, :-16]).max() > 0
+  else:
+    err = np.abs(keys - k).max()
+    assert 0 < err < float(np.abs(k).max()) / 4
+  assert np.all(np.asarray(cache.k_scale) == 1)  # caches are values: the original is untouched
+
+
+def test_hadamard_is_orthonormal():
+  h = hadamard_matrix(16)
+  np.testing.assert_allclose(h @ h.T, np.eye(16), atol=1e-6)
+  with pytest.raises(ValueError, match="power of two"):
+    hadamard_matrix(12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_decode_token_by_token_equals_chunked_prefill(mode):
+  k, v = random_kv(40, seed=1)
+  config = KVQuantConfig(k_mode=mode, group_tokens=8)
+  chunked, keys_a, values_a = fill(KV4Cache.create(L, B, S, H, D, config=config), 0, k, v, chunk=8)
+  stepped, keys_b, values_b = fill(KV4Cache.create(L, B, S, H, D, config=config), 0, k, v, chunk=1)
+  np.testing.assert_array_equal(keys_a, keys_b)
+  np.testing.assert_array_equal(values_a, values_b)
+  for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(stepped)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_padding_positions_are_dropped():
+  k, v = random_kv(8)
+  for cache in (KVCache.create(L, B, S, H, D), KV4Cache.create(L, B, S, H, D)):
+    pos = jnp.array([[0, 1, 2, 3, S, S, S, S], list(range(8))])
+    new, _, _ = cache.update(0, k, v, pos)
+    assert np.all(np.asarray(new.v[0, 0, 4:]) == np.asarray(cache.v[0, 0, 4:]))
+    assert np.any(np.asarray(new.v[0, 1, 4:8]) != np.asarray(cache.v[0, 1, 4:8]))
+
+
+def test_memory_per_token():
+  cache = KV4Cache.create(L, 1, S, H, D, config=KVQuantConfig(k_mode="token"))
+  fp16 = L * 2 * H * D * 2
+  assert cache.nbytes_per_token() < fp16  # codes 0.5 B/value plus f32 scale/zero per token-head
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k_mode="per-head"), "k_mode"), (dict(group_tokens=0), "group_tokens")])
+def test_bad_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    KVQuantConfig(**kwargs)
+
+
+def test_bad_shapes():
+  with pytest.raises(ValueError, match="head_group"):
+    KV4Cache.create(L, B, S, H, D, config=KVQuantConfig(k_mode="token", head_group=3))
+  with pytest.raises(ValueError, match="Hadamard size"):
+    KV4Cache.create(L, B, S, H, 12, config=KVQuantConfig(k_mode="hadamard"))
+  with pytest.raises(ValueError, match="multiple of group_tokens"):
+    KV4Cache.create(L, B, 40, H, D, config=KVQuantConfig(group_tokens=32))
+  cache = KV4Cache.create(L, B, S, H, D, config=KVQuantConfig(group_tokens=8))
+  k, v = random_kv(16)
+  with pytest.raises(ValueError, match="at most group_tokens=8"):
+    cache.update(0, k, v, jnp.broadcast_to(jnp.arange(16), (B, 16)))
+
+
+CONFIG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                     max_position_embeddings=256, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generate_with_kv4_batches_rows_independently(mode):
+  model = init_llama(CONFIG, seed=2)
+  kv = KVQuantConfig(k_mode=mode, group_tokens=16)
+  prompts = [[1], [1, 4, 8, 15, 16, 23, 42, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 3], [1, 3, 3]]
+  batched = generate(model, prompts, 20, stop_at_eos=False, kv=kv).tokens
+  assert batched == [generate(model, [p], 20, stop_at_eos=False, kv=kv).tokens[0] for p in prompts]
+
+
+def test_create_cache_dispatch():
+  assert isinstance(create_cache(None, CONFIG, 1, 32), KVCache)
+  cache = create_cache(KVQuantConfig(), CONFIG, 1, 32)
+  assert isinstance(cache, KV4Cache) and cache.k.dtype == jnp.uint8 and cache.prefill_chunk == 32
+
+
+@pytest.mark.realdata
+def test_kv4_on_stories260k():
+  from cometjax.models.loaders import load
+  from cometjax.perplexity import perplexity
+
+  loaded = load(require_data("llama", "stories260K", "hf"))
+  text = require_data("text", "tinystories_val.txt").read_text(encoding="utf-8")
+  kw = dict(max_documents=40, batch_size=16, progress=False)
+  fp = perplexity(loaded.model, loaded.tokenizer, text, **kw).ppl
+  channel = perplexity(loaded.model, loaded.tokenizer, text, kv=KVQuantConfig(), **kw).ppl
+  token = perplexity(loaded.model, loaded.tokenizer, text, kv=KVQuantConfig(k_mode="token"), **kw).ppl
+  assert channel < fp * 1.02, (fp, channel)  # the default layout costs little
+  assert token > fp * 1.2, (fp, token)  # per-token K breaks on this model's outlier key channels
+  tokens = generate(loaded.model, [[1]], 32, stop_at_eos=False, kv=KVQuantConfig()).tokens[0]
+  assert tokens[:20] == [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396,
+                         267, 337]
