@@ -16,7 +16,7 @@ Timing: warm-up calls, then the median (and 10th/90th percentiles) of many calls
 several input copies (rotating inputs so small operands are not served from L2), with
 block_until_ready. Results: a table (printed last), JSON `bench/results/kernels_<device>.json` and a
 PNG plot of speedup vs M (skipped with a message when matplotlib is missing). CPU numbers from
---smoke only show that the script runs: they are written with "smoke": true and are not results.
+--smoke only show that the script runs: they go to a temp dir, marked "smoke": true, not results.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -86,7 +87,7 @@ class Sweep:
 
 FULL = Sweep(FULL_MODELS, ("qkv", "o", "gate_up", "down"), (1, 4, 16, 64, 256, 1024, 4096), (0.0, 0.25, 1.0),
              128, FULL_MODELS[1], (1024, 8192, 32768), (1, 8, 32), warmup=3, iterations=30)
-SMOKE = Sweep(SMOKE_MODELS, ("o",), (1, 8), (0.5,), 16, ModelShapes("tiny", 64, 128, 4, 2, 32), (64,), (2,),
+SMOKE = Sweep(SMOKE_MODELS, ("o",), (4,), (0.5,), 16, ModelShapes("tiny", 64, 128, 4, 2, 32), (64,), (2,),
               warmup=1, iterations=2)
 
 
@@ -230,7 +231,8 @@ def git_commit() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-  header = f"{'op':<14} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} {'speedup':>8}"
+  header = (f"{'op':<14} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} "
+            f"{'speedup':>8}")
   lines = [header, "-" * len(header)]
   for row in rows:
     fraction = "-" if row["int8_fraction"] is None else f"{row['int8_fraction']:.2f}"
@@ -255,7 +257,8 @@ def plot(rows: list[dict], path: pathlib.Path) -> str:
                               figsize=(4 * columns, 3 * math.ceil(len(shapes) / columns)))
   for axis, shape in zip(axes.flat, shapes):
     for fraction in sorted({r["int8_fraction"] for r in gemm_rows}):
-      points = sorted((r["m"], r["speedup"]) for r in gemm_rows if r["shape"] == shape and r["int8_fraction"] == fraction)
+      points = sorted((r["m"], r["speedup"]) for r in gemm_rows
+                      if r["shape"] == shape and r["int8_fraction"] == fraction)
       axis.plot(*zip(*points), marker="o", label=f"int8 blocks {fraction:.2f}")
     axis.axhline(1.0, color="gray", linewidth=0.8)
     axis.set_xscale("log", base=2)
@@ -272,10 +275,12 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, a few seconds")
   parser.add_argument("--out", type=pathlib.Path, default=None,
-                      help="JSON path (default bench/results/kernels_<device>[_smoke].json)")
+                      help="JSON path (default bench/results/kernels_<device>.json; --smoke: a temp dir)")
   parser.add_argument("--skip-gemm", action="store_true")
   parser.add_argument("--skip-attention", action="store_true")
-  parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(m.name for m in FULL_MODELS))
+  parser.add_argument("--models", default=None,
+                      help="comma-separated subset of " + ",".join(m.name for m in FULL_MODELS))
+  parser.add_argument("--layers", default=None, help="comma-separated subset of qkv,o,gate_up,down")
   parser.add_argument("--ms", default=None, help="comma-separated M values (default the full sweep)")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)
@@ -287,6 +292,8 @@ def main(argv=None) -> dict:
   if args.models:
     wanted = args.models.split(",")
     sweep = dataclasses.replace(sweep, models=tuple(m for m in FULL_MODELS if m.name in wanted))
+  if args.layers:
+    sweep = dataclasses.replace(sweep, layers=tuple(args.layers.split(",")))
   if args.ms:
     sweep = dataclasses.replace(sweep, ms=tuple(int(m) for m in args.ms.split(",")))
   interpret = not on_gpu
@@ -299,7 +306,12 @@ def main(argv=None) -> dict:
     rows += bench_attention(sweep, interpret, log)
 
   tag = device_tag()
-  out = args.out or ROOT / "bench" / "results" / f"kernels_{tag}{'_smoke' if args.smoke else ''}.json"
+  if args.out:
+    out = args.out
+  elif args.smoke:  # smoke timings are not results: keep them out of bench/results
+    out = pathlib.Path(tempfile.gettempdir()) / "cometjax_bench" / f"kernels_{tag}_smoke.json"
+  else:
+    out = ROOT / "bench" / "results" / f"kernels_{tag}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   report = {
       "device": tag, "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),

@@ -19,7 +19,7 @@ from cometjax.pallas.w4ax_matmul import w4ax_matmul, w4ax_matmul_reference
 from cometjax.qtypes import (ActivationFormat, QuantizedActivation, QuantizedKV, QuantizedWeight, pack_int4,
                              quantize_kv, quantize_weight)
 
-FUZZ = settings(max_examples=6, deadline=None)
+FUZZ = settings(max_examples=5, deadline=None)
 
 
 def _normal(seed, shape, dtype=np.float32):
@@ -46,8 +46,8 @@ def test_interpret_mode_poisons_outputs():
 # quantize_act
 
 
-@pytest.mark.parametrize("num_int8_blocks", [0, 1, 3])
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("num_int8_blocks,dtype", [(0, np.float32), (1, np.float32), (3, np.float32),
+                                                   (1, jnp.bfloat16)])
 def test_quantize_act_matches_reference(num_int8_blocks, dtype):
   fmt = ActivationFormat(block_size=32, num_int8_blocks=num_int8_blocks, num_blocks=3)
   x = jnp.asarray(_normal(0, (5, 96)) * np.linspace(0.1, 20, 96, dtype=np.float32)).astype(dtype)
@@ -90,8 +90,8 @@ def _problem(m, k, n, block_size, num_int8_blocks, group_size, seed=0, dtype=np.
   return x, qw, quantize_act_reference(x, perm, fmt)
 
 
-@pytest.mark.parametrize("num_int8_blocks", [0, 1, 4])  # W4A4, mixed, W4A8
-@pytest.mark.parametrize("group_size", [None, 32, 64])
+@pytest.mark.parametrize("num_int8_blocks,group_size", [  # 0: W4A4, 4: W4A8
+    (0, None), (1, None), (4, None), (1, 32), (0, 64), (4, 64)])
 def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size):
   _, qw, qx = _problem(m=5, k=128, n=64, block_size=32, num_int8_blocks=num_int8_blocks,
                        group_size=group_size)
@@ -180,8 +180,8 @@ def _cache(batch, seq, kv_heads, head_dim, group, seed=0):
   return quantize_kv(jnp.asarray(k), jnp.asarray(v), group)
 
 
-@pytest.mark.parametrize("group", [None, 16])
-@pytest.mark.parametrize("dtype,tolerance", [(np.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("group,dtype,tolerance", [(None, np.float32, 2e-5), (16, np.float32, 2e-5),
+                                                   (None, jnp.bfloat16, 3e-2)])
 def test_kv4_decode_matches_reference(group, dtype, tolerance):
   kv = _cache(batch=3, seq=64, kv_heads=2, head_dim=32, group=group)
   q = jnp.asarray(_normal(9, (3, 6, 32))).astype(dtype)
@@ -201,7 +201,7 @@ def test_kv4_decode_empty_row_gives_zeros():
   np.testing.assert_array_equal(kv4_attention_reference(q[:, None], kv, jnp.array([0, 32]))[0], 0.0)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(batch=st.integers(1, 3), seq_tiles=st.integers(1, 4), kv_heads=st.sampled_from([1, 2]),
        group_heads=st.sampled_from([1, 4]), k_splits=st.sampled_from([1, 2, 4]), seed=st.integers(0, 1000))
 def test_kv4_decode_fuzz(batch, seq_tiles, kv_heads, group_heads, k_splits, seed):
@@ -261,9 +261,9 @@ def _triton_calls_when_lowered_for_cuda(fn, *args) -> int:
 def test_w4ax_linear_lowers_to_triton(group_size):
   k, n = 256, 384
   spec = jax.ShapeDtypeStruct
-  qw = QuantizedWeight(spec((k // 2, n), jnp.uint8), spec((1 if group_size is None else k // group_size, n), jnp.float32),
-                       spec((k,), jnp.int32), bits=4, group_size=group_size, shape=(k, n),
-                       activation=ActivationFormat(128, 1, 2))
+  scale_rows = 1 if group_size is None else k // group_size
+  qw = QuantizedWeight(spec((k // 2, n), jnp.uint8), spec((scale_rows, n), jnp.float32), spec((k,), jnp.int32),
+                       bits=4, group_size=group_size, shape=(k, n), activation=ActivationFormat(128, 1, 2))
   calls = _triton_calls_when_lowered_for_cuda(lambda x, qw: ops.linear(x, qw, implementation="pallas"),
                                               spec((3, k), jnp.bfloat16), qw)
   assert calls == 2  # quantize_act + w4ax_matmul

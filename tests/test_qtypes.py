@@ -190,11 +190,11 @@ def test_quantize_kv_round_trip_and_errors():
   k = rng.normal(size=(2, 8, 2, 32)).astype(np.float32)
   v = rng.normal(size=(2, 8, 2, 32)).astype(np.float32) * 3
   for group in (None, 16):
-    kv = quantize_kv(k, v, group)
+    kv = jax.jit(quantize_kv, static_argnums=2)(k, v, group)
     groups = 1 if group is None else 2
     assert kv.k.shape == (2, 8, 2, 16) and kv.k.dtype == jnp.uint8
     assert kv.k_scale.shape == (2, 8, 2, groups) and kv.group_size == (group or 32)
-    k_dq, v_dq = dequantize_kv(kv)
+    k_dq, v_dq = jax.jit(dequantize_kv)(kv)
     k_bound = np.repeat(np.asarray(kv.k_scale), 32 // groups, axis=-1) * (0.5 + 1e-4)
     v_bound = np.repeat(np.asarray(kv.v_scale), 32 // groups, axis=-1) * (0.5 + 1e-4)
     assert np.all(np.abs(np.asarray(k_dq) - k) <= k_bound)

@@ -53,7 +53,8 @@ def _quantize_act_kernel(
     x_ref,  # [block_m, K] float
     even_channels_ref,  # [K // 2] int32: perm[0::2]
     odd_channels_ref,  # [K // 2] int32: perm[1::2]
-    *out_refs,  # [int8_part [2, block_m, K8 // 2], int8_scale [block_m]] [int4_part [block_m, K4 // 2], int4_scale [block_m]]
+    *out_refs,  # when K8 > 0: int8_part [2, block_m, K8 // 2], int8_scale [block_m];
+                # when K4 > 0: int4_part [block_m, K4 // 2], int4_scale [block_m]
     int8_pairs: int,
     int4_pairs: int,
     block_pairs: int,
