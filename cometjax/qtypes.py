@@ -302,14 +302,15 @@ class QuantizedWeight:
   def quantized_matmul(self, x: jax.Array, implementation: str = "xla") -> jax.Array:
     """y = x @ W: x [..., K] -> [..., N] in x's dtype.
 
+    implementation: "auto" | "xla" | "pallas" | "interpret" (see `cometjax.ops`).
     activation=None: weight-only (A16); the weight is dequantized and multiplied in float (every
     implementation). Otherwise x is permuted and quantized to the FMPQ layout and multiplied with
     integer accumulation: "xla" runs the jnp reference path, "pallas" / "interpret" the Pallas kernels
     (8-bit weights, and shapes the compiled GEMM cannot tile, take the XLA int8 path: same numbers).
     """
-    if implementation not in ("xla", "pallas", "interpret"):
-      raise ValueError(f"implementation must be 'xla', 'pallas' or 'interpret' (resolve 'auto' first), "
-                       f"got {implementation!r}")
+    from cometjax.ops import resolve_implementation  # ops imports nothing from here at module level
+
+    implementation = resolve_implementation(implementation)
     self.check_arrays()
     k, n = self.shape
     if x.shape[-1] != k:

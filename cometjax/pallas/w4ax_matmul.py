@@ -137,7 +137,11 @@ def _w4ax_kernel(
         acc_int += jnp.dot(x_odd, w_odd16, preferred_element_type=jnp.int32)
         return acc_int
 
-      acc_int = lax.fori_loop(0, tiles_per_segment, tile_body, jnp.zeros((block_m, block_n), jnp.int32))
+      acc_int = jnp.zeros((block_m, block_n), jnp.int32)
+      if tiles_per_segment == 1:  # keep one flat loop (Triton software-pipelines the innermost loop)
+        acc_int = tile_body(0, acc_int)
+      else:
+        acc_int = lax.fori_loop(0, tiles_per_segment, tile_body, acc_int)
       group = 0 if group_size is None else segment_start // group_size
       w_scale = w_scales_ref[group, :]  # [bn]
       return acc + acc_int.astype(jnp.float32) * ((x_scale[:, None] * w_scale[None, :]) * unscale)
