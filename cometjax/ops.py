@@ -50,9 +50,9 @@ def attention_kv4(q: jax.Array, kv, lengths: jax.Array, *, sm_scale: float | Non
 
   q: [B, T, Hq, D], the last T positions of each row; lengths: int32 [B], valid cache tokens per row
   including the T new ones (already written to `kv`). Returns [B, T, Hq, D] in q's dtype.
-  Decode (T == 1) runs the Pallas kernel under "pallas" / "interpret"; prefill (T > 1), "xla", and
-  caches the compiled kernel cannot tile (`kv4_attention.decode_supported`) use the jnp reference
-  (dequantize, then attend in f32).
+  "pallas" / "interpret" run the Pallas kernel (decode and prefill alike); "xla", and caches the
+  compiled kernel cannot tile (`kv4_attention.kernel_supported`), use the jnp reference (dequantize,
+  then attend in f32).
   """
   from cometjax.pallas import kv4_attention  # the Pallas modules import jax.experimental.pallas
 
@@ -60,7 +60,6 @@ def attention_kv4(q: jax.Array, kv, lengths: jax.Array, *, sm_scale: float | Non
   if q.ndim != 4:
     raise ValueError(f"q must be [B, T, Hq, D], got shape {q.shape}")
   interpret = implementation == "interpret"
-  if implementation == "xla" or q.shape[1] != 1 or not (interpret or kv4_attention.decode_supported(kv)):
+  if implementation == "xla" or not (interpret or kv4_attention.kernel_supported(kv)):
     return kv4_attention.kv4_attention_reference(q, kv, lengths, sm_scale=sm_scale)
-  out = kv4_attention.kv4_decode_attention(q[:, 0], kv, lengths, sm_scale=sm_scale, interpret=interpret)
-  return out[:, None]
+  return kv4_attention.kv4_attention(q, kv, lengths, sm_scale=sm_scale, interpret=interpret)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cometjax import ops
-from cometjax.pallas.kv4_attention import kv4_attention_reference, kv4_decode_attention
+from cometjax.pallas.kv4_attention import kv4_attention, kv4_attention_reference, kv4_decode_attention
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference
 from cometjax.pallas.w4ax_matmul import w4ax_matmul, w4ax_matmul_reference
 from cometjax.qtypes import (ActivationFormat, QuantizedActivation, QuantizedKV, QuantizedWeight, pack_int4,
@@ -203,15 +203,15 @@ def test_kv4_decode_empty_row_gives_zeros():
 
 @settings(max_examples=3, deadline=None)
 @given(batch=st.integers(1, 3), seq_tiles=st.integers(1, 4), kv_heads=st.sampled_from([1, 2]),
-       group_heads=st.sampled_from([1, 4]), k_splits=st.sampled_from([1, 2, 4]), seed=st.integers(0, 1000))
-def test_kv4_decode_fuzz(batch, seq_tiles, kv_heads, group_heads, k_splits, seed):
+       group_heads=st.sampled_from([1, 4]), num_queries=st.sampled_from([1, 3]), k_splits=st.sampled_from([1, 2, 4]),
+       seed=st.integers(0, 1000))
+def test_kv4_attention_fuzz(batch, seq_tiles, kv_heads, group_heads, num_queries, k_splits, seed):
   seq = 16 * seq_tiles
   kv = _cache(batch, seq, kv_heads, 32, None, seed)
-  q = jnp.asarray(_normal(seed + 5, (batch, kv_heads * group_heads, 32)))
+  q = jnp.asarray(_normal(seed + 5, (batch, num_queries, kv_heads * group_heads, 32)))
   lengths = jnp.asarray(np.random.default_rng(seed).integers(1, seq + 1, size=batch), jnp.int32)
-  got = kv4_decode_attention(q, kv, lengths, block_k=16, k_splits=k_splits, interpret=True)
-  want = kv4_attention_reference(q[:, None], kv, lengths)[:, 0]
-  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  got = kv4_attention(q, kv, lengths, block_h=4, block_k=16, k_splits=k_splits, interpret=True)
+  np.testing.assert_allclose(got, kv4_attention_reference(q, kv, lengths), rtol=2e-5, atol=2e-5)
 
 
 def test_attention_kv4_dispatch_decode_and_prefill():
@@ -220,10 +220,13 @@ def test_attention_kv4_dispatch_decode_and_prefill():
   q1 = jnp.asarray(_normal(4, (2, 1, 4, 32)))
   np.testing.assert_allclose(ops.attention_kv4(q1, kv, lengths, implementation="interpret"),
                              ops.attention_kv4(q1, kv, lengths, implementation="xla"), rtol=2e-5, atol=2e-5)
-  # Prefill falls back to the reference; the last query of a prefill equals a decode step.
-  q3 = jnp.asarray(_normal(6, (2, 3, 4, 32)))
-  prefill = ops.attention_kv4(q3, kv, lengths, implementation="interpret")
-  decode = ops.attention_kv4(q3[:, -1:], kv, lengths, implementation="interpret")
+  # Prefill (causal, several row blocks and k splits); its last query equals a decode step.
+  q5 = jnp.asarray(_normal(6, (2, 5, 4, 32)))
+  prefill = kv4_attention(q5, kv, lengths, block_h=4, block_k=16, k_splits=2, interpret=True)
+  assert not np.any(np.isnan(prefill))
+  want = ops.attention_kv4(q5, kv, lengths, implementation="xla")
+  np.testing.assert_allclose(prefill, want, rtol=2e-5, atol=2e-5)
+  decode = ops.attention_kv4(q5[:, -1:], kv, lengths, implementation="interpret")
   np.testing.assert_allclose(prefill[:, -1:], decode, rtol=2e-5, atol=2e-5)
 
 
@@ -236,6 +239,8 @@ def test_kv4_attention_errors():
     kv4_decode_attention(jnp.zeros((2, 3, 32)), kv, lengths, interpret=True)
   with pytest.raises(ValueError, match="D=32"):
     kv4_decode_attention(jnp.zeros((2, 4, 16)), kv, lengths, interpret=True)
+  with pytest.raises(ValueError, match=r"q must be \[B, T, Hq, D\]"):
+    kv4_attention(jnp.zeros((2, 4, 32)), kv, lengths, interpret=True)
   with pytest.raises(ValueError, match="lengths must be"):
     kv4_decode_attention(jnp.zeros((2, 4, 32)), kv, jnp.array([3]), interpret=True)
   bad = kv.__class__(kv.k, kv.v, kv.k_scale[:, :3], kv.k_zero, kv.v_scale, kv.v_zero)
@@ -279,10 +284,11 @@ def test_small_blocks_fall_back_to_xla_gemm_when_compiled():
   assert calls == 1  # quantize_act only; the GEMM takes the XLA int8 path
 
 
-def test_kv4_decode_lowers_to_triton():
+def test_kv4_attention_lowers_to_triton():
   spec = jax.ShapeDtypeStruct
   codes, stats = spec((2, 256, 2, 64), jnp.uint8), spec((2, 256, 2, 1), jnp.float32)
   kv = QuantizedKV(codes, codes, stats, stats, stats, stats)
-  calls = _triton_calls_when_lowered_for_cuda(lambda q, kv, lengths: kv4_decode_attention(q, kv, lengths),
-                                              spec((2, 8, 128), jnp.bfloat16), kv, spec((2,), jnp.int32))
-  assert calls == 1
+  for q_shape in ((2, 1, 8, 128), (2, 64, 8, 128)):  # decode, prefill
+    calls = _triton_calls_when_lowered_for_cuda(lambda q, kv, lengths: kv4_attention(q, kv, lengths),
+                                                spec(q_shape, jnp.bfloat16), kv, spec((2,), jnp.int32))
+    assert calls == 1

@@ -1,11 +1,15 @@
-"""Decode attention over an INT4 K/V cache (Pallas Triton backend), flash-decoding style.
+"""Attention over an INT4 K/V cache (Pallas Triton backend), flash-decoding style.
 
-One query token per sequence, grouped-query heads, a `QuantizedKV` cache (asymmetric INT4 per token,
-per KV head, per head_dim group; layout in `cometjax.qtypes`) and a valid length per batch row.
+T query tokens per sequence (T = 1: decode; T > 1: prefill / chunked prefill, causal), grouped-query
+heads, a `QuantizedKV` cache (asymmetric INT4 per token, per KV head, per head_dim group; layout in
+`cometjax.qtypes`) and a valid length per batch row. The queries are the last T positions of each row:
+query t of row b sits at position lengths[b] - T + t and sees keys at positions <= its own.
 
-Grid: (batch, kv_head, k_split). A program holds the query heads of one KV head (padded to block_h),
-walks its 1/k_splits share of the cache in tiles of block_k tokens with an online softmax, and writes
-an unnormalized partial output plus its running max and sum; the wrapper merges the splits.
+Grid: (batch, kv_head, row_block, k_split). The T x G query rows of one KV head (G = query heads per
+KV head; row r is query r // G, head r % G) are cut into blocks of block_h rows; a program walks its
+1/k_splits share of the cache in tiles of block_k tokens with an online softmax, stopping at the last
+key its rows can see, and writes an unnormalized partial output plus its running max and sum; the
+wrapper merges the splits.
 
 K/V bytes are dequantized in registers: code = nibble, value = (code - zero) * scale. Byte j holds
 head_dim channels 2j (low nibble) and 2j+1 (high nibble), so the query is split into even / odd
@@ -14,9 +18,7 @@ interleaved back at the end. Tiles that start past a row's length are skipped.
 
 The compiled kernel needs S % 16 == 0 and head_dim groups of >= 32 channels (`decode_supported`).
 
-Prefill (several query tokens) has no kernel yet: `kv4_attention_reference` handles any number of
-query tokens (causal, the queries being the last T positions of each row) and
-`cometjax.ops.attention_kv4` falls back to it.
+`kv4_attention_reference` is the plain-jnp twin (dequantize, then attend in f32).
 """
 
 from __future__ import annotations
@@ -40,18 +42,21 @@ MIN_BLOCK_K = 16  # Triton dots need >= 16 along every dimension
 class KV4AttentionTuning:
   """Tiles and launch knobs; `resolve` fits them to a cache length."""
 
-  block_h: int = 16
+  block_h: int | None = None  # query rows per program; None: max(16, min(64, next_pow2(T * G)))
   block_k: int = 128
   k_splits: int = 16
   num_warps: int = 4
   num_stages: int = 2
 
-  def resolve(self, cache_len: int, group_heads: int) -> KV4AttentionTuning:
+  def resolve(self, cache_len: int, query_rows: int) -> KV4AttentionTuning:
+    """query_rows = T * G; shrinks block_k / k_splits to divide the cache length."""
     for name in ("block_h", "block_k", "k_splits"):
       value = getattr(self, name)
-      if value <= 0 or value & (value - 1):
+      if value is not None and (value <= 0 or value & (value - 1)):
         raise ValueError(f"{name} must be a positive power of two, got {value}")
-    block_h = max(self.block_h, pl.next_power_of_2(group_heads))
+    block_h = self.block_h
+    if block_h is None:
+      block_h = max(16, min(64, pl.next_power_of_2(query_rows)))
     block_k = self.block_k
     while cache_len % block_k and block_k > MIN_BLOCK_K:
       block_k //= 2
@@ -64,12 +69,12 @@ class KV4AttentionTuning:
     return dataclasses.replace(self, block_h=block_h, block_k=block_k, k_splits=k_splits)
 
 
-def decode_supported(kv: QuantizedKV) -> bool:
+def kernel_supported(kv: QuantizedKV) -> bool:
   """Whether the kernel can run on this cache: S % 16 == 0 and head_dim groups of >= 32 channels."""
   return kv.k.shape[1] % MIN_BLOCK_K == 0 and kv.group_size // 2 >= MIN_BLOCK_K
 
 
-def _kv4_decode_kernel(
+def _kv4_attention_kernel(
     q_even_ref,  # [block_h, D // 2]
     q_odd_ref,  # [block_h, D // 2]
     k_ref,  # [split_len, D // 2] uint8
@@ -86,15 +91,22 @@ def _kv4_decode_kernel(
     *,
     sm_scale: float,
     block_k: int,
+    group_heads: int,
+    num_queries: int,
     compute_dtype,
 ):
   block_h, _ = q_even_ref.shape
   split_len, _ = k_ref.shape
   num_groups = k_scale_ref.shape[1]
   group_half = q_even_ref.shape[1] // num_groups  # bytes (= channel pairs) per head_dim group
-  split_start = pl.program_id(2) * split_len
+  split_start = pl.program_id(3) * split_len
   length = length_ref[()]
-  num_tiles = jnp.clip(pl.cdiv(length - split_start, block_k), 0, split_len // block_k)
+  first_row = pl.program_id(2) * block_h
+  row_ids = first_row + lax.broadcasted_iota(jnp.int32, (block_h, 1), 0)
+  query_pos = length - num_queries + row_ids // group_heads  # [block_h, 1]
+  last_query_pos = length - num_queries + (first_row + block_h - 1) // group_heads
+  keys_seen = jnp.minimum(length, last_query_pos + 1)  # keys [0, keys_seen) matter to this block
+  num_tiles = jnp.clip(pl.cdiv(keys_seen - split_start, block_k), 0, split_len // block_k)
 
   group_cols = [pl.ds(g * group_half, group_half) for g in range(num_groups)]
   q_even = [q_even_ref[:, cols].astype(compute_dtype) for cols in group_cols]  # [block_h, group_half]
@@ -119,7 +131,7 @@ def _kv4_decode_kernel(
       k_even, k_odd = dequantize(k_ref, k_scale_ref, k_zero_ref, rows, g)
       logits += dot(q_even[g], k_even.T) + dot(q_odd[g], k_odd.T)
     positions = split_start + t * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-    valid = positions < length  # [1, block_k]
+    valid = (positions < length) & (positions <= query_pos)  # [block_h, block_k]
     logits = jnp.where(valid, logits * sm_scale, jnp.finfo(jnp.float32).min)
     max_next = jnp.maximum(max_prev, jnp.max(logits, axis=1))
     correction = jnp.exp(max_prev - max_next)
@@ -162,72 +174,88 @@ def _check_inputs(q, kv: QuantizedKV, lengths):
     static_argnames=["sm_scale", "block_h", "block_k", "k_splits", "num_warps", "num_stages",
                      "interpret"],
 )
-def kv4_decode_attention(
-    q,  # [B, Hq, D] bf16/f32
-    kv: QuantizedKV,  # [B, S, Hkv, ...]
-    lengths,  # [B] int32: valid cache tokens per row (keys at positions >= length are ignored)
+def kv4_attention(
+    q,  # [B, T, Hq, D] bf16/f32: the last T positions of each row
+    kv: QuantizedKV,  # [B, S, Hkv, ...], the T new tokens already written
+    lengths,  # [B] int32: valid cache tokens per row, the T query tokens included
     *,
     sm_scale: float | None = None,
-    block_h: int = KV4AttentionTuning.block_h,
+    block_h: int | None = KV4AttentionTuning.block_h,
     block_k: int = KV4AttentionTuning.block_k,
     k_splits: int = KV4AttentionTuning.k_splits,
     num_warps: int = KV4AttentionTuning.num_warps,
     num_stages: int = KV4AttentionTuning.num_stages,
     interpret: bool = False,
-) -> jax.Array:  # [B, Hq, D] q.dtype
-  """Single-token GQA attention over an INT4 cache; rows with length 0 give zeros."""
-  if q.ndim != 3:
-    raise ValueError(f"q must be [B, Hq, D] (one token per row), got shape {q.shape}")
+) -> jax.Array:  # [B, T, Hq, D] q.dtype
+  """Causal GQA attention over an INT4 cache; a query that sees no key gives zeros."""
+  if q.ndim != 4:
+    raise ValueError(f"q must be [B, T, Hq, D], got shape {q.shape}")
   lengths = jnp.asarray(lengths, jnp.int32)
   _check_inputs(q, kv, lengths)
   if kv.group_size // 2 < MIN_BLOCK_K and not interpret:
     raise ValueError(f"the compiled kernel needs head_dim groups of >= {2 * MIN_BLOCK_K} channels, "
                      f"got group_size={kv.group_size}")
-  batch, q_heads, head_dim = q.shape
+  batch, num_queries, q_heads, head_dim = q.shape
   _, cache_len, kv_heads, half = kv.k.shape
   num_groups = kv.k_scale.shape[-1]
   group_heads = q_heads // kv_heads
+  query_rows = num_queries * group_heads
   sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
   tuning = KV4AttentionTuning(block_h, block_k, k_splits, num_warps, num_stages).resolve(
-      cache_len, group_heads)
+      cache_len, query_rows)
   bh, splits = tuning.block_h, tuning.k_splits
+  padded_rows = pl.cdiv(query_rows, bh) * bh
   split_len = cache_len // splits
   compute_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
 
-  q_grouped = q.reshape(batch, kv_heads, group_heads, head_dim)
-  q_grouped = jnp.pad(q_grouped, ((0, 0), (0, 0), (0, bh - group_heads), (0, 0)))
-  q_even, q_odd = q_grouped[..., 0::2], q_grouped[..., 1::2]  # [B, Hkv, bh, D // 2]
+  q_rows = q.reshape(batch, num_queries, kv_heads, group_heads, head_dim).transpose(0, 2, 1, 3, 4)
+  q_rows = q_rows.reshape(batch, kv_heads, query_rows, head_dim)  # row = t * G + g
+  q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded_rows - query_rows), (0, 0)))
+  q_even, q_odd = q_rows[..., 0::2], q_rows[..., 1::2]  # [B, Hkv, rows, D // 2]
 
-  q_spec = pl.BlockSpec((None, None, bh, half), lambda b, h, s: (b, h, 0, 0))
-  codes_spec = pl.BlockSpec((None, split_len, None, half), lambda b, h, s: (b, s, h, 0))
-  scale_spec = pl.BlockSpec((None, split_len, None, num_groups), lambda b, h, s: (b, s, h, 0))
-  out_spec = pl.BlockSpec((None, None, None, bh, half), lambda b, h, s: (b, h, s, 0, 0))
-  stat_spec = pl.BlockSpec((None, None, None, bh), lambda b, h, s: (b, h, s, 0))
-  partial_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, bh, half), jnp.float32)
-  stat_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, bh), jnp.float32)
-  kernel = functools.partial(_kv4_decode_kernel, sm_scale=sm_scale, block_k=tuning.block_k,
-                             compute_dtype=compute_dtype)
+  q_spec = pl.BlockSpec((None, None, bh, half), lambda b, h, r, s: (b, h, r, 0))
+  codes_spec = pl.BlockSpec((None, split_len, None, half), lambda b, h, r, s: (b, s, h, 0))
+  scale_spec = pl.BlockSpec((None, split_len, None, num_groups), lambda b, h, r, s: (b, s, h, 0))
+  out_spec = pl.BlockSpec((None, None, None, bh, half), lambda b, h, r, s: (b, h, s, r, 0))
+  stat_spec = pl.BlockSpec((None, None, None, bh), lambda b, h, r, s: (b, h, s, r))
+  partial_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, padded_rows, half), jnp.float32)
+  stat_shape = jax.ShapeDtypeStruct((batch, kv_heads, splits, padded_rows), jnp.float32)
+  kernel = functools.partial(_kv4_attention_kernel, sm_scale=sm_scale, block_k=tuning.block_k,
+                             group_heads=group_heads, num_queries=num_queries, compute_dtype=compute_dtype)
   out_even, out_odd, maxes, sums = pl.pallas_call(
       kernel,
-      grid=(batch, kv_heads, splits),
+      grid=(batch, kv_heads, padded_rows // bh, splits),
       in_specs=[q_spec, q_spec, codes_spec, codes_spec, scale_spec, scale_spec, scale_spec, scale_spec,
-                pl.BlockSpec((None,), lambda b, h, s: (b,))],
+                pl.BlockSpec((None,), lambda b, h, r, s: (b,))],
       out_specs=[out_spec, out_spec, stat_spec, stat_spec],
       out_shape=[partial_shape, partial_shape, stat_shape, stat_shape],
       compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
       interpret=interpret,
-      name="kv4_decode_attention",
+      name="kv4_attention",
   )(q_even, q_odd, kv.k, kv.v, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, lengths)
 
   # Merge the k splits (flash-decoding's final reduction).
-  global_max = jnp.max(maxes, axis=2, keepdims=True)  # [B, Hkv, 1, bh]
-  correction = jnp.exp(maxes - global_max)  # [B, Hkv, splits, bh]
-  total = jnp.sum(sums * correction, axis=2)  # [B, Hkv, bh]
+  global_max = jnp.max(maxes, axis=2, keepdims=True)  # [B, Hkv, 1, rows]
+  correction = jnp.exp(maxes - global_max)  # [B, Hkv, splits, rows]
+  total = jnp.sum(sums * correction, axis=2)  # [B, Hkv, rows]
   denominator = jnp.where(total > 0, total, 1.0)[..., None]
-  out_even = jnp.sum(out_even * correction[..., None], axis=2) / denominator  # [B, Hkv, bh, D // 2]
+  out_even = jnp.sum(out_even * correction[..., None], axis=2) / denominator  # [B, Hkv, rows, D // 2]
   out_odd = jnp.sum(out_odd * correction[..., None], axis=2) / denominator
-  out = jnp.stack([out_even, out_odd], axis=-1).reshape(batch, kv_heads, bh, head_dim)
-  return out[:, :, :group_heads].reshape(batch, q_heads, head_dim).astype(q.dtype)
+  out = jnp.stack([out_even, out_odd], axis=-1).reshape(batch, kv_heads, padded_rows, head_dim)
+  out = out[:, :, :query_rows].reshape(batch, kv_heads, num_queries, group_heads, head_dim)
+  return out.transpose(0, 2, 1, 3, 4).reshape(batch, num_queries, q_heads, head_dim).astype(q.dtype)
+
+
+def kv4_decode_attention(
+    q,  # [B, Hq, D] bf16/f32
+    kv: QuantizedKV,  # [B, S, Hkv, ...]
+    lengths,  # [B] int32: valid cache tokens per row (keys at positions >= length are ignored)
+    **tuning,
+) -> jax.Array:  # [B, Hq, D] q.dtype
+  """Single-token decode: `kv4_attention` with T = 1 (same knobs); rows with length 0 give zeros."""
+  if q.ndim != 3:
+    raise ValueError(f"q must be [B, Hq, D] (one token per row), got shape {q.shape}")
+  return kv4_attention(q[:, None], kv, lengths, **tuning)[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=["sm_scale"])
