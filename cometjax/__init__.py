@@ -1,3 +1,35 @@
-"""cometjax: COMET (W4AxKV4 LLM serving) and QuEST (4-bit diffusion) in JAX/Pallas."""
+"""cometjax: COMET (W4AxKV4 LLM serving) and QuEST (4-bit diffusion) in JAX/Pallas.
+
+The public API, by data path: `load` (checkpoint -> model + tokenizer), `quantize` (model -> quantized
+model), `generate` / `perplexity` (model -> tokens / ppl), with their configs.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": "cometjax.models.loaders",
+    "LoadedModel": "cometjax.models.loaders",
+    "CheckpointError": "cometjax.models.loaders",
+    "Llama": "cometjax.models.llama",
+    "LlamaConfig": "cometjax.models.llama",
+    "generate": "cometjax.generate",
+    "SamplingConfig": "cometjax.generate",
+    "perplexity": "cometjax.perplexity",
+    "KVQuantConfig": "cometjax.kvcache",
+    "QuantizedWeight": "cometjax.qtypes",
+    "ActivationFormat": "cometjax.qtypes",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):  # imported on first use: `import cometjax` stays cheap and cycle-free
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'cometjax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

@@ -35,6 +35,18 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None):
   p.add_argument("--dtype", default="float32", choices=DTYPES)
 
 
+def _kv_config(name: str):
+  from cometjax.kvcache import KVQuantConfig
+  return None if name == "none" else KVQuantConfig(k_mode=name)
+
+
+def _add_kv_arg(p: argparse.ArgumentParser):
+  from cometjax.kvcache import K_MODES
+  p.add_argument("--kv", default="none", choices=("none",) + K_MODES,
+                 help="KV cache: none (float, the default) or INT4 with this K layout "
+                      "(channel: K per channel over 32-token groups, the most accurate)")
+
+
 def cmd_generate(args) -> int:
   import jax
   from cometjax.generate import SamplingConfig, generate
@@ -50,7 +62,7 @@ def cmd_generate(args) -> int:
     prompt = [bos]
   sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   key = jax.random.key(args.seed)
-  kwargs = dict(sampling=sampling, key=key, stop_at_eos=not args.no_stop)
+  kwargs = dict(sampling=sampling, key=key, stop_at_eos=not args.no_stop, kv=_kv_config(args.kv))
   if args.warmup:
     generate(model, [prompt], args.max_new_tokens, **kwargs)  # compiles this shape bucket
   result = generate(model, [prompt], args.max_new_tokens, **kwargs)
@@ -79,11 +91,12 @@ def cmd_eval_ppl(args) -> int:
     raise SystemExit(f"error: --text file not found: {text_path}")
   result = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"), window=args.window,
                       separator=args.separator or None, per_document=args.per_document,
-                      batch_size=args.batch_size, max_documents=args.max_documents, progress=not args.json)
+                      batch_size=args.batch_size, max_documents=args.max_documents, kv=_kv_config(args.kv),
+                      progress=not args.json)
   print(f"perplexity {result.ppl:.4f} over {result.num_tokens} tokens "
         f"({result.num_windows} windows of {args.window}, {result.num_documents} documents)")
   if args.json:
-    print(json.dumps({"model": args.model, "text": str(text_path), "window": args.window,
+    print(json.dumps({"model": args.model, "text": str(text_path), "window": args.window, "kv": args.kv,
                       "per_document": args.per_document, **result.as_dict()}))
   return 0
 
@@ -101,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
   g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (and the builtin model's weights)")
   g.add_argument("--no-stop", action="store_true", help="do not stop at EOS")
+  _add_kv_arg(g)
   g.add_argument("--no-warmup", dest="warmup", action="store_false",
                  help="time the first (compiling) call instead of a warmed-up second call")
   g.add_argument("--json", action="store_true",
@@ -120,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--per-document", action="store_true", help="window each document separately")
   e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
   e.add_argument("--max-documents", type=int, default=None, help="only the first N documents")
+  _add_kv_arg(e)
   e.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
   e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
   e.set_defaults(func=cmd_eval_ppl)

@@ -56,6 +56,11 @@ class KVCache:
     v = self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
     return KVCache(k, v), k[layer], v[layer]
 
+  def reset_rows(self, rows: jax.Array) -> "KVCache":
+    """Frees batch rows (bool [B]) for new sequences. A float cache keeps no per-row state: a new
+    sequence rewrites every position before its queries can see it."""
+    return self
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KVQuantConfig:
@@ -178,6 +183,10 @@ class KV4Cache:
     fields["length"] = self.length.at[layer].set(new_length)
     cache = dataclasses.replace(self, **fields)
     return cache, cache.read_keys(layer).astype(self.dtype), cache.read_values(layer).astype(self.dtype)
+
+  def reset_rows(self, rows: jax.Array) -> "KV4Cache":
+    """Frees batch rows (bool [B]) for new sequences: their written length goes back to 0."""
+    return dataclasses.replace(self, length=jnp.where(rows[None, :], 0, self.length))
 
   def read_values(self, layer: int) -> jax.Array:
     return dequantize_kv_tensor(self.v[layer], self.v_scale[layer], self.v_zero[layer])

@@ -1,0 +1,34 @@
+import json
+
+import pytest
+
+from cometjax.cli import main
+
+
+def test_default_main_job_runs(capsys):
+  assert main(["generate", "--max-new-tokens", "8", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert len(out["token_ids"]) == 8 and out["text"] is None and out["decode_tokens_per_s"] > 0
+  assert len(set(out["token_ids"])) > 1  # the builtin random model's untied head gives varied tokens
+
+
+def test_generate_with_kv4(capsys):
+  assert main(["generate", "--max-new-tokens", "8", "--kv", "channel", "--json"]) == 0
+  assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]) == 8
+
+
+def test_missing_model_is_a_clear_error(capsys, tmp_path):
+  assert main(["generate", "--model", str(tmp_path / "nope")]) == 2
+  assert "model path does not exist" in capsys.readouterr().err
+
+
+def test_prompt_without_tokenizer_is_refused():
+  with pytest.raises(SystemExit, match="needs a tokenizer"):
+    main(["generate", "--prompt", "hello", "--max-new-tokens", "2"])
+
+
+def test_eval_ppl_help_states_the_protocol(capsys):
+  with pytest.raises(SystemExit):
+    main(["eval-ppl", "--help"])
+  help_text = capsys.readouterr().out
+  assert "<|endoftext|>" in help_text and "[BOS]" in help_text and "512" in help_text
