@@ -1,0 +1,63 @@
+"""Tensor parallelism on 8 fake CPU devices (a subprocess: the device count is fixed at jax start-up)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+  import numpy as np, jax
+  jax.config.update("jax_default_matmul_precision", "highest")
+  from flax import nnx
+  from cometjax.generate import generate
+  from cometjax.kvcache import KVQuantConfig
+  from cometjax.models.llama import LlamaConfig, init_llama
+  from cometjax.qtypes import ActivationFormat, quantize_weight
+  from cometjax.sharding import make_mesh, shard_model
+
+  assert len(jax.devices()) == 8, jax.devices()
+  config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                       num_kv_heads=4, tie_word_embeddings=False, eos_token_id=None)
+  model = init_llama(config, seed=0)
+
+  def quantized(model):  # W4A4 (one INT8 block of 32 channels) on every projection
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    for layer in pure["layers"].values():
+      for block in ("self_attn", "mlp"):
+        for name, proj in layer[block].items():
+          w = proj["kernel"]
+          fmt = ActivationFormat(32, 1, w.shape[0] // 32)
+          proj["kernel"] = quantize_weight(w, 4, activation=fmt, perm=np.random.default_rng(0).permutation(w.shape[0]))
+    nnx.replace_by_pure_dict(state, pure)
+    return nnx.merge(graphdef, state)
+
+  tokens = np.random.default_rng(1).integers(0, 128, (2, 12))
+  for name, m in (("float", model), ("w4ax", quantized(model))):
+    sharded = shard_model(m, make_mesh(8))
+    kernel = sharded.layers[0].mlp.up_proj.kernel.get_value()
+    data = kernel.data if hasattr(kernel, "data") else kernel
+    assert len(data.sharding.device_set) == 8 and data.addressable_shards[0].data.shape[1] == 128 // 8, name
+    a, _ = m(tokens)
+    b, _ = sharded(tokens)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-5)
+    for kv in (None, KVQuantConfig()):
+      ga = generate(m, [[1, 5, 7], [1]], 10, kv=kv).tokens
+      gb = generate(sharded, [[1, 5, 7], [1]], 10, kv=kv).tokens
+      assert ga == gb, (name, kv, ga, gb)
+  print("SHARDING-OK")
+""")
+
+
+def test_tensor_parallel_equals_single_device():
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+  assert "SHARDING-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+def test_bad_mesh_arguments():
+  from cometjax.sharding import make_mesh
+  with pytest.raises(ValueError, match="num_devices"):
+    make_mesh(10_000)
