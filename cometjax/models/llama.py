@@ -124,10 +124,11 @@ class Linear(nnx.Module):
     init = nnx.initializers.normal(0.02)
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
     self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+    self.implementation = "auto"  # backend for quantized kernels; see set_matmul_implementation
 
   def __call__(self, x: jax.Array) -> jax.Array:
     bias = None if self.bias is None else self.bias.get_value()
-    return ops.linear(x, self.kernel.get_value(), bias)
+    return ops.linear(x, self.kernel.get_value(), bias, implementation=self.implementation)
 
 
 class RMSNorm(nnx.Module):
@@ -257,6 +258,18 @@ class Llama(nnx.Module):
     else:
       logits = self.lm_head(x)
     return logits.astype(jnp.float32), cache
+
+
+def set_matmul_implementation(model: nnx.Module, implementation: str) -> nnx.Module:
+  """Sets the backend of every `Linear` ("auto" | "xla" | "pallas" | "interpret"), in place.
+
+  The choice is static module state, so jitted functions retrace for it rather than reuse a stale trace.
+  """
+  ops.check_implementation(implementation)
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Linear):
+      node.implementation = implementation
+  return model
 
 
 def init_llama(config: LlamaConfig, seed: int = 0) -> Llama:
