@@ -1,0 +1,242 @@
+"""quantize(): configs and presets, per-layer formats, padding, rotation, save/load, bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from calib.stats import collect_stats
+from cometjax import config as qc
+from cometjax import rotation
+from cometjax.kvcache import KVQuantConfig
+from cometjax.models.llama import LlamaConfig, init_llama
+from cometjax.qtypes import QuantizedWeight
+from cometjax.quantize import (InputTransformWeight, calibrate_and_quantize, linear_layers, load_quantized,
+                               quantization_report, quantize, quantize_layer, save_quantized)
+
+# 44 = intermediate width that is not a multiple of the FMPQ block (16 auto): exercises padding
+SMALL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=44, num_layers=2, num_heads=4,
+                    num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+  m = init_llama(SMALL, seed=0)
+  # non-trivial norm weights so that folding them is tested
+  _, state = nnx.split(m)
+  pure = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(0)
+  for i in range(SMALL.num_layers):
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      pure["layers"][i][norm]["weight"] = jnp.asarray(rng.uniform(0.5, 1.5, SMALL.hidden_size), jnp.float32)
+  pure["norm"]["weight"] = jnp.asarray(rng.uniform(0.5, 1.5, SMALL.hidden_size), jnp.float32)
+  nnx.replace_by_pure_dict(state, pure)
+  return m
+
+
+@pytest.fixture(scope="module")
+def windows():
+  return np.random.default_rng(1).integers(0, SMALL.vocab_size, size=(6, 32)).astype(np.int32)
+
+
+TOKENS = jnp.asarray(np.random.default_rng(2).integers(0, 64, size=(2, 16)), jnp.int32)
+
+
+def logits(m):
+  return np.asarray(m(TOKENS)[0])
+
+
+def rel_err(a, b):
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# ------------------------------------------------------------------------------------------------
+# configs
+
+
+def test_every_preset_builds_and_kv4_names_the_cache():
+  for name in qc.PRESETS:
+    config = qc.preset(name)
+    assert config.name == name
+    assert (config.kv is not None) == name.endswith("-kv4")
+    if config.kv is not None:
+      assert isinstance(config.kv, KVQuantConfig)
+    assert qc.config_from_dict(config.to_dict()) == config
+
+
+def test_unknown_preset_lists_presets():
+  with pytest.raises(ValueError, match="unknown preset 'w3a3'.*w4ax-kv4"):
+    qc.preset("w3a3")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(bits=3), "weights.bits"), (dict(method="awq"), "weights.method"), (dict(group_size=7), "group_size")])
+def test_bad_weight_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    qc.WeightQuantConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(int8_fraction=1.5), "int8_fraction"), (dict(block_size=12.0), "block_size"),
+    (dict(bits=2), "activations.bits"), (dict(ranking="p99"), "ranking"), (dict(outlier_ratio=0.5), "outlier")])
+def test_bad_activation_config(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    qc.ActivationQuantConfig(**kwargs)
+
+
+def test_bad_quant_config():
+  with pytest.raises(ValueError, match="rotation"):
+    qc.QuantConfig(rotation="givens")
+  with pytest.raises(ValueError, match="kv must be"):
+    qc.QuantConfig(kv={"k_mode": "channel"})
+  with pytest.raises(ValueError, match="weights must not be None"):
+    qc.QuantConfig(weights=None, activations=qc.ActivationQuantConfig())
+
+
+def test_keep_float_patterns():
+  config = qc.preset("w4a16").replace(keep_float=("lm_head", "layers.0.*"))
+  assert not config.quantizes("layers.0.mlp.down_proj")
+  assert config.quantizes("layers.1.mlp.down_proj")
+  assert not config.quantizes("lm_head")
+
+
+def test_auto_block_size():
+  acts = qc.ActivationQuantConfig()
+  assert [acts.block_size_for(k) for k in (64, 172, 4096, 11008, 8)] == [8, 16, 128, 128, 8]
+
+
+# ------------------------------------------------------------------------------------------------
+# quantize
+
+
+def test_w4a16_rtn_leaves_bytes_and_accuracy(model):
+  q = quantize(model, qc.preset("w4a16").replace(weights=qc.WeightQuantConfig(method="rtn")), progress=False)
+  _, state = nnx.split(q)
+  pure = nnx.to_pure_dict(state)
+  for name, path in linear_layers(pure).items():
+    leaf = pure
+    for k in path:
+      leaf = leaf[k]
+    assert isinstance(leaf["kernel"], QuantizedWeight), name
+  report = quantization_report(q)
+  # 4-bit codes + one f32 scale per output channel: 0.5 + 4 / K bytes per parameter
+  assert 0.5 < report["bytes_per_param"] < 0.5 + 4 / 32 + 1e-9
+  assert rel_err(logits(q), logits(model)) < 0.3
+
+
+def test_w8a8_is_close_to_float(model):
+  q = quantize(model, qc.preset("w8a8"), progress=False)
+  assert rel_err(logits(q), logits(model)) < 0.02
+
+
+def test_fmpq_needs_stats(model):
+  with pytest.raises(ValueError, match="stats are required"):
+    quantize(model, qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn")), progress=False)
+
+
+def test_stats_missing_for_a_layer(model, windows):
+  config = qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn"))
+  stats = collect_stats(model, config, windows, batch_size=4, progress=False)
+  del stats.layers["layers.1.mlp.up_proj"]
+  with pytest.raises(ValueError, match="stats are missing for layer 'layers.1.mlp.up_proj'"):
+    quantize(model, config, stats, progress=False)
+
+
+def test_stats_from_another_rotation_are_refused(model, windows):
+  config = qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn"))
+  stats = collect_stats(model, config, windows, batch_size=4, progress=False)
+  with pytest.raises(ValueError, match="rotation"):
+    quantize(model, config.replace(rotation="hadamard"), stats, progress=False)
+
+
+def test_already_quantized_model_is_refused(model):
+  q = quantize(model, qc.preset("w8a8"), progress=False)
+  with pytest.raises(ValueError, match="already quantized"):
+    quantize(q, qc.preset("w8a8"), progress=False)
+
+
+def test_nan_kernel_raises():
+  w = np.ones((32, 8), np.float32)
+  w[3, 2] = np.nan
+  with pytest.raises(ValueError, match="layer 'x.q_proj'.*NaN"):
+    quantize_layer("x.q_proj", w, qc.preset("w4a16").replace(weights=qc.WeightQuantConfig(method="rtn")))
+
+
+def test_group_size_that_does_not_divide_pads_to_a_common_multiple():
+  # K=40, group 16: padded to 48 (zero rows), the result still matches the float product closely
+  config = qc.QuantConfig(weights=qc.WeightQuantConfig(bits=8, group_size=16))
+  w = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+  leaf = quantize_layer("l", w, config)
+  assert isinstance(leaf, InputTransformWeight) and leaf.inner.in_features == 48
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 40)), jnp.float32)
+  np.testing.assert_allclose(leaf.quantized_matmul(x), x @ w, rtol=0.02, atol=0.05)
+  with pytest.raises(ValueError, match="x must have 40 channels"):
+    leaf.quantized_matmul(x[:, :32])
+
+
+def test_padded_fmpq_layer_equals_unpadded_math(model, windows):
+  """down_proj has K=44, auto block 8, padded to 48 with zeros; equals fake-quant math on the real 44."""
+  from calib.clipping import fake_quantize_activation
+  from cometjax.qtypes import dequantize_weight
+  config = qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn"))
+  stats = collect_stats(model, config, windows, batch_size=4, progress=False)
+  q = quantize(model, config, stats, progress=False)
+  leaf = q.layers[0].mlp.down_proj.kernel.get_value()
+  assert isinstance(leaf, InputTransformWeight)
+  inner = leaf.inner
+  assert inner.in_features == 48 and inner.activation.block_size == 8 and inner.activation.num_int8_blocks == 1
+  assert set(np.asarray(inner.perm)[-4:]) == {44, 45, 46, 47}  # the padding sits in the last INT4 block
+  x = jnp.asarray(np.random.default_rng(3).standard_normal((7, 44)), jnp.float32)
+  xp = jnp.pad(x, ((0, 0), (0, 4)))
+  expected = fake_quantize_activation(xp[:, np.asarray(inner.perm)] if inner.perm is not None else xp,
+                                      inner.activation) @ dequantize_weight(inner)
+  np.testing.assert_allclose(leaf.quantized_matmul(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fmpq_int4_fraction_and_permuted_outliers(model, windows):
+  config = qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn"))
+  stats = collect_stats(model, config, windows, batch_size=4, progress=False)
+  q = quantize(model, config, stats, progress=False)
+  report = quantization_report(q)
+  assert report["int4_block_fraction"] >= 0.75
+  leaf = q.layers[1].self_attn.q_proj.kernel.get_value()  # K=32: 4 blocks of 8, one INT8
+  assert leaf.activation.num_int8_blocks == 1
+  top = np.argsort(-stats.layer("layers.1.self_attn.q_proj").absmax)[:8]
+  assert set(np.asarray(leaf.perm)[:8]) == set(top)
+
+
+def test_rotation_is_exact_in_float(model):
+  rotated = rotation.rotate_llama(model)
+  assert rotated.lm_head is not None  # the tied head becomes explicit
+  np.testing.assert_allclose(logits(rotated), logits(model), atol=2e-4)
+
+
+def test_rotation_with_w8a8_stays_close(model):
+  q = quantize(model, qc.preset("w8a8").replace(rotation="hadamard"), progress=False)
+  down = q.layers[0].mlp.down_proj.kernel.get_value()
+  assert isinstance(down, InputTransformWeight) and down.rotation is not None
+  assert rel_err(logits(q), logits(model)) < 0.02
+
+
+@pytest.mark.parametrize("preset_name", ["w4ax-kv4", "w4a16"])
+def test_save_load_is_bit_exact(model, windows, tmp_path, preset_name):
+  config = qc.preset(preset_name).replace(rotation="hadamard") if preset_name == "w4ax-kv4" else qc.preset(preset_name)
+  q, _ = calibrate_and_quantize(model, config, windows, batch_size=4, progress=False)
+  save_quantized(tmp_path / "q", q, config)
+  loaded = load_quantized(tmp_path / "q")
+  assert loaded.quant_config == config
+  assert loaded.config == q.config
+  a = jax.tree.leaves(nnx.to_pure_dict(nnx.split(q)[1]))
+  b = jax.tree.leaves(nnx.to_pure_dict(nnx.split(loaded.model)[1]))
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+  np.testing.assert_array_equal(logits(loaded.model), logits(q))
+
+
+def test_load_quantized_rejects_other_directories(tmp_path):
+  with pytest.raises(ValueError, match="quantization.json"):
+    load_quantized(tmp_path)
