@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import pathlib
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +40,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+from bench.common import device_tag, run_metadata  # noqa: E402
 from cometjax.pallas.kv4_attention import kv4_decode_attention  # noqa: E402
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference  # noqa: E402
 from cometjax.pallas.w4ax_matmul import w4ax_matmul  # noqa: E402
@@ -216,20 +215,6 @@ def bench_attention(sweep: Sweep, interpret: bool, log) -> list[dict]:
   return rows
 
 
-def device_tag() -> str:
-  device = jax.devices()[0]
-  kind = device.device_kind if device.platform != "cpu" else "cpu"
-  return re.sub(r"[^a-z0-9]+", "_", kind.lower()).strip("_")
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except Exception:  # noqa: BLE001 - no git, no commit
-    return "unknown"
-
-
 def format_table(rows: list[dict]) -> str:
   header = (f"{'op':<14} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} "
             f"{'speedup':>8}")
@@ -314,10 +299,7 @@ def main(argv=None) -> dict:
     out = ROOT / "bench" / "results" / f"kernels_{tag}.json"
   out.parent.mkdir(parents=True, exist_ok=True)
   report = {
-      "device": tag, "device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-      "jax_version": jax.__version__, "git_commit": git_commit(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "smoke": args.smoke, "interpret": interpret,
+      **run_metadata(), "device_tag": tag, "backend": jax.default_backend(), "smoke": args.smoke, "interpret": interpret,
       "timing": f"median of {sweep.iterations} calls after {sweep.warmup} warm-up, rotating inputs",
       "rows": rows,
   }

@@ -17,7 +17,7 @@ def test_kernel_benchmark_smoke(tmp_path):
   bench.main(["--smoke", "--quiet", "--out", str(out)])
   report = json.loads(out.read_text())
   assert report["smoke"] is True and report["interpret"] is True
-  for field in ("device", "jax_version", "git_commit", "date"):
+  for field in ("device", "jax_version", "commit", "date"):
     assert report[field]
   ops = {(row["op"], row["baseline"]) for row in report["rows"]}
   assert {("w4ax_matmul", "xla_bf16"), ("w4ax_matmul", "xla_int8"), ("quantize_act", "xla_reference"),
