@@ -13,6 +13,7 @@ one learning rate for weights and one for quantizer scales.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 import time
@@ -196,3 +197,58 @@ def format_report(report: dict) -> str:
   for name, kind in sorted(report["layers"].items()):
     lines.append(f"  {kind} {name}")
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings used by the bench and the CLI
+
+SETTINGS = ("fp", "w8a8", "w4a8", "w4a4-ptq", "w4a4-quest")
+
+
+@dataclass(frozen=True)
+class SettingRecipe:
+  """Default calibration budget per model kind (sized for a 2-core CPU)."""
+
+  calibration: "CalibrationConfig"
+  adaround: "AdaRoundConfig"
+  quest: QuestConfig
+
+
+def default_recipe(kind: str) -> SettingRecipe:
+  from calib.adaround import AdaRoundConfig, CalibrationConfig
+  if kind == "dit":
+    return SettingRecipe(CalibrationConfig(num_trajectories=64, ddim_steps=25, num_samples=512, record_samples=128),
+                         AdaRoundConfig(iterations=100, batch_samples=32),
+                         dataclasses.replace(DIT_QUEST, steps=1200, weight_learning_rate=2e-3,
+                                             scale_learning_rate=5e-3))
+  if kind == "cnn":
+    return SettingRecipe(CalibrationConfig(num_trajectories=32, ddim_steps=25, num_samples=384, record_samples=64),
+                         AdaRoundConfig(iterations=100, batch_samples=8),
+                         dataclasses.replace(CNN_QUEST, steps=300, batch_size=16, weight_learning_rate=1e-3,
+                                             scale_learning_rate=5e-3))
+  raise ValueError(f"kind must be 'dit' or 'cnn', got {kind!r}")
+
+
+def quantize_for_setting(model, schedule: NoiseSchedule, setting: str, *, recipe: SettingRecipe | None = None,
+                         calib: CalibrationSet | None = None, progress: bool = True, integer: bool = True):
+  """Quantize `model` in place for one of SETTINGS.  Returns (model, quant config or None, report).
+
+  w8a8: round-to-nearest; w4a8, w4a4-ptq: AdaRound PTQ; w4a4-quest: the PTQ model + QuEST finetuning.
+  With `integer`, the result runs packed integer weights and int8 activations.
+  """
+  from calib.adaround import PTQConfig, run_ptq
+  from cometjax.quest_quant import preset, to_integer
+  if setting not in SETTINGS:
+    raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+  if setting == "fp":
+    return model, None, {"setting": "fp"}
+  recipe = recipe or default_recipe(schedule.kind)
+  quant = preset(setting.split("-")[0])
+  adaround = None if setting == "w8a8" else recipe.adaround
+  model, calib, report = run_ptq(model, schedule, PTQConfig(quant, recipe.calibration, adaround), calib, progress)
+  report = {"setting": setting, "ptq": report}
+  if setting == "w4a4-quest":
+    report["quest"] = quest_finetune(model, schedule, quant, calib, recipe.quest, progress)
+  if integer:
+    to_integer(model)
+  return model, quant, report

@@ -1,0 +1,241 @@
+"""Sample quality of the MNIST diffusion models under W8A8 / W4A8 / W4A4 (PTQ) / W4A4 (QuEST).
+
+For each model (mnist_dit, class-conditional; mnist_cnn, unconditional) and setting:
+  - class_accuracy: fraction of DiT samples that our MNIST classifier assigns to the conditioning class
+    (null for the CNN);
+  - frechet: Frechet distance between classifier features (128-d penultimate layer) of the samples and
+    of held-out real MNIST test images (few samples -> biased upwards; compare within a column);
+  - psnr: PSNR (dB, pixels in [0,1]) of each sample against the float model's sample from the same noise.
+The classifier is a small Flax CNN trained here on the first 8000 MNIST test images; its accuracy on the
+other 2000 is reported. Sampling is DDIM (eta=0) with `--steps` steps (25 by default, the same grid as the
+calibration trajectories); quantized settings run real integer layers.
+
+Writes bench/results/diffusion_quality.json, .md and one PNG grid per model and setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
+
+from calib.quest import SETTINGS, format_report, quantize_for_setting  # noqa: E402
+from cometjax.diffusion import (ddim_sample, image_grid, load_mnist_test, schedule_for,  # noqa: E402
+                                write_png)
+from cometjax.models.cnn_ddpm import load_cnn  # noqa: E402
+from cometjax.models.dit import load_dit  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier
+
+
+class MnistClassifier(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.conv1 = nnx.Conv(1, 32, (3, 3), rngs=rngs)
+    self.conv2 = nnx.Conv(32, 64, (3, 3), rngs=rngs)
+    self.dense = nnx.Linear(64 * 7 * 7, 128, rngs=rngs)
+    self.head = nnx.Linear(128, 10, rngs=rngs)
+
+  def features(self, x: jax.Array) -> jax.Array:  # [B,28,28] in [0,1] -> [B,128]
+    h = x[..., None]
+    h = nnx.max_pool(jax.nn.relu(self.conv1(h)), (2, 2), (2, 2))
+    h = nnx.max_pool(jax.nn.relu(self.conv2(h)), (2, 2), (2, 2))
+    return jax.nn.relu(self.dense(h.reshape(h.shape[0], -1)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.head(self.features(x))
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, *, epochs: int = 4, batch_size: int = 128,
+                     seed: int = 0) -> MnistClassifier:
+  model = MnistClassifier(nnx.Rngs(seed))
+  optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, x, y):
+    def loss_fn(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  rng = np.random.default_rng(seed)
+  x_all = images.astype(np.float32) / 255.0
+  for _ in range(epochs):
+    order = rng.permutation(len(images))
+    for start in range(0, len(order) - batch_size + 1, batch_size):
+      rows = order[start:start + batch_size]
+      # small random shifts make it robust to generated digits that sit off-centre
+      shift = rng.integers(-2, 3, size=2)
+      x = np.roll(x_all[rows], tuple(shift), axis=(1, 2))
+      step(model, optimizer, jnp.asarray(x), jnp.asarray(labels[rows].astype(np.int32)))
+  return model
+
+
+@nnx.jit
+def _classify(model, x):
+  return model(x).argmax(-1), model.features(x)
+
+
+def classify(model: MnistClassifier, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """pixels [N,28,28] in [0,1] -> (predicted class [N], features [N,128])."""
+  preds, feats = [], []
+  for start in range(0, len(pixels), 500):
+    p, f = _classify(model, jnp.asarray(pixels[start:start + 500], jnp.float32))
+    preds.append(np.asarray(p))
+    feats.append(np.asarray(f))
+  return np.concatenate(preds), np.concatenate(feats)
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+  from scipy import linalg
+  mu_a, mu_b = a.mean(0), b.mean(0)
+  cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+  covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+  covmean = covmean.real
+  return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
+
+
+def psnr(samples: np.ndarray, reference: np.ndarray) -> float | None:
+  mse = float(((samples - reference) ** 2).mean())
+  return None if mse == 0 else float(10 * np.log10(1.0 / mse))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+  try:
+    return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
+  except Exception:  # noqa: BLE001
+    return "unknown"
+
+
+def run(args) -> dict:
+  start = time.time()
+  images, labels = load_mnist_test()
+  train_rows, test_rows = np.arange(8000), np.arange(8000, 10000)
+  t0 = time.time()
+  classifier = train_classifier(images[train_rows], labels[train_rows], epochs=args.classifier_epochs)
+  preds, real_features = classify(classifier, images[test_rows].astype(np.float32) / 255.0)
+  classifier_accuracy = float((preds == labels[test_rows]).mean())
+  print(f"classifier: held-out accuracy {classifier_accuracy:.4f} on {len(test_rows)} images "
+        f"({time.time() - t0:.0f}s)", flush=True)
+
+  rows, reports = [], {}
+  for model_name in args.models:
+    kind = "dit" if model_name == "mnist_dit" else "cnn"
+    loader = load_dit if kind == "dit" else load_cnn
+    count = args.dit_samples if kind == "dit" else args.cnn_samples
+    noise = jax.random.normal(jax.random.key(args.seed), (count, 1, 28, 28))
+    class_labels = jnp.arange(count, dtype=jnp.int32) % 10 if kind == "dit" else None
+    fp_pixels = None
+    for setting in args.settings:
+      t0 = time.time()
+      model = loader()
+      schedule = schedule_for(model)
+      model, quant, report = quantize_for_setting(model, schedule, setting, progress=args.progress)
+      quant_seconds = time.time() - t0
+      t1 = time.time()
+      group_fn = quant.timestep_group if quant is not None else None
+      samples = ddim_sample(model, schedule, noise, class_labels, steps=args.steps, group_fn=group_fn)
+      pixels = np.asarray(schedule.to_unit(samples))[:, 0]  # [N,28,28]
+      sample_seconds = time.time() - t1
+      if setting == "fp":
+        fp_pixels = pixels
+      preds, features = classify(classifier, pixels)
+      row = {
+        "model": model_name, "setting": setting,
+        "class_accuracy": None if kind == "cnn" else float((preds == np.asarray(class_labels)).mean()),
+        "frechet": frechet_distance(features, real_features),
+        "psnr": None if fp_pixels is None or setting == "fp" else psnr(pixels, fp_pixels),
+        "samples": count, "ddim_steps": args.steps, "integer_execution": setting != "fp",
+        "quantize_seconds": round(quant_seconds, 1), "sample_seconds": round(sample_seconds, 1),
+      }
+      if "quest" in report:
+        q = report["quest"]
+        row.update(quest_trained_values=q["num_trained_values"], quest_trained_tensors=q["num_trained_tensors"],
+                   global_loss_before=q["global_loss_before"], global_loss_after=q["global_loss_after"])
+        print(format_report(q), flush=True)
+      rows.append(row)
+      reports[f"{model_name}/{setting}"] = {k: v for k, v in report.items() if k != "setting"}
+      grid_pixels = pixels[:min(count, 100)]
+      write_png(RESULTS / f"diffusion_samples_{model_name}_{setting}.png", image_grid(grid_pixels, columns=10))
+      print(f"{model_name:10s} {setting:11s} acc={row['class_accuracy']} frechet={row['frechet']:.2f} "
+            f"psnr={row['psnr']} ({quant_seconds:.0f}s quantize, {sample_seconds:.0f}s sample)", flush=True)
+
+  return {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device": f"{jax.default_backend()} ({platform.processor() or platform.machine()})",
+    "jax_version": jax.__version__, "commit": git_commit(),
+    "classifier": {"train_images": len(train_rows), "heldout_images": len(test_rows),
+                   "heldout_accuracy": classifier_accuracy, "features": 128},
+    "protocol": {"sampler": "DDIM eta=0", "ddim_steps": args.steps, "seed": args.seed,
+                 "dit_samples": args.dit_samples, "cnn_samples": args.cnn_samples,
+                 "frechet_reference": "classifier features of the 2000 held-out MNIST test images"},
+    "rows": rows, "reports": reports, "seconds": round(time.time() - start, 1),
+  }
+
+
+def markdown(result: dict) -> str:
+  def fmt(v, digits=3):
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+  lines = [
+    "# Diffusion quality (MNIST)", "",
+    f"{result['date']}, {result['device']}, jax {result['jax_version']}, commit {result['commit'][:10]}. "
+    f"DDIM {result['protocol']['ddim_steps']} steps; {result['protocol']['dit_samples']} DiT samples "
+    f"(equal per class), {result['protocol']['cnn_samples']} CNN samples. Classifier held-out accuracy "
+    f"{result['classifier']['heldout_accuracy']:.4f} ({result['classifier']['heldout_images']} images).", "",
+    "| model | setting | class accuracy | Frechet (classifier features) | PSNR vs FP (dB) | QuEST trained values |",
+    "|---|---|---:|---:|---:|---:|",
+  ]
+  for r in result["rows"]:
+    lines.append(f"| {r['model']} | {r['setting']} | {fmt(r['class_accuracy'])} | {fmt(r['frechet'], 2)} | "
+                 f"{fmt(r['psnr'], 2)} | {fmt(r.get('quest_trained_values'))} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--models", nargs="+", default=["mnist_dit", "mnist_cnn"], choices=["mnist_dit", "mnist_cnn"])
+  parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+  parser.add_argument("--dit-samples", type=int, default=200)
+  parser.add_argument("--cnn-samples", type=int, default=100)
+  parser.add_argument("--classifier-epochs", type=int, default=4)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--progress", action="store_true", help="tqdm bars for calibration")
+  parser.add_argument("--out", default=str(RESULTS / "diffusion_quality"), help="path stem for .json/.md")
+  args = parser.parse_args(argv)
+  if "fp" not in args.settings:
+    args.settings = ["fp"] + args.settings  # PSNR needs the float samples
+  result = run(args)
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+  table = markdown(result)
+  out.with_suffix(".md").write_text(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,269 @@
+"""Diffusion models, samplers and the integer layers of QuEST (fast; realdata tests skip without data)."""
+
+import math
+import struct
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from cometjax import ops
+from cometjax.diffusion import (cnn_schedule, ddim_sample, ddpm_sample, dit_schedule, image_grid, load_mnist_test,
+                                noise_prediction_loss, write_png)
+from cometjax.quest_quant import (DiffusionQuantConfig, StaticActQuantWeight, fake_quantize_activation,
+                                  integer_act_matmul, make_static_act_weight, pack_int4, quantize_activation_int,
+                                  unpack_int4)
+from tests.conftest import require_data
+
+torch = pytest.importorskip("torch")
+
+
+# ----------------------------------------------------------------------------------------------
+# Torch references written from the data README / config.json
+
+
+class TorchDiT(torch.nn.Module):
+  def __init__(self, sd):
+    super().__init__()
+    self.sd = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+
+  def lin(self, x, name):
+    return torch.nn.functional.linear(x, self.sd[name + ".weight"], self.sd[name + ".bias"])
+
+  def ln(self, x, name):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), self.sd[name + ".weight"], self.sd[name + ".bias"], 1e-5)
+
+  def forward(self, x, t, y):
+    sd = self.sd
+    half = sd["time_emb.0.half_emb"]
+    ang = t[:, None].float() * half[None]
+    temb = torch.cat([ang.sin(), ang.cos()], -1)
+    temb = self.lin(torch.relu(self.lin(temb, "time_emb.1")), "time_emb.3")
+    cond = sd["label_emb.weight"][y] + temb
+    h = torch.nn.functional.conv2d(x, sd["conv.weight"], sd["conv.bias"], stride=4)
+    b = h.shape[0]
+    h = h.permute(0, 2, 3, 1).reshape(b, 49, 16)
+    h = self.lin(h, "patch_emb") + sd["patch_pos_emb"]
+    for i in range(3):
+      p = f"dits.{i}"
+      g1, b1, a1, g2, b2, a2 = (self.lin(cond, f"{p}.{n}") for n in ("gamma1", "beta1", "alpha1", "gamma2", "beta2", "alpha2"))
+      z = self.ln(h, f"{p}.ln1") * (1 + g1[:, None]) + b1[:, None]
+      q = self.lin(z, f"{p}.wq").view(b, 49, 4, 64).permute(0, 2, 1, 3)
+      k = self.lin(z, f"{p}.wk").view(b, 49, 4, 64).permute(0, 2, 3, 1)
+      v = self.lin(z, f"{p}.wv").view(b, 49, 4, 64).permute(0, 2, 1, 3)
+      att = torch.softmax(q @ k / math.sqrt(49), -1)
+      o = (att @ v).permute(0, 2, 1, 3).reshape(b, 49, 256)
+      h = h + self.lin(o, f"{p}.lv") * a1[:, None]
+      z = self.ln(h, f"{p}.ln2") * (1 + g2[:, None]) + b2[:, None]
+      h = h + self.lin(torch.relu(self.lin(z, f"{p}.ff.0")), f"{p}.ff.2") * a2[:, None]
+    out = self.lin(self.ln(h, "ln"), "linear")
+    out = out.view(b, 7, 7, 1, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(b, 1, 28, 28)
+    return out
+
+
+def torch_cnn(sd, x, t):
+  sd = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+  ang = t[:, None] * sd["gt.frequencies"][None]
+  temb = torch.cat([ang.sin(), ang.cos() - 1], -1)
+  for i in (0, 2, 4, 6):
+    temb = torch.nn.functional.linear(temb, sd[f"gt.time_embed.{i}.weight"], sd[f"gt.time_embed.{i}.bias"])
+    if i < 6:
+      temb = torch.nn.functional.gelu(temb)
+  h = x
+  for i in range(4):
+    p = f"gt.blocks.{i}.net"
+    h = torch.nn.functional.conv2d(h, sd[f"{p}.0.weight"], sd[f"{p}.0.bias"], padding=3)
+    h = torch.nn.functional.layer_norm(h, h.shape[1:], sd[f"{p}.1.weight"], sd[f"{p}.1.bias"], 1e-5)
+    h = torch.nn.functional.gelu(h)
+    if i == 0:
+      h = h + temb[:, :, None, None]
+  return torch.nn.functional.conv2d(h, sd["gt.blocks.4.weight"], sd["gt.blocks.4.bias"], padding=1)
+
+
+def _tensors(folder):
+  from safetensors.numpy import load_file
+  return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.realdata
+def test_dit_matches_torch_reference():
+  folder = require_data("diffusion", "mnist_dit")
+  from cometjax.models.dit import load_dit
+  model = load_dit(folder)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((6, 1, 28, 28)).astype(np.float32)
+  t = np.array([0, 1, 250, 500, 998, 999])
+  y = np.array([0, 3, 5, 7, 9, 2])
+  ours = np.asarray(model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)))
+  with torch.no_grad():
+    ref = TorchDiT(_tensors(folder))(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(y)).numpy()
+  assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-4
+
+
+@pytest.mark.realdata
+def test_cnn_matches_torch_reference():
+  folder = require_data("diffusion", "mnist_cnn")
+  from cometjax.models.cnn_ddpm import load_cnn
+  model = load_cnn(folder)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
+  t = np.array([0.001, 0.5, 1.0], np.float32)
+  ours = np.asarray(model(jnp.asarray(x), jnp.asarray(t)))
+  with torch.no_grad():
+    ref = torch_cnn(_tensors(folder), torch.from_numpy(x), torch.from_numpy(t)).numpy()
+  assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-4
+
+
+@pytest.mark.realdata
+def test_noise_prediction_losses_match_reference_facts():
+  """README facts (DiT L1 0.0686, CNN MSE 0.0169) within 3%, on the first 2000 test images (seed 0).
+
+  The full 10,000 images are evaluated by bench/diffusion_quality.py (fp_losses in its JSON).
+  """
+  require_data("mnist", "t10k-images-idx3-ubyte.gz")
+  from cometjax.models.cnn_ddpm import load_cnn
+  from cometjax.models.dit import load_dit
+  images, labels = load_mnist_test()
+  images, labels = images[:2000], labels[:2000]
+  dit_model = load_dit()
+  dit = noise_prediction_loss(dit_model, images, labels, seed=0)
+  cnn = noise_prediction_loss(load_cnn(), images, None, seed=0)
+  assert abs(dit["l1"] - 0.0686) / 0.0686 < 0.03, dit
+  assert abs(cnn["mse"] - 0.0169) / 0.0169 < 0.03, cnn
+  # conditioning matters: wrong labels (shifted by 5) predict worse (README: 0.0743 vs 0.0686)
+  shifted = noise_prediction_loss(dit_model, images, labels, seed=0, label_shift=5)
+  assert shifted["l1"] > dit["l1"] * 1.04
+
+
+def test_mnist_loader_facts():
+  require_data("mnist", "t10k-images-idx3-ubyte.gz")
+  images, labels = load_mnist_test()
+  assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+  assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+  assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules and samplers
+
+
+def test_schedules():
+  dit = dit_schedule()
+  assert len(dit.betas) == 1000 and dit.betas[0] == pytest.approx(1e-4) and dit.betas[-1] == pytest.approx(0.02)
+  cnn = cnn_schedule()
+  assert len(cnn.alpha_bars) == 1001 and cnn.first_index == 1 and cnn.last_index == 1000
+  assert float(cnn.model_time(jnp.array(500))) == pytest.approx(0.5)
+  assert dit.ddim_indices(5).tolist() == [999, 749, 500, 250, 0]
+  with pytest.raises(ValueError, match="steps"):
+    dit.ddim_indices(0)
+
+
+class OracleDenoiser(nnx.Module):
+  """The exact eps for data concentrated at one image x0: eps = (x - sqrt(ab) x0) / sqrt(1 - ab)."""
+
+  def __init__(self, x0, alpha_bars, kind):
+    self.x0 = nnx.Variable(jnp.asarray(x0))
+    self.table = nnx.Variable(jnp.asarray(alpha_bars, jnp.float32))
+    self.kind = kind
+
+  def __call__(self, x, t, *rest):
+    index = t if self.kind == "dit" else jnp.round(t * 1000).astype(jnp.int32)
+    ab = self.table[...][index][:, None, None, None]
+    return (x - jnp.sqrt(ab) * self.x0[...]) / jnp.sqrt(1 - ab)
+
+
+@pytest.mark.parametrize("kind", ["dit", "cnn"])
+def test_samplers_recover_a_point_mass(kind):
+  schedule = dit_schedule() if kind == "dit" else cnn_schedule()
+  x0 = jnp.asarray(np.random.default_rng(0).uniform(schedule.data_low, schedule.data_high, (1, 28, 28)),
+                   jnp.float32)
+  model = OracleDenoiser(x0, schedule.alpha_bars, kind)
+  noise = jax.random.normal(jax.random.key(0), (2, 1, 28, 28))
+  labels = jnp.zeros((2,), jnp.int32) if kind == "dit" else None
+  seen = []
+  out = ddim_sample(model, schedule, noise, labels, steps=10,
+                    group_fn=lambda index: (seen.append(1), jnp.int32(0))[1])
+  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(x0), out.shape), atol=1e-3)
+  assert seen  # the timestep hook is traced
+  out = ddpm_sample(model, schedule, noise, labels, key=jax.random.key(1))
+  # DDPM adds sqrt(beta_1) noise at its last step for the CNN rule only when i > 1: exact there too.
+  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(x0), out.shape), atol=2e-2)
+
+
+def test_timestep_groups():
+  config = DiffusionQuantConfig(num_timestep_groups=4)
+  assert config.timestep_group(jnp.array([0, 249, 250, 999, 1000])).tolist() == [0, 0, 1, 3, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer layers
+
+
+def test_pack_unpack_int4_roundtrip():
+  values = jnp.asarray(np.random.default_rng(0).integers(-8, 8, (10, 7)), jnp.int8)
+  packed = pack_int4(values)
+  assert packed.shape == (5, 7) and packed.dtype == jnp.uint8
+  assert (int(packed[0, 0]) & 0xF) == (int(values[0, 0]) & 0xF)  # row 0 in the low nibble
+  np.testing.assert_array_equal(np.asarray(unpack_int4(packed)), np.asarray(values))
+  with pytest.raises(ValueError, match="even"):
+    pack_int4(values[:3])
+
+
+@pytest.mark.parametrize("weight_bits,act_bits,k", [(4, 4, 64), (4, 8, 49), (8, 8, 33)])
+def test_integer_linear_matches_fake_quantization(weight_bits, act_bits, k):
+  rng = np.random.default_rng(k)
+  x = jnp.asarray(rng.standard_normal((5, 3, k)) + 0.3, jnp.float32)
+  q = jnp.asarray(rng.integers(-(2 ** (weight_bits - 1)), 2 ** (weight_bits - 1), (k, 12)), jnp.float32)
+  scale = jnp.asarray(rng.uniform(0.01, 0.05, 12), jnp.float32)
+  step, zero = jnp.float32(0.21), jnp.float32(-3.0)
+  leaf = make_static_act_weight(q, scale, step, zero, weight_bits=weight_bits, act_bits=act_bits)
+  bias = jnp.arange(12, dtype=jnp.float32)
+  got = ops.linear(x, leaf, bias)  # dispatches to leaf.quantized_matmul
+  want = fake_quantize_activation(x, step, zero, act_bits) @ (q * scale) + bias
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert isinstance(leaf, StaticActQuantWeight) and leaf.shape == (k, 12)
+  with pytest.raises(ValueError, match="in_features"):
+    leaf.quantized_matmul(x[..., :-1])
+
+
+def test_integer_act_matmul_matches_fake_quantization():
+  rng = np.random.default_rng(2)
+  a = jnp.asarray(rng.uniform(0, 1, (2, 4, 9, 9)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((2, 4, 9, 16)), jnp.float32)
+  sa, za, sb, zb = jnp.float32(1 / 255), jnp.float32(-128.0), jnp.float32(0.3), jnp.float32(1.0)
+  got = integer_act_matmul(quantize_activation_int(a, sa, za, 8), sa, za, quantize_activation_int(b, sb, zb, 4), sb, zb)
+  want = fake_quantize_activation(a, sa, za, 8) @ fake_quantize_activation(b, sb, zb, 4)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="weight_bits"):
+    DiffusionQuantConfig(weight_bits=5)
+  with pytest.raises(ValueError, match="act_bits"):
+    DiffusionQuantConfig(act_bits=16)
+
+
+def test_png_writer_without_pil(tmp_path, monkeypatch):
+  import builtins
+  real_import = builtins.__import__
+
+  def no_pil(name, *args, **kwargs):
+    if name == "PIL" or name.startswith("PIL."):
+      raise ImportError("no PIL")
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "__import__", no_pil)
+  grid = image_grid(np.random.default_rng(0).uniform(0, 1, (3, 1, 28, 28)), columns=2)
+  path = tmp_path / "g.png"
+  write_png(path, grid)
+  data = path.read_bytes()
+  assert data[:8] == b"\x89PNG\r\n\x1a\n"
+  width, height = struct.unpack(">II", data[16:24])
+  assert (height, width) == grid.shape
+  idat_len = struct.unpack(">I", data[33:37])[0]
+  raw = zlib.decompress(data[41:41 + idat_len])
+  rows = np.frombuffer(raw, np.uint8).reshape(height, width + 1)
+  np.testing.assert_array_equal(rows[:, 1:], grid)
