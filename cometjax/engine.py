@@ -71,7 +71,10 @@ class Engine:
 
   def __init__(self, model, *, slots: int = 8, max_len: int = 512, chunk: int = 32,
                sampling: SamplingConfig = SamplingConfig(), kv: KVQuantConfig | None = None,
-               key: jax.Array | None = None, eos_ids: Sequence[int] | None = None):
+               num_pages: int | None = None, key: jax.Array | None = None, eos_ids: Sequence[int] | None = None):
+    """`num_pages` (INT4 caches only) sizes a shared page pool smaller than slots * max_len: a request
+    reserves ceil((prompt + max_new_tokens) / page_size) pages when admitted and returns them when done;
+    requests wait while the pool is short."""
     group = prefill_chunk(kv)
     if slots < 1:
       raise ValueError(f"slots must be >= 1, got {slots}")
@@ -86,7 +89,14 @@ class Engine:
     self.eos_ids = set(model.config.eos_token_ids if eos_ids is None else eos_ids)
     graphdef, self._state = nnx.split(model)
     self._static = _Static(graphdef, sampling)
-    self._cache = create_cache(kv, model.config, slots, max_len)
+    paging = {} if num_pages is None else {"num_pages": num_pages}
+    self._cache = create_cache(kv, model.config, slots, max_len, **paging)
+    self._paged = kv is not None
+    if self._paged:
+      self._page_size = self._cache.page_size
+      self._free_pages = list(range(self._cache.num_pages))
+      self._page_table = np.full(self._cache.page_table.shape, -1, np.int32)
+      self._cache = self._cache.with_page_table(self._page_table)
     self._key = jax.random.key(0) if key is None else key
     self._waiting: collections.deque[_Request] = collections.deque()
     self._active: list[_Request | None] = [None] * slots
@@ -103,6 +113,9 @@ class Engine:
     if len(prompt) + max_new_tokens > self.max_len:
       raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
                        f"max_len ({self.max_len})")
+    if self._paged and self._pages_needed(len(prompt) + max_new_tokens) > self._cache.num_pages:
+      raise ValueError(f"the request needs {self._pages_needed(len(prompt) + max_new_tokens)} pages, more than "
+                       f"the pool's num_pages ({self._cache.num_pages})")
     request = _Request(self._next_id, list(prompt), max_new_tokens)
     self._next_id += 1
     self._waiting.append(request)
@@ -112,15 +125,30 @@ class Engine:
   def busy(self) -> bool:
     return bool(self._waiting) or any(r is not None for r in self._active)
 
+  def _pages_needed(self, tokens: int) -> int:
+    return -(-tokens // self._page_size)
+
   def _admit(self):
     free = [i for i, r in enumerate(self._active) if r is None]
     admitted = np.zeros(self.slots, bool)
     while free and self._waiting:
+      request = self._waiting[0]
+      if self._paged:  # first come, first served: the head of the queue waits for pages
+        needed = self._pages_needed(len(request.prompt) + request.max_new_tokens)
+        if needed > len(self._free_pages):
+          break
+        self._page_table[free[0], :needed] = [self._free_pages.pop() for _ in range(needed)]
       slot = free.pop(0)
       self._active[slot] = self._waiting.popleft()
       admitted[slot] = True
     if admitted.any():
       self._cache = self._cache.reset_rows(jnp.asarray(admitted))
+      if self._paged:
+        self._cache = self._cache.with_page_table(self._page_table)
+
+  @property
+  def free_pages(self) -> int | None:
+    return len(self._free_pages) if self._paged else None
 
   def _next_key(self):
     self._key, sub = jax.random.split(self._key)
@@ -171,6 +199,10 @@ class Engine:
     finished = token in self.eos_ids or len(r.generated) >= r.max_new_tokens
     if finished:
       self._active[slot] = None
+      if self._paged:
+        row = self._page_table[slot]
+        self._free_pages.extend(int(p) for p in row[row >= 0])
+        row[:] = -1
     return TokenEvent(r.request_id, token, finished)
 
   def stream(self) -> Iterator[TokenEvent]:

@@ -92,21 +92,29 @@ def hadamard_matrix(n: int) -> np.ndarray:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KV4Cache:
-  """INT4 cache.  Codes: uint8 [L, B, S, Hkv, D/2]; scales/zeros f32 (shapes per layout, below)."""
-  k: jax.Array  # uint8 [L, B, S, Hkv, D/2]
-  v: jax.Array  # uint8 [L, B, S, Hkv, D/2]
-  k_scale: jax.Array  # per token: [L, B, S, Hkv, D/hg]; channel: [L, B, S/G, Hkv, D]
+  """Paged INT4 cache: a pool of pages of `page_size` tokens and a page table per batch row.
+
+  Sequence position p of row b lives in page `page_table[b, p // page_size]`, slot `p % page_size`.
+  `create` builds the identity table (row b owns pages b*n .. b*n+n-1, i.e. a contiguous cache); a
+  serving engine sets its own tables over a smaller pool (`with_page_table`). In "channel" mode a page is
+  one K scale group (page_size == group_tokens).
+  """
+  k: jax.Array  # uint8 [L, P, page, Hkv, D/2]
+  v: jax.Array  # uint8 [L, P, page, Hkv, D/2]
+  k_scale: jax.Array  # per token: [L, P, page, Hkv, D/hg]; channel: [L, P, Hkv, D]
   k_zero: jax.Array
-  v_scale: jax.Array  # [L, B, S, Hkv, D/hg]
+  v_scale: jax.Array  # [L, P, page, Hkv, D/hg]
   v_zero: jax.Array
   k_recent: jax.Array  # channel: f32 [L, B, G, Hkv, D], the open group; else [L, B, 0, Hkv, D]
   length: jax.Array  # int32 [L, B]: tokens written so far per layer and row
+  page_table: jax.Array  # int32 [B, max_len // page]; entries < 0 are unallocated
   config: KVQuantConfig = dataclasses.field(metadata=dict(static=True))
   dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
 
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.float32, *, config: KVQuantConfig = KVQuantConfig()) -> "KV4Cache":
+             dtype=jnp.float32, *, config: KVQuantConfig = KVQuantConfig(), page_size: int | None = None,
+             num_pages: int | None = None) -> "KV4Cache":
     if head_dim % 2:
       raise ValueError(f"head_dim must be even for INT4 packing, got {head_dim}")
     hg = config.head_group or head_dim
@@ -114,25 +122,46 @@ class KV4Cache:
       raise ValueError(f"head_group must be an even divisor of head_dim={head_dim}, got {hg}")
     if config.k_mode == "hadamard":
       hadamard_matrix(head_dim)  # validates the size
-    base = (num_layers, batch, max_len, num_kv_heads)
-    codes = jnp.zeros(base + (head_dim // 2,), jnp.uint8)
-    token_scales = jnp.ones(base + (head_dim // hg,), jnp.float32)
-    g = config.group_tokens
-    if config.k_mode == "channel":
-      if max_len % g:
-        raise ValueError(f"max_len ({max_len}) must be a multiple of group_tokens ({g}) for k_mode='channel'")
-      k_scales = jnp.ones((num_layers, batch, max_len // g, num_kv_heads, head_dim), jnp.float32)
-      recent = jnp.zeros((num_layers, batch, g, num_kv_heads, head_dim), jnp.float32)
+    channel = config.k_mode == "channel"
+    if channel:
+      if page_size not in (None, config.group_tokens):
+        raise ValueError(f"page_size must equal group_tokens ({config.group_tokens}) for k_mode='channel', "
+                         f"got {page_size}")
+      page_size = config.group_tokens
+    page_size = page_size or min(16, max_len)
+    if max_len % page_size:
+      what = "group_tokens" if channel else "page_size"
+      raise ValueError(f"max_len ({max_len}) must be a multiple of {what} ({page_size})")
+    pages_per_row = max_len // page_size
+    num_pages = batch * pages_per_row if num_pages is None else num_pages
+    if num_pages < 1:
+      raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+    pool = (num_layers, num_pages, page_size, num_kv_heads)
+    codes = jnp.zeros(pool + (head_dim // 2,), jnp.uint8)
+    token_scales = jnp.ones(pool + (head_dim // hg,), jnp.float32)
+    if channel:
+      k_scales = jnp.ones((num_layers, num_pages, num_kv_heads, head_dim), jnp.float32)
     else:
       k_scales = token_scales
-      recent = jnp.zeros((num_layers, batch, 0, num_kv_heads, head_dim), jnp.float32)
+    recent = jnp.zeros((num_layers, batch, page_size if channel else 0, num_kv_heads, head_dim), jnp.float32)
+    identity = np.arange(batch * pages_per_row, dtype=np.int32).reshape(batch, pages_per_row)
+    table = jnp.asarray(np.where(identity < num_pages, identity, -1))
     return cls(k=codes, v=codes, k_scale=k_scales, k_zero=jnp.zeros_like(k_scales), v_scale=token_scales,
                v_zero=jnp.zeros_like(token_scales), k_recent=recent,
-               length=jnp.zeros((num_layers, batch), jnp.int32), config=config, dtype=jnp.dtype(dtype))
+               length=jnp.zeros((num_layers, batch), jnp.int32), page_table=table, config=config,
+               dtype=jnp.dtype(dtype))
+
+  @property
+  def page_size(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def num_pages(self) -> int:
+    return self.k.shape[1]
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.page_table.shape[1] * self.page_size
 
   @property
   def prefill_chunk(self) -> int | None:
@@ -142,19 +171,33 @@ class KV4Cache:
   def head_group(self) -> int:
     return self.config.head_group or 2 * self.k.shape[-1]
 
+  def with_page_table(self, page_table) -> "KV4Cache":
+    """The same pool under new per-row page tables (int32 [B, max_len // page_size], -1 = none)."""
+    page_table = jnp.asarray(page_table, jnp.int32)
+    if page_table.shape != self.page_table.shape:
+      raise ValueError(f"page_table must have shape {list(self.page_table.shape)}, got {list(page_table.shape)}")
+    return dataclasses.replace(self, page_table=page_table)
+
+  def _physical(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(page, slot) of positions [B, T]; padding or unallocated positions get page P (dropped)."""
+    logical = jnp.clip(positions // self.page_size, 0, self.page_table.shape[1] - 1)
+    page = jnp.take_along_axis(self.page_table, logical, axis=1)
+    ok = (positions < self.max_len) & (page >= 0)
+    return jnp.where(ok, page, self.num_pages), positions % self.page_size
+
   def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
     """k_new, v_new: [B, T, Hkv, D] written at positions [B, T]; returns (cache, keys, values)."""
     b, t, _, d = k_new.shape
-    s = self.max_len
-    rows = jnp.arange(b)[:, None]
-    valid = positions < s
+    rows = jnp.arange(b)[:, None]  # [B, 1]
+    valid = positions < self.max_len
     new_length = jnp.maximum(self.length[layer], jnp.max(jnp.where(valid, positions + 1, 0), axis=1))
+    page, slot = self._physical(positions)
     fields = {}
 
     v_codes, v_scale, v_zero = quantize_kv_tensor(v_new.astype(jnp.float32), self.head_group)
-    fields["v"] = self.v.at[layer, rows, positions].set(v_codes, mode="drop")
-    fields["v_scale"] = self.v_scale.at[layer, rows, positions].set(v_scale, mode="drop")
-    fields["v_zero"] = self.v_zero.at[layer, rows, positions].set(v_zero, mode="drop")
+    fields["v"] = self.v.at[layer, page, slot].set(v_codes, mode="drop")
+    fields["v_scale"] = self.v_scale.at[layer, page, slot].set(v_scale, mode="drop")
+    fields["v_zero"] = self.v_zero.at[layer, page, slot].set(v_zero, mode="drop")
 
     k32 = k_new.astype(jnp.float32)
     if self.config.k_mode == "channel":
@@ -162,24 +205,23 @@ class KV4Cache:
       if t > g:
         raise ValueError(f"k_mode='channel' writes at most group_tokens={g} tokens per update, got {t}; "
                          "prefill through generate.forward_with_cache, which chunks")
-      slot = jnp.where(valid, positions % g, g)
-      recent = self.k_recent.at[layer, rows, slot].set(k32, mode="drop")[layer]  # [B, G, Hkv, D]
+      ring_slot = jnp.where(valid, positions % g, g)
+      recent = self.k_recent.at[layer, rows, ring_slot].set(k32, mode="drop")[layer]  # [B, G, Hkv, D]
       completed = (new_length % g == 0) & (new_length > self.length[layer])  # [B]
-      group = new_length // g - 1
+      group_page, _ = self._physical(jnp.where(completed, new_length - g, self.max_len)[:, None])
       codes, scale, zero = quantize_asymmetric(recent, 4, axis=1)  # over the group's tokens
-      token_rows = jnp.where(completed[:, None], group[:, None] * g + jnp.arange(g), s)
-      group_rows = jnp.where(completed, group, s // g)[:, None]
-      fields["k"] = self.k.at[layer, rows, token_rows].set(pack_int4(codes, axis=-1), mode="drop")
-      fields["k_scale"] = self.k_scale.at[layer, rows, group_rows].set(scale, mode="drop")
-      fields["k_zero"] = self.k_zero.at[layer, rows, group_rows].set(zero, mode="drop")
+      group_page = group_page[:, 0]
+      fields["k"] = self.k.at[layer, group_page].set(pack_int4(codes, axis=-1), mode="drop")
+      fields["k_scale"] = self.k_scale.at[layer, group_page].set(scale[:, 0], mode="drop")
+      fields["k_zero"] = self.k_zero.at[layer, group_page].set(zero[:, 0], mode="drop")
       fields["k_recent"] = self.k_recent.at[layer].set(recent)
     else:
       if self.config.k_mode == "hadamard":
         k32 = k32 @ hadamard_matrix(d)
       k_codes, k_scale, k_zero = quantize_kv_tensor(k32, self.head_group)
-      fields["k"] = self.k.at[layer, rows, positions].set(k_codes, mode="drop")
-      fields["k_scale"] = self.k_scale.at[layer, rows, positions].set(k_scale, mode="drop")
-      fields["k_zero"] = self.k_zero.at[layer, rows, positions].set(k_zero, mode="drop")
+      fields["k"] = self.k.at[layer, page, slot].set(k_codes, mode="drop")
+      fields["k_scale"] = self.k_scale.at[layer, page, slot].set(k_scale, mode="drop")
+      fields["k_zero"] = self.k_zero.at[layer, page, slot].set(k_zero, mode="drop")
     fields["length"] = self.length.at[layer].set(new_length)
     cache = dataclasses.replace(self, **fields)
     return cache, cache.read_keys(layer).astype(self.dtype), cache.read_values(layer).astype(self.dtype)
@@ -188,21 +230,26 @@ class KV4Cache:
     """Frees batch rows (bool [B]) for new sequences: their written length goes back to 0."""
     return dataclasses.replace(self, length=jnp.where(rows[None, :], 0, self.length))
 
+  def _gather(self, pool: jax.Array) -> jax.Array:
+    """One layer's pool [P, page, ...] -> the rows' sequences [B, S, ...] through the page table."""
+    pages = pool[jnp.maximum(self.page_table, 0)]  # [B, n, page, ...]; unallocated pages lie past length
+    return pages.reshape(pages.shape[0], -1, *pages.shape[3:])
+
   def read_values(self, layer: int) -> jax.Array:
-    return dequantize_kv_tensor(self.v[layer], self.v_scale[layer], self.v_zero[layer])
+    return dequantize_kv_tensor(self._gather(self.v[layer]), self._gather(self.v_scale[layer]),
+                                self._gather(self.v_zero[layer]))
 
   def read_keys(self, layer: int) -> jax.Array:
     """[B, S, Hkv, D] float32 keys of one layer, as attention sees them."""
-    if self.config.k_mode == "token":
-      return dequantize_kv_tensor(self.k[layer], self.k_scale[layer], self.k_zero[layer])
-    if self.config.k_mode == "hadamard":
-      rotated = dequantize_kv_tensor(self.k[layer], self.k_scale[layer], self.k_zero[layer])
-      return rotated @ hadamard_matrix(rotated.shape[-1])
+    codes = self._gather(self.k[layer])
+    if self.config.k_mode != "channel":
+      keys = dequantize_kv_tensor(codes, self._gather(self.k_scale[layer]), self._gather(self.k_zero[layer]))
+      return keys @ hadamard_matrix(keys.shape[-1]) if self.config.k_mode == "hadamard" else keys
     g = self.config.group_tokens
-    codes = unpack_int4(self.k[layer], axis=-1, signed=False).astype(jnp.float32)  # [B, S, Hkv, D]
-    scale = jnp.repeat(self.k_scale[layer], g, axis=1)
-    zero = jnp.repeat(self.k_zero[layer], g, axis=1)
-    keys = (codes - zero) * scale
+    table = jnp.maximum(self.page_table, 0)
+    scale = jnp.repeat(self.k_scale[layer][table], g, axis=1)  # [B, n, Hkv, D] -> [B, S, Hkv, D]
+    zero = jnp.repeat(self.k_zero[layer][table], g, axis=1)
+    keys = (unpack_int4(codes, axis=-1, signed=False).astype(jnp.float32) - zero) * scale
     positions = jnp.arange(self.max_len)
     open_group = (self.length[layer] - 1) // g  # [B]: the group of the newest token stays exact
     in_open = (positions[None, :] // g) == open_group[:, None]  # [B, S]
@@ -210,11 +257,10 @@ class KV4Cache:
     return jnp.where(in_open[:, :, None, None], recent, keys)
 
   def nbytes_per_token(self) -> float:
-    """Bytes one cached token costs across layers, codes plus scales (the ring buffer excluded)."""
-    l, _, s = self.k.shape[:3]
-    per_row = sum(x[:, 0].size * x.dtype.itemsize for x in (self.k, self.v, self.k_scale, self.k_zero,
-                                                             self.v_scale, self.v_zero))
-    return per_row / s
+    """Bytes one pooled token costs across layers, codes plus scales (the ring buffer excluded)."""
+    pool_tokens = self.num_pages * self.page_size
+    fields = (self.k, self.v, self.k_scale, self.k_zero, self.v_scale, self.v_zero)
+    return sum(x.size * x.dtype.itemsize for x in fields) / pool_tokens
 
 
 def prefill_chunk(kv: KVQuantConfig | None) -> int:
@@ -222,10 +268,13 @@ def prefill_chunk(kv: KVQuantConfig | None) -> int:
   return kv.group_tokens if kv is not None and kv.k_mode == "channel" else 1
 
 
-def create_cache(kv: KVQuantConfig | None, config, batch: int, max_len: int, dtype=None):
-  """An empty cache for a model config (`LlamaConfig`): float when kv is None, else INT4."""
+def create_cache(kv: KVQuantConfig | None, config, batch: int, max_len: int, dtype=None, **paging):
+  """An empty cache for a model config (`LlamaConfig`): float when kv is None, else INT4 (`paging`:
+  page_size / num_pages for `KV4Cache.create`)."""
   dtype = dtype or config.dtype
   shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
   if kv is None:
+    if paging:
+      raise ValueError(f"paging options {sorted(paging)} need an INT4 cache (kv=KVQuantConfig(...))")
     return KVCache.create(*shape, dtype=dtype)
-  return KV4Cache.create(*shape, dtype=dtype, config=kv)
+  return KV4Cache.create(*shape, dtype=dtype, config=kv, **paging)

@@ -24,6 +24,17 @@ def test_engine_equals_generate_with_fewer_slots_than_requests(model, kv):
   assert engine.run(PROMPTS, 12) == expected
 
 
+def test_paged_pool_smaller_than_slots_times_max_len(model):
+  kv = KVQuantConfig(k_mode="channel", group_tokens=8)
+  expected = [generate(model, [p], 12, stop_at_eos=False, kv=kv).tokens[0] for p in PROMPTS]
+  # 3 slots x 64 tokens would need 24 pages of 8; 7 pages hold two requests of <= 32 tokens at a time
+  engine = Engine(model, slots=3, max_len=64, chunk=8, kv=kv, num_pages=7)
+  assert engine.run(PROMPTS, 12) == expected
+  assert engine.free_pages == 7  # every page came back
+  with pytest.raises(ValueError, match="more than the pool's num_pages"):
+    engine.submit([1] * 50, 10)
+
+
 def test_requests_come_and_go_without_recompiling(model):
   engine = Engine(model, slots=3, max_len=64, chunk=8)
   engine.run(PROMPTS[:2], 4)

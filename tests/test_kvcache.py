@@ -73,10 +73,36 @@ def test_decode_token_by_token_equals_chunked_prefill(mode):
 def test_padding_positions_are_dropped():
   k, v = random_kv(8)
   for cache in (KVCache.create(L, B, S, H, D), KV4Cache.create(L, B, S, H, D)):
+    before = cache.v[0] if isinstance(cache, KVCache) else cache.read_values(0)
     pos = jnp.array([[0, 1, 2, 3, S, S, S, S], list(range(8))])
-    new, _, _ = cache.update(0, k, v, pos)
-    assert np.all(np.asarray(new.v[0, 0, 4:]) == np.asarray(cache.v[0, 0, 4:]))
-    assert np.any(np.asarray(new.v[0, 1, 4:8]) != np.asarray(cache.v[0, 1, 4:8]))
+    _, _, after = cache.update(0, k, v, pos)
+    np.testing.assert_array_equal(after[0, 4:], before[0, 4:])
+    assert np.abs(np.asarray(after[1, 4:8] - before[1, 4:8])).max() > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_paged_cache_equals_contiguous(mode):
+  """Rows own scattered pages of a pool smaller than batch * pages per row; reads are unchanged."""
+  k, v = random_kv(40, seed=3)
+  config = KVQuantConfig(k_mode=mode, group_tokens=8)
+  contiguous = KV4Cache.create(L, B, S, H, D, config=config, page_size=8)
+  pages_per_row = S // 8
+  paged = KV4Cache.create(L, B, S, H, D, config=config, page_size=8, num_pages=11)
+  table = -np.ones((B, pages_per_row), np.int32)
+  table[0, :5] = [7, 2, 9, 0, 4]  # 40 tokens need 5 pages per row
+  table[1, :5] = [1, 10, 3, 8, 6]
+  paged = paged.with_page_table(table)
+  _, keys_a, values_a = fill(contiguous, 1, k, v, chunk=8)
+  _, keys_b, values_b = fill(paged, 1, k, v, chunk=8)
+  np.testing.assert_array_equal(keys_a[:, :40], keys_b[:, :40])
+  np.testing.assert_array_equal(values_a[:, :40], values_b[:, :40])
+  assert paged.nbytes_per_token() == contiguous.nbytes_per_token()
+  assert paged.k.shape[1] == 11 < contiguous.k.shape[1] == B * pages_per_row
+
+
+def test_page_table_shape_is_checked():
+  with pytest.raises(ValueError, match="page_table must have shape"):
+    KV4Cache.create(L, B, S, H, D).with_page_table(np.zeros((B, 3), np.int32))
 
 
 def test_memory_per_token():
@@ -99,6 +125,10 @@ def test_bad_shapes():
     KV4Cache.create(L, B, S, H, 12, config=KVQuantConfig(k_mode="hadamard"))
   with pytest.raises(ValueError, match="multiple of group_tokens"):
     KV4Cache.create(L, B, 40, H, D, config=KVQuantConfig(group_tokens=32))
+  with pytest.raises(ValueError, match="page_size must equal group_tokens"):
+    KV4Cache.create(L, B, S, H, D, config=KVQuantConfig(group_tokens=32), page_size=16)
+  with pytest.raises(ValueError, match="paging options"):
+    create_cache(None, CONFIG, 1, 32, num_pages=4)
   cache = KV4Cache.create(L, B, S, H, D, config=KVQuantConfig(group_tokens=8))
   k, v = random_kv(16)
   with pytest.raises(ValueError, match="at most group_tokens=8"):
