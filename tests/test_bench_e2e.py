@@ -1,0 +1,23 @@
+import importlib.util
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_e2e_benchmark_smoke(tmp_path):
+  spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
+  bench = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes
+  spec.loader.exec_module(bench)
+  out = tmp_path / "e2e.json"
+  bench.main(["--smoke", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report["smoke"] is True and report["device"] and report["commit"]
+  presets = {row["preset"] for row in report["rows"] if row["engine"] == "cometjax"}
+  assert presets == {"bf16", "w4a16", "w8a8", "w4a8-kv4", "w4ax-kv4"}
+  for row in report["rows"]:
+    for field in ("model_shape", "engine", "preset", "batch", "in_len", "out_len", "tokens_per_s", "peak_mem_gb"):
+      assert field in row
+    assert row["tokens_per_s"] > 0
