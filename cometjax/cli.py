@@ -1,4 +1,4 @@
-"""`cometjax` command line: generate, eval-ppl (and the subcommands other modules register)."""
+"""`cometjax` command line: generate, eval-ppl, quantize, sample."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ DTYPES = ("float32", "bfloat16")
 
 
 def _load_model(args):
-  """(model, tokenizer or None) for --model: a HF dir, a llama2.c .bin, or the builtin random model."""
+  """(model, tokenizer or None, KV setting) for --model: a HF dir, a llama2.c .bin, a quantized dir, or
+  the builtin random model. The KV setting is --kv, else the quantized dir's own, else float."""
   import jax.numpy as jnp
 
   dtype = jnp.dtype(args.dtype)
@@ -20,10 +21,13 @@ def _load_model(args):
     from cometjax.models.llama import TINY_CONFIG, init_llama
     # stories260K's shape with an untied random head, so the random model's tokens vary
     config = TINY_CONFIG.replace(dtype=dtype, tie_word_embeddings=False)
-    return init_llama(config, seed=args.seed), None
+    return init_llama(config, seed=args.seed), None, _kv_config(args.kv)
   from cometjax.models.loaders import load
   loaded = load(args.model, tokenizer=args.tokenizer, dtype=dtype)
-  return loaded.model, loaded.tokenizer
+  kv = _kv_config(args.kv)
+  if args.kv is None and loaded.quant_config is not None:
+    kv = loaded.quant_config.kv
+  return loaded.model, loaded.tokenizer, kv
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str | None):
@@ -35,23 +39,23 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str | None):
   p.add_argument("--dtype", default="float32", choices=DTYPES)
 
 
-def _kv_config(name: str):
+def _kv_config(name: str | None):
   from cometjax.kvcache import KVQuantConfig
-  return None if name == "none" else KVQuantConfig(k_mode=name)
+  return None if name in (None, "none") else KVQuantConfig(k_mode=name)
 
 
 def _add_kv_arg(p: argparse.ArgumentParser):
   from cometjax.kvcache import K_MODES
-  p.add_argument("--kv", default="none", choices=("none",) + K_MODES,
-                 help="KV cache: none (float, the default) or INT4 with this K layout "
-                      "(channel: K per channel over 32-token groups, the most accurate)")
+  p.add_argument("--kv", default=None, choices=("none",) + K_MODES,
+                 help="KV cache: none (float) or INT4 with this K layout (channel: K per channel over 32-token "
+                      "groups, the most accurate). Default: a quantized model's own setting, else none")
 
 
 def cmd_generate(args) -> int:
   import jax
   from cometjax.generate import SamplingConfig, generate
 
-  model, tokenizer = _load_model(args)
+  model, tokenizer, kv = _load_model(args)
   bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
   if args.prompt:
     if tokenizer is None:
@@ -62,7 +66,7 @@ def cmd_generate(args) -> int:
     prompt = [bos]
   sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   key = jax.random.key(args.seed)
-  kwargs = dict(sampling=sampling, key=key, stop_at_eos=not args.no_stop, kv=_kv_config(args.kv))
+  kwargs = dict(sampling=sampling, key=key, stop_at_eos=not args.no_stop, kv=kv)
   if args.warmup:
     generate(model, [prompt], args.max_new_tokens, **kwargs)  # compiles this shape bucket
   result = generate(model, [prompt], args.max_new_tokens, **kwargs)
@@ -83,7 +87,7 @@ def cmd_eval_ppl(args) -> int:
   from pathlib import Path
   from cometjax.perplexity import perplexity
 
-  model, tokenizer = _load_model(args)
+  model, tokenizer, kv = _load_model(args)
   if tokenizer is None:
     raise SystemExit(f"error: eval-ppl needs a tokenizer; none was found for {args.model} (pass --tokenizer)")
   text_path = Path(args.text)
@@ -91,12 +95,13 @@ def cmd_eval_ppl(args) -> int:
     raise SystemExit(f"error: --text file not found: {text_path}")
   result = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"), window=args.window,
                       separator=args.separator or None, per_document=args.per_document,
-                      batch_size=args.batch_size, max_documents=args.max_documents, kv=_kv_config(args.kv),
+                      batch_size=args.batch_size, max_documents=args.max_documents, kv=kv,
                       progress=not args.json)
   print(f"perplexity {result.ppl:.4f} over {result.num_tokens} tokens "
         f"({result.num_windows} windows of {args.window}, {result.num_documents} documents)")
   if args.json:
-    print(json.dumps({"model": args.model, "text": str(text_path), "window": args.window, "kv": args.kv,
+    kv_json = None if kv is None else kv.as_dict()
+    print(json.dumps({"model": args.model, "text": str(text_path), "window": args.window, "kv": kv_json,
                       "per_document": args.per_document, **result.as_dict()}))
   return 0
 
@@ -145,14 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-  """Subcommands defined beside their feature (quantize, sample), registered when present."""
-  registrars = []
-  try:
-    from cometjax.cli_sample import add_sample_command
-    registrars.append(add_sample_command)
-  except ImportError:
-    pass
-  return registrars
+  """Subcommands defined beside their feature."""
+  from cometjax.cli_quantize import add_quantize_command
+  from cometjax.cli_sample import add_sample_command
+  return [add_quantize_command, add_sample_command]
 
 
 def main(argv=None) -> int:

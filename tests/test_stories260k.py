@@ -94,6 +94,22 @@ def test_cli_generate_json_on_both_formats():
     assert out["decode_tokens_per_s"] > 0
 
 
+def test_installed_console_script():
+  """The `cometjax` entry point that `pip install` puts beside the interpreter."""
+  import pathlib
+  import shutil
+
+  script = pathlib.Path(sys.executable).parent / "cometjax"
+  if not script.exists():
+    script = shutil.which("cometjax")
+  if script is None:
+    pytest.skip("the cometjax console script is not installed (pip install -e . installs it)")
+  proc = subprocess.run([str(script), "generate", "--model", str(require_data("llama", "stories260K", "hf")),
+                         "--max-new-tokens", "16", "--no-stop", "--json"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"] == REFERENCE_IDS[:16]
+
+
 def test_cli_eval_ppl_subset():
   lines = _cli("eval-ppl", "--model", str(require_data("llama", "stories260K", "hf")),
                "--text", str(require_data("text", "tinystories_val.txt")), "--max-documents", "30", "--json")

@@ -20,6 +20,9 @@ from flax import nnx
 from cometjax.models.llama import SUPPORTED_MODEL_TYPES, Llama, LlamaConfig, RopeScaling, abstract_llama
 
 
+QUANTIZED_METADATA = "quantization.json"  # marks a directory written by cometjax.quantize.save_quantized
+
+
 class CheckpointError(ValueError):
   """A checkpoint is missing, truncated, malformed or uses a feature we do not implement."""
 
@@ -399,13 +402,21 @@ class LoadedModel:
   tokenizer: Tokenizer | None
   config: LlamaConfig
   source: str
+  quant_config: Any = None  # cometjax.config.QuantConfig of a quantized directory, else None
 
 
 def load(path: str | Path, *, tokenizer: str | Path | None = None, dtype=jnp.float32) -> LoadedModel:
-  """Loads a HF model directory or a llama2.c `.bin` (tokenizer found beside it unless given)."""
+  """Loads a HF model directory, a llama2.c `.bin`, or a directory written by `cometjax quantize`
+  (tokenizer found beside / inside it unless given)."""
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"model path does not exist: {path}")
+  if path.is_dir() and (path / QUANTIZED_METADATA).exists():
+    from cometjax.quantize import load_quantized  # quantize imports this module
+    loaded = load_quantized(path)
+    if tokenizer is not None:
+      loaded.tokenizer = load_tokenizer(tokenizer, loaded.config.vocab_size)
+    return loaded
   if path.is_dir():
     loaded = load_hf(path, dtype=dtype)
     if tokenizer is not None:
