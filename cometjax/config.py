@@ -54,6 +54,9 @@ class WeightQuantConfig:
   clip_learning_rate: float = 5e-3
   gptq_damp: float = 0.01  # gptq: damping, a fraction of the mean Hessian diagonal
   gptq_act_order: bool = True  # gptq: quantize columns in order of decreasing Hessian diagonal
+  # gptq with quantized activations: fit W* = argmin ||X W - Q(X) W*|| and run GPTQ with H = Q(X)^T Q(X) on
+  # the sampled calibration rows, so the weights also absorb the activation rounding (needs samples)
+  gptq_act_aware: bool = False
 
   def __post_init__(self):
     if self.bits not in (4, 8):
@@ -76,7 +79,7 @@ class WeightQuantConfig:
 
   @property
   def needs_samples(self) -> bool:
-    return self.method == "clip"
+    return self.method == "clip" or (self.method == "gptq" and self.gptq_act_aware)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,7 +89,10 @@ class ActivationQuantConfig:
   bits=8: every block INT8 (W8A8 / W4A8, no permutation). bits=4: INT4 blocks, with up to
   `int8_fraction` of each layer's blocks (rounded down) at INT8 holding the highest-ranked channels;
   `outlier_ratio` set: only as many INT8 blocks as needed for the channels whose statistic exceeds
-  outlier_ratio x the layer's median (still capped by int8_fraction).
+  outlier_ratio x the layer's median (still capped by int8_fraction). rotate_int4: after the INT8
+  channels are picked, the INT4 region is rotated online by an orthogonal matrix (randomized Hadamard
+  where one of that order exists) folded into the weight rows: outliers stay exact at INT8, the other
+  channels are spread evenly under their shared per-token INT4 scale.
   block_size None ("auto"): 128, halved while the layer would have fewer than 8 blocks, not below 8.
   A layer whose in_features is not a multiple of its block size is padded with zero weight rows and
   zero activation channels up to the next multiple (the padding sits in the last INT4 block; zeros do
@@ -98,6 +104,9 @@ class ActivationQuantConfig:
   int8_fraction: float = 0.0
   outlier_ratio: float | None = None
   ranking: str = "absmax"  # per-channel statistic that ranks channels: max |x| or root mean square
+  # Rotate the INT4 region online after the INT8 channels are picked (orthogonal, folded into the weight):
+  # the outliers stay exact in INT8 and the rest is spread evenly before its shared per-token INT4 scale.
+  rotate_int4: bool = False
 
   def __post_init__(self):
     if self.bits not in (4, 8):
@@ -196,7 +205,7 @@ def kv_from_dict(d: dict | None) -> KVQuantConfig | None:
 
 _W4_BEST = WeightQuantConfig(bits=4, method="gptq")  # the measured best calibration (accuracy.md)
 _W4_RTN = WeightQuantConfig(bits=4, method="rtn")
-_FMPQ = ActivationQuantConfig(bits=4, int8_fraction=0.25)
+_FMPQ = ActivationQuantConfig(bits=4, int8_fraction=0.25, rotate_int4=True)
 
 
 def _base_presets() -> dict[str, QuantConfig]:

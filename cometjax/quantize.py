@@ -104,9 +104,10 @@ def prepare_model(model, config: QuantConfig):
 # One layer
 
 
-def _weight_codes(name: str, w: np.ndarray, config: QuantConfig, act_plan: ActivationPlan | None,
-                  layer_stats) -> tuple[np.ndarray, np.ndarray]:
-  """(int8 codes [Kp, N], f32 scales [G, N]) of the transformed, permuted weight w [Kp, N]."""
+def _weight_codes(name: str, w: np.ndarray, config: QuantConfig, fmt: ActivationFormat | None,
+                  hessian: np.ndarray | None, samples: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+  """(int8 codes [Kp, N], f32 scales [G, N]) of the final weight w [Kp, N] (rows in the order the
+  quantized activations arrive); hessian [Kp, Kp] and samples [S, Kp] are in that same space."""
   from calib import clipping, gptq
 
   wcfg = config.weights
@@ -114,30 +115,17 @@ def _weight_codes(name: str, w: np.ndarray, config: QuantConfig, act_plan: Activ
   wj = jnp.asarray(w, jnp.float32)
   k, n = w.shape
   g = 1 if wcfg.group_size is None else k // wcfg.group_size
-  perm = None if act_plan is None else act_plan.perm
-  if method in ("clip", "gptq") and layer_stats is None:
-    raise ValueError(f"stats are missing for layer {name!r}: weights.method={method!r} needs calibration "
-                     "statistics (calib.stats.collect_stats)")
-  hessian = None
-  if method == "gptq":
-    if layer_stats.hessian is None:
-      raise ValueError(f"stats for layer {name!r} have no Hessian; weights.method='gptq' needs "
-                       "collect_stats(..., hessian=True)")
-    hessian = layer_stats.hessian if perm is None else layer_stats.hessian[perm][:, perm]
+  if method == "gptq" and wcfg.gptq_act_aware and fmt is not None:
+    w, hessian = _activation_aware_target(w, samples, fmt, wcfg.gptq_damp)
+    wj = jnp.asarray(w, jnp.float32)
   if method == "rtn":
     ratios = jnp.ones((g, n), jnp.float32)
   else:
     row_weights = None if hessian is None else np.maximum(np.diag(hessian), 0) + 1e-8
     ratios = clipping.mse_clip_ratios(wj, wcfg.bits, wcfg.group_size, wcfg.mse_grid, row_weights=row_weights)
   if method == "clip":
-    if layer_stats.samples is None:
-      raise ValueError(f"stats for layer {name!r} have no activation samples; weights.method='clip' needs "
-                       "collect_stats(..., max_samples=N)")
-    x = layer_stats.samples if perm is None else layer_stats.samples[:, perm]
-    ratios = clipping.learn_clip_ratios(wj, x, wcfg.bits, wcfg.group_size,
-                                        None if act_plan is None else act_plan.format,
-                                        steps=wcfg.clip_steps, learning_rate=wcfg.clip_learning_rate,
-                                        init_ratios=ratios)
+    ratios = clipping.learn_clip_ratios(wj, samples, wcfg.bits, wcfg.group_size, fmt, steps=wcfg.clip_steps,
+                                        learning_rate=wcfg.clip_learning_rate, init_ratios=ratios)
   scales = clipping.scales_from_ratios(wj, ratios, wcfg.bits, wcfg.group_size)
   if method == "gptq":
     codes = gptq.gptq_codes(w, hessian, np.asarray(scales), wcfg.bits, damp=wcfg.gptq_damp,
@@ -145,6 +133,31 @@ def _weight_codes(name: str, w: np.ndarray, config: QuantConfig, act_plan: Activ
   else:
     codes = np.asarray(clipping.quantize_codes(wj, scales, wcfg.bits))
   return codes, np.asarray(scales, np.float32)
+
+
+def _activation_aware_target(w: np.ndarray, samples: np.ndarray, fmt: ActivationFormat, damp: float):
+  """(W*, H_q) for GPTQ against quantized activations: W* = argmin ||X W - Q(X) W*|| (ridge-damped) and
+  H_q = Q(X)^T Q(X), on the sampled calibration rows X [S, Kp] (the runtime input is Q(X), not X)."""
+  from calib.clipping import fake_quantize_activation
+  x = np.asarray(samples, np.float64)
+  xq = np.asarray(fake_quantize_activation(jnp.asarray(samples, jnp.float32), fmt), np.float64)
+  hq = xq.T @ xq
+  ridge = hq + damp * np.mean(np.diag(hq)) * np.eye(hq.shape[0])
+  target = np.linalg.solve(ridge, xq.T @ (x @ w))
+  return target, hq
+
+
+def int4_region_rotation(fmt: ActivationFormat, seed: int = 2) -> np.ndarray:
+  """blockdiag(I [K8], Q [K4]): identity on the INT8 channels, an orthogonal Q on the INT4 region
+  (randomized Hadamard when one of order K4 exists, else a random orthogonal matrix). float64 [Kp, Kp]."""
+  from cometjax import rotation as rotation_lib
+  k8, k4 = fmt.int8_channels, fmt.int4_channels
+  out = np.eye(fmt.in_features)
+  if k4:
+    q = (rotation_lib.random_hadamard(k4, seed) if rotation_lib.hadamard_exists(k4)
+         else rotation_lib.random_orthogonal(k4, seed))
+    out[k8:, k8:] = q
+  return out
 
 
 def quantize_layer(name: str, kernel, config: QuantConfig, layer_stats=None):
@@ -155,27 +168,58 @@ def quantize_layer(name: str, kernel, config: QuantConfig, layer_stats=None):
   if not np.all(np.isfinite(kernel)):
     raise ValueError(f"layer {name!r}: kernel holds NaN/Inf values")
   k, n = kernel.shape
+  wcfg = config.weights
   plan: InputPlan = input_plan(name, k, config)
   acts = config.activations
   act_plan = None if acts is None else plan_activation(name, plan, acts, layer_stats)
-  w = np.zeros((plan.padded_features, n))
+  fmt = None if act_plan is None else act_plan.format
+  if wcfg.method in ("clip", "gptq") and layer_stats is None:
+    raise ValueError(f"stats are missing for layer {name!r}: weights.method={wcfg.method!r} needs calibration "
+                     "statistics (calib.stats.collect_stats)")
+  if wcfg.method == "gptq" and layer_stats.hessian is None:
+    raise ValueError(f"stats for layer {name!r} have no Hessian; weights.method='gptq' needs "
+                     "collect_stats(..., hessian=True)")
+  if (wcfg.method == "clip" or (wcfg.method == "gptq" and wcfg.gptq_act_aware and acts is not None)) and \
+      layer_stats.samples is None:
+    raise ValueError(f"stats for layer {name!r} have no activation samples; weights.method={wcfg.method!r} "
+                     "needs collect_stats(..., max_samples=N)")
+  # x_final = x_padded @ transform, with transform = online rotation, then the permutation, then the
+  # INT4-region rotation; the weight becomes transform^T W and the statistics move along.
+  kp = plan.padded_features
+  w = np.zeros((kp, n))
   w[:k] = kernel
-  rotation = plan.rotation_matrix()
-  if rotation is not None:
-    w = rotation.T @ w
+  online = plan.rotation_matrix()
   perm = None if act_plan is None else act_plan.perm
+  region = (int4_region_rotation(fmt) if acts is not None and acts.rotate_int4 and fmt.num_int4_blocks
+            and fmt.num_int8_blocks else None)
+  hessian = None if layer_stats is None else layer_stats.hessian
+  samples = None if layer_stats is None else layer_stats.samples
+  if online is not None:
+    w = online.T @ w
   if perm is not None:
     w = w[perm]
-  codes, scales = _weight_codes(name, w, config, act_plan, layer_stats)
-  bits = config.weights.bits
+    hessian = None if hessian is None else hessian[perm][:, perm]
+    samples = None if samples is None else samples[:, perm]
+  if region is not None:
+    w = region.T @ w
+    hessian = None if hessian is None else region.T @ hessian @ region
+    samples = None if samples is None else samples @ region
+  codes, scales = _weight_codes(name, w, config, fmt, hessian, samples)
+  bits = wcfg.bits
   data = pack_int4(jnp.asarray(codes), axis=0) if bits == 4 else jnp.asarray(codes, jnp.int8)
-  inner = QuantizedWeight(data=data, scales=jnp.asarray(scales), perm=None if perm is None else jnp.asarray(perm),
-                          bits=bits, group_size=config.weights.group_size, shape=(plan.padded_features, n),
-                          activation=None if act_plan is None else act_plan.format)
+  if region is not None:  # fold the permutation into one dense input transform
+    transform = np.eye(kp) if online is None else online
+    transform = transform[:, perm] @ region
+    inner_perm, outer = None, transform
+  else:
+    inner_perm, outer = perm, online
+  inner = QuantizedWeight(data=data, scales=jnp.asarray(scales),
+                          perm=None if inner_perm is None else jnp.asarray(inner_perm, jnp.int32),
+                          bits=bits, group_size=wcfg.group_size, shape=(kp, n), activation=fmt)
   inner.check_arrays()
-  if plan.padded_features == k and rotation is None:
+  if kp == k and outer is None:
     return inner
-  return InputTransformWeight(inner=inner, rotation=None if rotation is None else jnp.asarray(rotation, jnp.float32),
+  return InputTransformWeight(inner=inner, rotation=None if outer is None else jnp.asarray(outer, jnp.float32),
                               in_features=k)
 
 

@@ -1,0 +1,347 @@
+"""Accuracy of every quantization preset and calibration choice: a perplexity table.
+
+    python bench/accuracy.py                    # stories260K (TinyStories) + the synthetic outlier Llama
+    python bench/accuracy.py --eval-documents 800   # stories260K on the whole held-out rest (slow on CPU)
+    python bench/accuracy.py --smoke            # a few seconds: synthetic model only, tiny sizes
+
+(a) stories260K: calibrate on the first `--calib-documents` (200) TinyStories validation stories,
+    evaluate on the next `--eval-documents` stories (default 200, i.e. stories 200..399; 800 = all the
+    rest) with the perplexity protocol of `cometjax.perplexity` (window 512, concatenated stream).
+(b) synthetic outlier Llama (the LLM.int8() phenomenon of 7B+ models, in small): a random Llama whose
+    RMSNorm weights carry a few huge channels (x `--outlier-scale`, the same channels in every layer),
+    with a sharpened classifier; calibration and evaluation text are token sequences sampled from the
+    float model itself (temperature 1, disjoint seeds). W4A4 per-token RTN must break on it, FMPQ not.
+
+Rows go to bench/results/accuracy.json (list under "rows": model, preset, calibration, ppl, fp_ppl,
+delta_pct, int4_block_fraction, weight_bytes, bytes_per_param, kv, ...) and a markdown table to
+bench/results/accuracy.md; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import pathlib
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from bench.common import RESULTS, run_metadata, write_json  # noqa: E402
+from calib.stats import calibration_windows, collect_stats  # noqa: E402
+from cometjax import config as qc  # noqa: E402
+from cometjax.perplexity import perplexity_of_ids, split_documents  # noqa: E402
+from cometjax.quantize import quantization_report, quantize  # noqa: E402
+
+W = qc.WeightQuantConfig
+A = qc.ActivationQuantConfig
+FMPQ = A(int8_fraction=0.25)  # without the INT4-region rotation of the w4ax preset
+FMPQ_ROT = A(int8_fraction=0.25, rotate_int4=True)
+
+
+def describe(config: qc.QuantConfig) -> str:
+  """A short calibration label: weight method, rotation, FMPQ options."""
+  parts = []
+  if config.weights is not None:
+    parts.append(config.weights.method + (f" g{config.weights.group_size}" if config.weights.group_size else ""))
+  acts = config.activations
+  if acts is not None and acts.mixed:
+    parts.append(f"int8<={acts.int8_fraction:g}")
+    if acts.rotate_int4:
+      parts.append("int4-region rotation")
+  if config.rotation:
+    parts.append(f"{config.rotation} rotation")
+  return ", ".join(parts) or "none"
+
+
+def variants(preset_names_and_overrides):
+  """(preset name, QuantConfig) for the rows: presets as they are plus calibration variants."""
+  rows = []
+  for preset_name, changes in preset_names_and_overrides:
+    config = qc.preset(preset_name)
+    if changes:
+      config = config.replace(**changes)
+    rows.append((preset_name, config))
+  return rows
+
+
+def stories_rows():
+  return variants([
+      ("w8a8", {}),
+      ("w4a16", {"weights": W(method="rtn")}),
+      ("w4a16", {"weights": W(method="mse")}),
+      ("w4a16", {"weights": W(method="clip")}),
+      ("w4a16", {}),
+      ("w4a8", {}),
+      ("w4a4", {}),
+      ("w4a4", {"weights": W(method="gptq"), "rotation": "hadamard"}),
+      ("w4ax", {"weights": W(method="rtn"), "activations": FMPQ}),
+      ("w4ax", {"weights": W(method="clip"), "activations": FMPQ}),
+      ("w4ax", {"weights": W(method="gptq"), "activations": FMPQ}),
+      ("w4ax", {"weights": W(method="gptq"), "activations": FMPQ, "rotation": "hadamard"}),
+      ("w4ax", {"weights": W(method="gptq"), "activations": FMPQ_ROT, "rotation": "hadamard"}),
+      ("w4ax", {"weights": W(method="gptq", group_size=32)}),
+      ("w4ax", {}),
+      ("w4a4-kv4", {}),
+      ("w4ax-kv4", {}),
+  ])
+
+
+def synthetic_rows():
+  return variants([
+      ("w8a8", {}),
+      ("w4a4", {}),
+      ("w4a4", {"weights": W(method="gptq"), "rotation": "hadamard"}),
+      ("w4ax", {"weights": W(method="rtn"), "activations": FMPQ}),
+      ("w4ax", {"weights": W(method="gptq"), "activations": FMPQ}),
+      ("w4ax", {}),
+  ])
+
+
+# ------------------------------------------------------------------------------------------------
+# Models and data
+
+
+OUTLIER_CHANNELS = (5, 17, 40)
+
+
+def outlier_llama(hidden=64, intermediate=172, layers=4, vocab=256, channels=OUTLIER_CHANNELS, scale=30.0,
+                  logit_scale=6.0, seed=0):
+  """A random Llama with huge RMSNorm channels (same channels in every layer) and a sharp classifier."""
+  from cometjax.models.llama import LlamaConfig, init_llama
+  config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_layers=layers,
+                       num_heads=8, num_kv_heads=4, max_position_embeddings=512, tie_word_embeddings=False)
+  model = init_llama(config, seed=seed)
+  graphdef, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state)
+  rng = np.random.default_rng(seed)
+  for i in range(layers):
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      weight = rng.uniform(0.6, 1.4, hidden)
+      weight[list(channels)] *= scale
+      pure["layers"][i][norm]["weight"] = jnp.asarray(weight, jnp.float32)
+  lm_head = np.asarray(pure["lm_head"]["kernel"])
+  pure["lm_head"]["kernel"] = jnp.asarray(lm_head / lm_head.std() * logit_scale / math.sqrt(hidden), jnp.float32)
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
+def sample_sequences(model, num: int, length: int, seed: int) -> np.ndarray:
+  """int32 [num, length] sampled at temperature 1 from BOS (id 1), full forward pass per step."""
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(tokens, t, key):
+    logits, _ = nnx.merge(graphdef, state)(tokens)
+    nxt = jax.random.categorical(key, logits[:, t - 1])
+    return tokens.at[:, t].set(nxt)
+
+  tokens = jnp.zeros((num, length), jnp.int32).at[:, 0].set(1)
+  key = jax.random.key(seed)
+  for t in range(1, length):
+    key, sub = jax.random.split(key)
+    tokens = step(tokens, t, sub)
+  return np.asarray(tokens)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class StatsCache:
+  """One statistics pass per input layout (rotation, block size, group size), shared by the rows."""
+
+  def __init__(self, model, windows, batch_size):
+    self.model, self.windows, self.batch_size, self.cache = model, windows, batch_size, {}
+
+  def get(self, config: qc.QuantConfig):
+    if not config.needs_calibration:
+      return None
+    acts = config.activations
+    key = (config.rotation, acts.block_size if acts else None, config.weights.group_size, acts is None)
+    if key not in self.cache:
+      superset = config.replace(weights=dataclasses.replace(config.weights, method="clip"))
+      self.cache[key] = collect_stats(self.model, superset, self.windows, batch_size=self.batch_size,
+                                      hessian=True, max_samples=2048, progress=False)
+    return self.cache[key]
+
+
+def evaluate(model_name, model, streams, window, configs, stats_cache, fp_ppl_by_kv, batch_size, log):
+  rows = []
+  for preset_name, config in configs:
+    start = time.perf_counter()
+    qmodel = quantize(model, config, stats_cache.get(config), progress=False)
+    quant_s = time.perf_counter() - start
+    nll, count, _ = perplexity_of_ids(qmodel, streams, window=window, batch_size=batch_size, kv=config.kv,
+                                      progress=False)
+    ppl = math.exp(nll / count)
+    report = quantization_report(qmodel)
+    kv = qc.kv_to_dict(config.kv)
+    fp = fp_ppl_by_kv[None]
+    row = dict(model=model_name, preset=preset_name, calibration=describe(config), ppl=ppl, fp_ppl=fp,
+               delta_pct=100 * (ppl / fp - 1), int4_block_fraction=report["int4_block_fraction"],
+               weight_bytes=report["weight_bytes"], bytes_per_param=report["bytes_per_param"],
+               quantized_params=report["quantized_params"], rotation_bytes=report["rotation_bytes"],
+               kv=kv, num_tokens=count, quantize_s=round(quant_s, 2),
+               seconds=round(time.perf_counter() - start, 2), config=config.to_dict())
+    rows.append(row)
+    log(row)
+  return rows
+
+
+def fp_rows(model_name, model, streams, window, batch_size, kv_configs, log):
+  rows, by_kv = [], {}
+  for kv in kv_configs:
+    start = time.perf_counter()
+    nll, count, _ = perplexity_of_ids(model, streams, window=window, batch_size=batch_size, kv=kv, progress=False)
+    ppl = math.exp(nll / count)
+    by_kv[kv] = ppl
+    fp = by_kv[None]
+    _, state = nnx.split(model)
+    params = sum(int(x.size) for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+    row = dict(model=model_name, preset="fp" if kv is None else "fp-kv4", calibration="none", ppl=ppl, fp_ppl=fp,
+               delta_pct=100 * (ppl / fp - 1), int4_block_fraction=None, weight_bytes=None, bytes_per_param=4.0,
+               quantized_params=0, rotation_bytes=0, kv=qc.kv_to_dict(kv), num_tokens=count, quantize_s=0.0,
+               seconds=round(time.perf_counter() - start, 2), config=None, float_params=params)
+    rows.append(row)
+    log(row)
+  return rows, by_kv
+
+
+def _log(row):
+  frac = row["int4_block_fraction"]
+  print(f"  {row['model']:<14} {row['preset']:<9} {row['calibration']:<48} ppl {row['ppl']:.4f} "
+        f"({row['delta_pct']:+.1f}%) int4 {'-' if frac is None else f'{frac:.3f}'} [{row['seconds']:.0f}s]",
+        flush=True)
+
+
+def markdown(rows, meta, notes) -> str:
+  lines = [f"# Quantization accuracy ({meta['date']}, {meta['device']}, jax {meta['jax_version']}, "
+           f"commit {meta['commit'][:10]})", ""] + notes + ["",
+           "| model | preset | calibration | KV | ppl | FP ppl | vs FP | INT4 blocks | weight bytes | bytes/param |",
+           "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    frac = "-" if r["int4_block_fraction"] is None else f"{100 * r['int4_block_fraction']:.1f}%"
+    kv = "fp" if r["kv"] is None else f"KV4 ({r['kv']['k_mode']})"
+    wb = "-" if r["weight_bytes"] is None else str(r["weight_bytes"])
+    lines.append(f"| {r['model']} | {r['preset']} | {r['calibration']} | {kv} | {r['ppl']:.4f} | "
+                 f"{r['fp_ppl']:.4f} | {r['delta_pct']:+.1f}% | {frac} | {wb} | {r['bytes_per_param']:.3f} |")
+  lines += ["", "## Headline (computed from the rows above)", ""] + headline(rows)
+  return "\n".join(lines) + "\n"
+
+
+def headline(rows) -> list[str]:
+  out = []
+  for model in dict.fromkeys(r["model"] for r in rows):
+    mine = [r for r in rows if r["model"] == model]
+    best = {}
+    for preset_name in ("w4ax-kv4", "w4a4-kv4", "w4ax", "w4a4"):
+      candidates = [r for r in mine if r["preset"] == preset_name]
+      if candidates:
+        best[preset_name] = min(candidates, key=lambda r: r["ppl"])
+    for ax, a4 in (("w4ax-kv4", "w4a4-kv4"), ("w4ax", "w4a4")):
+      if ax in best and a4 in best:
+        rx, r4 = best[ax], best[a4]
+        ratio = r4["delta_pct"] / rx["delta_pct"] if rx["delta_pct"] > 0 else float("inf")
+        out.append(f"- {model}: {ax} ({rx['calibration']}) {rx['delta_pct']:+.1f}% vs FP with "
+                   f"{100 * rx['int4_block_fraction']:.1f}% INT4 blocks and {rx['bytes_per_param']:.3f} bytes/param; "
+                   f"{a4} ({r4['calibration']}) {r4['delta_pct']:+.1f}%: {ratio:.1f}x smaller increase.")
+        break
+  return out
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--smoke", action="store_true", help="synthetic model only, tiny sizes (seconds)")
+  parser.add_argument("--calib-documents", type=int, default=200)
+  parser.add_argument("--eval-documents", type=int, default=200, help="stories after the calibration ones")
+  parser.add_argument("--outlier-scale", type=float, default=30.0)
+  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--skip-stories", action="store_true")
+  parser.add_argument("--out", default=str(RESULTS / "accuracy.json"))
+  parser.add_argument("--render", default=None, metavar="JSON",
+                      help="only rewrite the markdown table next to an existing results JSON")
+  args = parser.parse_args(argv)
+  if args.render:
+    import json
+    saved = json.loads(pathlib.Path(args.render).read_text())
+    table = markdown(saved["rows"], saved, saved.get("notes", []))
+    pathlib.Path(args.render).with_suffix(".md").write_text(table)
+    print(table)
+    return saved["rows"]
+  jax.config.update("jax_default_matmul_precision", "highest")
+  meta = run_metadata()
+  rows, notes = [], []
+  kv4 = qc.default_kv_config()
+
+  # (b) synthetic outlier Llama
+  size = dict(hidden=32, intermediate=44, layers=2, vocab=64, channels=(3, 11, 20)) if args.smoke else {}
+  num, length = (8, 32) if args.smoke else (48, 128)
+  model = outlier_llama(scale=args.outlier_scale, **size)
+  calib = sample_sequences(model, num, length, seed=1)
+  held_out = sample_sequences(model, num, length, seed=2)
+  streams = [list(s) for s in held_out]
+  print("synthetic outlier Llama", flush=True)
+  fp, by_kv = fp_rows("synthetic", model, streams, length, args.batch_size, [None], _log)
+  rows += fp
+  configs = synthetic_rows()
+  if args.smoke:
+    configs = [configs[1], configs[3]]  # w4a4 rtn, w4ax rtn
+  rows += evaluate("synthetic", model, streams, length, configs, StatsCache(model, calib, args.batch_size),
+                   by_kv, args.batch_size, _log)
+  notes.append(f"- synthetic: random Llama (hidden {model.config.hidden_size}, intermediate "
+               f"{model.config.intermediate_size}, {model.config.num_layers} layers, vocab {model.config.vocab_size}), "
+               f"RMSNorm channels {size.get('channels', OUTLIER_CHANNELS)} x {args.outlier_scale:g} in every layer; calibration and evaluation "
+               f"on {num} sequences of {length} tokens each sampled from the float model (disjoint seeds).")
+
+  # (a) stories260K
+  if not args.smoke and not args.skip_stories:
+    from cometjax.data import data_path
+    from cometjax.models.loaders import load
+    model_dir, text_path = data_path("llama", "stories260K", "hf"), data_path("text", "tinystories_val.txt")
+    if not model_dir.exists() or not text_path.exists():
+      print(f"skipping stories260K: {model_dir} or {text_path} missing (set COMETJAX_DATA)")
+    else:
+      loaded = load(model_dir)
+      docs = split_documents(text_path.read_text(encoding="utf-8"))
+      calib_docs = docs[:args.calib_documents]
+      eval_docs = docs[args.calib_documents:args.calib_documents + args.eval_documents]
+      windows = calibration_windows(loaded.tokenizer, calib_docs, 512)
+      stream = [i for d in eval_docs for i in loaded.tokenizer.encode(d, bos=True)]
+      print(f"stories260K: calibrate on {len(calib_docs)} stories ({windows.size} tokens), evaluate on "
+            f"{len(eval_docs)} ({len(stream)} tokens)", flush=True)
+      fp, by_kv = fp_rows("stories260K", loaded.model, [stream], 512, args.batch_size, [None, kv4], _log)
+      rows += fp
+      rows += evaluate("stories260K", loaded.model, [stream], 512, stories_rows(),
+                       StatsCache(loaded.model, windows, args.batch_size), by_kv, args.batch_size, _log)
+      notes.append(f"- stories260K: calibration on TinyStories validation stories 0..{args.calib_documents - 1} "
+                   f"({windows.size} tokens in windows of 512), evaluation on stories {args.calib_documents}.."
+                   f"{args.calib_documents + len(eval_docs) - 1} ({len(stream)} tokens; the protocol of "
+                   "cometjax.perplexity, window 512).")
+  notes += [
+      "- vs FP: against the float model with a float KV cache. INT4 blocks: share of FMPQ activation blocks "
+      "at INT4 over all quantized layers. weight bytes: packed codes + f32 scales + int32 permutations of "
+      "the quantized linears (embeddings / lm_head stay float and are not counted); bytes/param over those "
+      "layers' parameters. Online rotation matrices (dense here, a fast Hadamard in a kernel) are listed in "
+      "the JSON as rotation_bytes.",
+      f"- KV4: {kv4} (cometjax.kvcache).",
+  ]
+  out = pathlib.Path(args.out)
+  if args.smoke and args.out == str(RESULTS / "accuracy.json"):
+    import tempfile
+    out = pathlib.Path(tempfile.mkdtemp()) / "accuracy.json"
+  write_json(out, {**meta, "smoke": args.smoke, "notes": notes, "rows": rows})
+  table = markdown(rows, meta, notes)
+  out.with_suffix(".md").write_text(table)
+  print(table)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

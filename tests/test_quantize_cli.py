@@ -1,0 +1,51 @@
+"""`cometjax quantize` end to end on stories260K, and the saved directory used without the checkpoint."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from conftest import require_data
+
+pytestmark = pytest.mark.realdata
+
+
+def _parser():
+  from cometjax.cli_quantize import add_quantize_command
+  parser = argparse.ArgumentParser()
+  add_quantize_command(parser.add_subparsers(dest="command", required=True))
+  return parser
+
+
+def test_quantize_cli_w4ax_kv4_saves_a_loadable_model(tmp_path, capsys):
+  from cometjax.perplexity import perplexity
+  from cometjax.quantize import load_quantized
+  model = require_data("llama", "stories260K", "hf")
+  text = require_data("text", "tinystories_val.txt")
+  out = tmp_path / "q"
+  args = _parser().parse_args(["quantize", "--model", str(model), "--calib-text", str(text), "--preset",
+                               "w4ax-kv4", "--calib-documents", "10", "--max-calib-windows", "4",
+                               "--out", str(out), "--no-progress", "--json"])
+  assert args.func(args) == 0
+  assert '"int4_block_fraction"' in capsys.readouterr().out
+  loaded = load_quantized(out)
+  assert loaded.quant_config.name == "w4ax-kv4" and loaded.quant_config.kv is not None
+  assert loaded.tokenizer is not None
+  story = text.read_text().split("<|endoftext|>")[300].strip()
+  result = perplexity(loaded.model, loaded.tokenizer, story, window=128, kv=loaded.quant_config.kv, progress=False)
+  assert np.isfinite(result.ppl) and result.ppl < 20
+
+
+def test_quantize_cli_errors(tmp_path):
+  model = require_data("llama", "stories260K", "hf")
+  parser = _parser()
+  args = parser.parse_args(["quantize", "--model", str(model), "--preset", "w4ax", "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="--calib-text is required"):
+    args.func(args)
+  args = parser.parse_args(["quantize", "--model", str(model), "--preset", "nope", "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="unknown preset 'nope'"):
+    args.func(args)
+  args = parser.parse_args(["quantize", "--model", str(model), "--preset", "w4a16", "--int8-fraction", "0.5",
+                            "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="A16"):
+    args.func(args)
