@@ -307,6 +307,8 @@ class QuantizedWeight:
     implementation). Otherwise x is permuted and quantized to the FMPQ layout and multiplied with
     integer accumulation: "xla" runs the jnp reference path, "pallas" / "interpret" the Pallas kernels
     (8-bit weights, and shapes the compiled GEMM cannot tile, take the XLA int8 path: same numbers).
+    On Hopper, "pallas" runs the Mosaic GPU GEMM (`w4ax_matmul_sm90`) where `w4ax_matmul_sm90.supported`
+    says so, else the Triton one; "interpret" always runs the Triton kernel in interpret mode.
     """
     from cometjax.ops import resolve_implementation  # ops imports nothing from here at module level
 
@@ -322,7 +324,7 @@ class QuantizedWeight:
       y = jnp.dot(self.permute_input(x2d), w, preferred_element_type=jnp.float32)
       return y.astype(x.dtype).reshape(*leading, n)
 
-    from cometjax.pallas import quantize_act, w4ax_matmul  # kernels import this module
+    from cometjax.pallas import quantize_act, w4ax_matmul, w4ax_matmul_sm90  # kernels import this module
 
     interpret = implementation == "interpret"
     use_pallas = implementation != "xla" and self.bits == 4 and (
@@ -331,7 +333,10 @@ class QuantizedWeight:
       qx = quantize_act.quantize_act_reference(x2d, self.perm, self.activation)
     else:
       qx = quantize_act.quantize_act(x2d, self.perm, fmt=self.activation, interpret=interpret)
-    if use_pallas:
+    if implementation == "pallas" and w4ax_matmul_sm90.supported(self, x2d.shape[0]):
+      # Hopper: the Mosaic GPU (wgmma) GEMM; the choice over Triton is unmeasured (see its module doc).
+      y = w4ax_matmul_sm90.w4ax_matmul_sm90(qx, self, out_dtype=x.dtype)
+    elif use_pallas:
       y = w4ax_matmul.w4ax_matmul(qx, self, out_dtype=x.dtype, interpret=interpret)
     else:
       y = w4ax_matmul.w4ax_matmul_reference(qx, self, out_dtype=x.dtype)

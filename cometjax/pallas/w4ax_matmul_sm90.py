@@ -1,0 +1,443 @@
+"""W4Ax mixed-precision GEMM for Hopper (Pallas Mosaic GPU, `plgpu`): y[M, N] = x_q[M, K] . w_q[K, N].
+
+Same inputs, outputs and numbers as `w4ax_matmul` (the Triton-backend kernel, whose module docstring
+defines the layout, the x16 trick and the scale segments); `w4ax_matmul_reference` is the reference
+for both. What differs is how the tensor cores are driven:
+
+- int8 `wgmma` with an int32 accumulator (`plgpu.ACC(..., jnp.int32)`), one warpgroup per output tile
+  of block_m (64 or 128) tokens x block_n (64..256) output channels. Each pipeline step covers
+  block_k channels = two wgmmas of K = block_k // 2 (the even and the odd channel planes).
+- INT4 -> INT8 unpack in registers (COMET's x16 trick): a packed byte b gives the even channel as
+  (b << 12 >> 8) in 16-bit lanes (low nibble in the high half of an int8, sign included) and the
+  odd channel as bitcast(b & 0xF0); each is value * 16, and the 1/16 per 4-bit operand is folded into
+  the f32 scale. Unpacked tiles are stored to shared memory (`commit_smem` fences them for the async
+  proxy) and fed to the wgmma from there.
+- Operands arrive by TMA through a multi-stage `plgpu.emit_pipeline` (max_concurrent_steps stages):
+  the INT8 region reads the even/odd planes of `int8_part` and the INT4 region `int4_part`, each with
+  the matching rows of the packed weight. One pipeline per scale segment: per-output-channel weights
+  have two segments (the INT8 and the INT4 region), group-wise weights one per gcd(group, block)
+  channels (those pipelines are short; see "Not done yet").
+- Epilogue: int32 -> f32 at every segment end times (x_scale[row] * w_scale[col]) / 16 or / 256, then
+  the f32 tile goes to shared memory and back to HBM by TMA, in out_dtype.
+- Schedule (COMET's load balancing, `W4AxSm90Tuning.schedule`): "persistent" launches one program
+  per SM and walks output tiles with stride num_programs, tiles ordered M-fastest within each block_n
+  column band (consecutive programs read the same weight tile: L2 reuse); "grid" launches one program
+  per tile. Every tile runs the whole K range, so INT8 and INT4 work is the same in every tile (FMPQ
+  splits K, not M or N); what the persistent schedule balances is the tail wave of tiles over SMs.
+
+int8 wgmma takes only K-major operands (the PTX instruction transposes 16-bit types only), so the
+B operand (the weight) must be [N, K]-contiguous in shared memory: on hardware the wrapper passes the
+packed weight transposed ([N, K // 2], an XLA transpose per call: one extra read and write of the
+packed weight) and the kernel hands `transpose_ref` views to the wgmma. The Mosaic GPU interpreter
+(CPU) supports no transposed refs, so in interpret mode the weight stays [K // 2, N] and B is used
+as loaded ([block_k // 2, block_n], N-contiguous); everything else (TMA, barriers, pipeline, wgmma with int32
+accumulators, scales, schedule) is the same code. `tests/test_w4ax_matmul_sm90.py` runs the interpreter
+against the reference and lowers the hardware variant to Mosaic GPU MLIR for CUDA without a GPU.
+
+Status: correct in the interpreter and lowers for sm_90 on CPU; never compiled by ptxas or run on a
+GPU, never timed. The "pallas" implementation picks this kernel on Hopper (compute capability 9.x,
+`supported`) over the Triton kernel without a measurement behind that choice. A GPU session must first
+run, from the repository root:
+
+    python -m pytest -q tests/test_w4ax_matmul_sm90.py && \
+    PYTHONPATH=. python bench/kernels.py --kernels w4ax_matmul w4ax_matmul_sm90 --skip-attention
+
+(the tests compare the compiled kernel with the reference on the GPU; the bench times both kernels
+side by side against XLA bf16 / int8) and flip `PREFER_ON_HOPPER` below if the Triton kernel wins.
+
+Not done yet (measure first): warp specialization (`plgpu.emit_pipeline_warp_specialized`, a
+producer warpgroup for TMA and one or two consumer warpgroups); a K-major weight layout stored once at
+quantize time instead of the per-call transpose; swap-AB for decode (M <= 16: tokens as the wgmma N
+dimension instead of padding M to 64); one pipeline across group-wise segments instead of one per
+segment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+from cometjax.pallas.w4ax_matmul import (MAX_EXACT_K, _check_operands, segment_lengths,
+                                         w4ax_matmul_reference)
+from cometjax.qtypes import QuantizedActivation, QuantizedWeight
+
+__all__ = ["W4AxSm90Tuning", "w4ax_matmul_sm90", "w4ax_matmul_reference", "supported", "is_hopper",
+           "PREFER_ON_HOPPER"]
+
+PREFER_ON_HOPPER = True  # unmeasured: see the module docstring
+SCHEDULES = ("persistent", "grid")
+WGMMA_M = 64  # Hopper wgmma: M is a multiple of 64 per warpgroup
+MIN_BLOCK_N = 64
+MAX_BLOCK_N = 256  # wgmma N <= 256
+MIN_BLOCK_K = 64  # 32-byte planes: the smallest swizzle the int8 wgmma path takes
+MAX_BLOCK_K = 256  # 128-byte planes: the largest swizzle
+H100_SMS = 132
+MAX_SMEM_BYTES = 232448  # Hopper: 227 KiB of dynamic shared memory per block
+
+
+def _is_power_of_two(value: int) -> bool:
+  return isinstance(value, int) and value > 0 and not value & (value - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class W4AxSm90Tuning:
+  """Tiles, pipeline depth and schedule; `resolve` fits them to a problem (M is padded)."""
+
+  block_m: int = 64  # tokens per tile: 64 or 128 (one warpgroup, wgmma M)
+  block_n: int = 128  # output channels per tile: 64, 128 or 256 (wgmma N)
+  block_k: int = 128  # channels per pipeline step: 64, 128 or 256 (two wgmmas of K = block_k // 2)
+  max_concurrent_steps: int = 3  # TMA stages in flight
+  schedule: str = "persistent"  # "persistent" (one program per SM, strided tiles) | "grid" (one per tile)
+  num_programs: int | None = None  # persistent programs; None: the device's SM count (132 off-GPU)
+
+  def resolve(self, m: int, n: int, segment: int) -> W4AxSm90Tuning:
+    if self.block_m not in (64, 128):
+      raise ValueError(f"block_m must be 64 or 128 (wgmma M per warpgroup), got {self.block_m}")
+    for name in ("block_n", "block_k"):
+      if not _is_power_of_two(getattr(self, name)):
+        raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
+    if not MIN_BLOCK_N <= self.block_n <= MAX_BLOCK_N:
+      raise ValueError(f"block_n must be in [{MIN_BLOCK_N}, {MAX_BLOCK_N}], got {self.block_n}")
+    if not MIN_BLOCK_K <= self.block_k <= MAX_BLOCK_K:
+      raise ValueError(f"block_k must be in [{MIN_BLOCK_K}, {MAX_BLOCK_K}], got {self.block_k}")
+    if self.max_concurrent_steps < 1:
+      raise ValueError(f"max_concurrent_steps must be >= 1, got {self.max_concurrent_steps}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+    if self.num_programs is not None and self.num_programs < 1:
+      raise ValueError(f"num_programs must be >= 1 or None, got {self.num_programs}")
+    block_m = WGMMA_M if m <= WGMMA_M else self.block_m
+    block_n = self.block_n
+    while n % block_n and block_n > MIN_BLOCK_N:
+      block_n //= 2
+    if n % block_n:
+      raise ValueError(f"out_features N={n} must be a multiple of {MIN_BLOCK_N} for the sm90 kernel")
+    block_k = self.block_k
+    while segment % block_k and block_k > MIN_BLOCK_K:
+      block_k //= 2
+    if segment % block_k:
+      raise ValueError(f"block_size and group_size must be multiples of {MIN_BLOCK_K} for the sm90 kernel "
+                       f"(scale segment of {segment} channels)")
+    return dataclasses.replace(self, block_m=block_m, block_n=block_n, block_k=block_k)
+
+
+def is_hopper(device=None) -> bool:
+  """Whether `device` (default: the first jax device) is an NVIDIA GPU of compute capability 9.x."""
+  device = jax.devices()[0] if device is None else device
+  if device.platform != "gpu":
+    return False
+  capability = str(getattr(device, "compute_capability", ""))
+  return capability.split(".")[0] == "9"
+
+
+def supported(qw: QuantizedWeight, m: int) -> bool:
+  """Whether "pallas" should run this kernel: a Hopper device and a weight/M the kernel can tile."""
+  if not PREFER_ON_HOPPER or m < 1 or not is_hopper():
+    return False
+  return shape_supported(qw)
+
+
+def shape_supported(qw: QuantizedWeight) -> bool:
+  """Whether the sm90 kernel can tile this weight (device aside)."""
+  if not isinstance(qw, QuantizedWeight) or qw.bits != 4 or qw.activation is None:
+    return False
+  if qw.in_features >= MAX_EXACT_K:
+    return False
+  try:
+    W4AxSm90Tuning().resolve(1, qw.out_features, math.gcd(*segment_lengths(qw)))
+  except ValueError:
+    return False
+  return True
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel
+
+
+def _smem_transforms(row_bytes: int):
+  """Tiling + swizzle for a shared-memory tile whose rows are `row_bytes` wide."""
+  swizzle = plgpu.find_swizzle(row_bytes * 8)
+  return plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle)
+
+
+def _out_transforms(block_n: int, dtype):
+  swizzle = plgpu.find_swizzle(block_n * jnp.dtype(dtype).itemsize * 8)
+  return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _unpack_x16(packed):  # uint8 [r, c] -> (low * 16, high * 16) int8 [r, c] each
+  wide = packed.astype(jnp.int16)  # Mosaic GPU has no 8-bit shifts
+  low16 = ((wide << 12) >> 8).astype(jnp.int8)  # arithmetic shift: signed nibble in bits 4..7
+  high16 = lax.bitcast_convert_type(packed & 0xF0, jnp.int8)
+  return low16, high16
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static facts of one call (hashable: it parametrizes the traced kernel)."""
+
+  block_m: int
+  block_n: int
+  block_k: int
+  m_tiles: int
+  n_tiles: int
+  stages: int
+  schedule: str
+  num_programs: int
+  int8_channels: int
+  int4_channels: int
+  segments: tuple[int, int]
+  group_size: int | None
+  kmajor_weight: bool  # hardware: weight [N, K // 2] and transposed B views; interpreter: [K // 2, N]
+
+  @property
+  def half_k(self) -> int:
+    return self.block_k // 2
+
+  def smem_bytes(self, out_itemsize: int) -> int:
+    """Shared memory the kernel allocates (the two regions' pipelines are scoped one after the other)."""
+    bm, bn, hk = self.block_m, self.block_n, self.half_k
+    pipelines = []
+    for channels, segment, x_tile in ((self.int8_channels, self.segments[0], 2 * bm * hk),
+                                      (self.int4_channels, self.segments[1], bm * hk)):
+      if channels:
+        pipelines.append(min(self.stages, segment // self.block_k) * (x_tile + bn * hk))
+    fixed = 2 * bm * hk * bool(self.int4_channels) + 2 * bn * hk + bm * bn * out_itemsize + 4 * (bm + bn)
+    return max(pipelines) + fixed + 1024  # + barriers and alignment
+
+
+def _row_vector(ref, axis: int, kmajor: bool):
+  """Loads a shared-memory vector laid out for broadcasting along `axis` of a wgmma tile."""
+  if not kmajor:  # the interpreter runs plain jnp: no layouts
+    return ref[...]
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+
+
+def _zeros_tile(shape, kmajor: bool):
+  zeros = jnp.zeros(shape, jnp.float32)
+  return plgpu.layout_cast(zeros, plgpu.Layout.WGMMA) if kmajor else zeros
+
+
+def _w4ax_sm90_kernel(*refs, plan: _Plan):
+  refs = list(refs)
+  int8_gmem = refs.pop(0) if plan.int8_channels else None  # int8 [2, Mp, K8 // 2]
+  int4_gmem = refs.pop(0) if plan.int4_channels else None  # uint8 [Mp, K4 // 2]
+  (int8_scale_gmem,  # f32 [Mp]
+   int4_scale_gmem,  # f32 [Mp]
+   w_gmem,  # uint8 [N, K // 2] (kmajor_weight) or [K // 2, N]
+   w_scales_gmem,  # f32 [G, N]
+   out_gmem,  # [Mp, N] out_dtype
+   b_smem,  # int8 [2, bn, hk] (kmajor) or [2, hk, bn]: unpacked weight (even, odd rows)
+   out_smem,  # [bm, bn] out_dtype
+   row_scale_smem,  # f32 [bm]
+   col_scale_smem,  # f32 [bn]
+   barrier,
+   *a_smem) = refs  # [int8 [2, bm, hk]: unpacked INT4 activations (even, odd channels)]
+  a_smem = a_smem[0] if a_smem else None
+  bm, bn, hk = plan.block_m, plan.block_n, plan.half_k
+  kmajor = plan.kmajor_weight
+
+  def b_view(index):  # logical [hk, bn] B operand
+    plane = b_smem.at[index]
+    return plgpu.transpose_ref(plane, (1, 0)) if kmajor else plane
+
+  def store_weight(w_tile):  # uint8 [bn, hk] (kmajor) or [hk, bn]: unpacked in place, no transpose
+    low16, high16 = _unpack_x16(w_tile)
+    b_smem[0] = low16
+    b_smem[1] = high16
+
+  def weight_spec(n_idx, first_step):
+    if kmajor:
+      return plgpu.BlockSpec((bn, hk), lambda k: (n_idx, first_step + k), transforms=_smem_transforms(hk))
+    return plgpu.BlockSpec((hk, bn), lambda k: (first_step + k, n_idx), transforms=_smem_transforms(bn))
+
+  def load_vector(src, dst):
+    plgpu.copy_gmem_to_smem(src, dst, barrier)
+    plgpu.barrier_wait(barrier)
+
+  def segment_sum(m_idx, n_idx, region: str, region_step: int, weight_step: int, steps: int):
+    """int32 [bm, bn]: the x16-scaled integer sum over `steps` pipeline steps of one region."""
+
+    def scope(acc_ref):
+      def int8_body(_, x_tile, w_tile):  # int8 [2, bm, hk], uint8 weight tile
+        store_weight(w_tile[...])
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, x_tile.at[0], b_view(0))
+        plgpu.wgmma(acc_ref, x_tile.at[1], b_view(1))
+        plgpu.wgmma_wait(0)
+
+      def int4_body(_, x_tile, w_tile):  # uint8 [bm, hk], uint8 weight tile
+        low16, high16 = _unpack_x16(x_tile[...])
+        a_smem[0] = low16
+        a_smem[1] = high16
+        store_weight(w_tile[...])
+        plgpu.commit_smem()
+        plgpu.wgmma(acc_ref, a_smem.at[0], b_view(0))
+        plgpu.wgmma(acc_ref, a_smem.at[1], b_view(1))
+        plgpu.wgmma_wait(0)
+
+      if region == "int8":
+        x_spec = plgpu.BlockSpec((2, bm, hk), lambda k: (0, m_idx, region_step + k),
+                                 transforms=_smem_transforms(hk))
+        body, x_gmem = int8_body, int8_gmem
+      else:
+        x_spec = plgpu.BlockSpec((bm, hk), lambda k: (m_idx, region_step + k), transforms=_smem_transforms(hk))
+        body, x_gmem = int4_body, int4_gmem
+      plgpu.emit_pipeline(body, grid=(steps,), in_specs=[x_spec, weight_spec(n_idx, weight_step)],
+                          max_concurrent_steps=min(plan.stages, steps))(x_gmem, w_gmem)
+      return acc_ref[...]
+
+    return pl.run_scoped(scope, plgpu.ACC((bm, bn), jnp.int32))
+
+  def tile(m_idx, n_idx):
+    rows = pl.ds(m_idx * bm, bm)
+    cols = pl.ds(n_idx * bn, bn)
+    acc = _zeros_tile((bm, bn), kmajor)
+    regions = (("int8", 0, plan.int8_channels, plan.segments[0], int8_scale_gmem, 1.0 / 16),
+               ("int4", plan.int8_channels, plan.int4_channels, plan.segments[1], int4_scale_gmem, 1.0 / 256))
+    for region, first_channel, channels, segment, scale_gmem, unscale in regions:
+      if not channels:
+        continue
+      load_vector(scale_gmem.at[rows], row_scale_smem)
+      x_scale = _row_vector(row_scale_smem, 0, kmajor) * unscale  # [bm]; exact: unscale is 2**-k
+      steps = segment // plan.block_k
+
+      def segment_body(s, acc, region=region, first_channel=first_channel, segment=segment, x_scale=x_scale,
+                       steps=steps):
+        segment_start = first_channel + s * segment
+        group = 0 if plan.group_size is None else segment_start // plan.group_size
+        acc_int = segment_sum(m_idx, n_idx, region, s * steps, segment_start // plan.block_k, steps)
+        load_vector(w_scales_gmem.at[group, cols], col_scale_smem)
+        w_scale = _row_vector(col_scale_smem, 1, kmajor)  # [bn]
+        scale = lax.broadcast_in_dim(x_scale, (bm, bn), (0,)) * lax.broadcast_in_dim(w_scale, (bm, bn), (1,))
+        return acc + acc_int.astype(jnp.float32) * scale
+
+      num_segments = channels // segment
+      if num_segments == 1:
+        acc = segment_body(0, acc)
+      else:
+        acc = lax.fori_loop(0, num_segments, segment_body, acc)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
+    out_smem[...] = acc.astype(out_smem.dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows, cols])
+
+  if plan.schedule == "grid":
+    tile(lax.axis_index("m"), lax.axis_index("n"))
+  else:
+    program = lax.axis_index("sm")
+    num_tiles = plan.m_tiles * plan.n_tiles
+    my_tiles = (num_tiles - program + plan.num_programs - 1) // plan.num_programs
+
+    def tile_loop(i, carry):
+      linear = program + i * plan.num_programs
+      tile(linear % plan.m_tiles, linear // plan.m_tiles)  # M fastest: neighbours share a weight tile
+      return carry
+
+    lax.fori_loop(0, my_tiles, tile_loop, 0)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _interpret_params():
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public alias yet
+
+  return InterpretGPUParams()
+
+
+def _num_sms() -> int:
+  device = jax.devices()[0]
+  return int(getattr(device, "core_count", 0) or H100_SMS) if device.platform == "gpu" else H100_SMS
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=["out_dtype", "block_m", "block_n", "block_k", "max_concurrent_steps", "schedule",
+                     "num_programs", "interpret"],
+)
+def w4ax_matmul_sm90(
+    qx: QuantizedActivation,  # M tokens, K channels (FMPQ layout)
+    qw: QuantizedWeight,  # bits=4, [K, N]
+    *,
+    out_dtype=jnp.float32,
+    block_m: int = W4AxSm90Tuning.block_m,
+    block_n: int = W4AxSm90Tuning.block_n,
+    block_k: int = W4AxSm90Tuning.block_k,
+    max_concurrent_steps: int = W4AxSm90Tuning.max_concurrent_steps,
+    schedule: str = W4AxSm90Tuning.schedule,
+    num_programs: int | None = W4AxSm90Tuning.num_programs,
+    interpret: bool = False,
+) -> jax.Array:  # [M, N] out_dtype
+  """The W4Ax GEMM as one Mosaic GPU kernel (Hopper); interpret=True runs the Mosaic GPU interpreter."""
+  _check_operands(qx, qw)
+  if qw.bits != 4:
+    raise ValueError(f"w4ax_matmul_sm90 needs a 4-bit weight (bits=4), got bits={qw.bits}; "
+                     "use w4ax_matmul_reference for 8-bit weights")
+  if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {jnp.dtype(out_dtype).name}")
+  fmt = qx.format
+  m = qx.int4_part.shape[0]
+  k, n = qw.shape
+  if m < 1:
+    raise ValueError("qx must hold at least one token (M >= 1)")
+  segments = segment_lengths(qw)
+  tuning = W4AxSm90Tuning(block_m, block_n, block_k, max_concurrent_steps, schedule, num_programs).resolve(
+      m, n, math.gcd(*segments))
+  bm, bn = tuning.block_m, tuning.block_n
+  m_tiles, n_tiles = pl.cdiv(m, bm), n // bn
+  padded_m = m_tiles * bm
+  pad_rows = padded_m - m
+  if tuning.schedule == "persistent":
+    programs = min(tuning.num_programs or _num_sms(), m_tiles * n_tiles)
+  else:
+    programs = m_tiles * n_tiles
+  plan = _Plan(block_m=bm, block_n=bn, block_k=tuning.block_k, m_tiles=m_tiles, n_tiles=n_tiles,
+               stages=tuning.max_concurrent_steps, schedule=tuning.schedule, num_programs=programs,
+               int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels, segments=segments,
+               group_size=qw.group_size, kmajor_weight=not interpret)
+  smem = plan.smem_bytes(jnp.dtype(out_dtype).itemsize)
+  if smem > MAX_SMEM_BYTES:
+    raise ValueError(f"tiles block_m={bm}, block_n={bn}, block_k={tuning.block_k} with max_concurrent_steps="
+                     f"{tuning.max_concurrent_steps} need ~{smem} bytes of shared memory > {MAX_SMEM_BYTES}; "
+                     "lower max_concurrent_steps or a block size")
+
+  operands = []
+  if fmt.int8_channels:
+    operands.append(jnp.pad(qx.int8_part, ((0, 0), (0, pad_rows), (0, 0))))
+  if fmt.int4_channels:
+    operands.append(jnp.pad(qx.int4_part, ((0, pad_rows), (0, 0))))
+  weight = qw.data if interpret else qw.data.T  # int8 wgmma: B must be K-major on hardware
+  operands += [jnp.pad(qx.int8_scale.astype(jnp.float32), (0, pad_rows)),
+               jnp.pad(qx.int4_scale.astype(jnp.float32), (0, pad_rows)), weight, qw.scales.astype(jnp.float32)]
+
+  hk = tuning.block_k // 2
+  b_shape = (2, bn, hk) if plan.kmajor_weight else (2, hk, bn)
+  b_row_bytes = hk if plan.kmajor_weight else bn
+  scratch = [
+      plgpu.SMEM(b_shape, jnp.int8, transforms=_smem_transforms(b_row_bytes)),
+      plgpu.SMEM((bm, bn), out_dtype, transforms=_out_transforms(bn, out_dtype)),
+      plgpu.SMEM((bm,), jnp.float32),
+      plgpu.SMEM((bn,), jnp.float32),
+      plgpu.Barrier(),
+  ]
+  if fmt.int4_channels:
+    scratch.append(plgpu.SMEM((2, bm, hk), jnp.int8, transforms=_smem_transforms(hk)))
+  if plan.schedule == "grid":
+    mesh = dict(grid=(m_tiles, n_tiles), grid_names=("m", "n"))
+  else:
+    mesh = dict(grid=(programs,), grid_names=("sm",))
+  out = plgpu.kernel(
+      functools.partial(_w4ax_sm90_kernel, plan=plan),
+      out_type=jax.ShapeDtypeStruct((padded_m, n), out_dtype),
+      scratch_types=scratch,
+      interpret=_interpret_params() if interpret else None,
+      kernel_name="w4ax_matmul_sm90",
+      **mesh,
+  )(*operands)
+  return out[:m]
