@@ -7,8 +7,9 @@ For each model (mnist_dit, class-conditional; mnist_cnn, unconditional) and sett
     of held-out real MNIST test images (few samples -> biased upwards; compare within a column);
   - psnr: PSNR (dB, pixels in [0,1]) of each sample against the float model's sample from the same noise.
 The classifier is a small Flax CNN trained here on the first 8000 MNIST test images; its accuracy on the
-other 2000 is reported. Sampling is DDIM (eta=0) with `--steps` steps (25 by default, the same grid as the
-calibration trajectories); quantized settings run real integer layers.
+other 2000 is reported. Sampling is DDIM with `--steps` steps (25 by default, the grid of the calibration trajectories) and
+`--eta` 1.0 by default (ancestral: the same initial and per-step noise in every setting, so PSNR compares
+like with like); quantized settings run real integer layers (packed INT4/INT8 weights, int8 activations).
 
 Writes bench/results/diffusion_quality.json, .md and one PNG grid per model and setting.
 """
@@ -35,8 +36,8 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from calib.quest import SETTINGS, format_report, quantize_for_setting  # noqa: E402
-from cometjax.diffusion import (ddim_sample, image_grid, load_mnist_test, schedule_for,  # noqa: E402
-                                write_png)
+from cometjax.diffusion import (ddim_sample, ddpm_sample, image_grid, load_mnist_test,  # noqa: E402
+                                noise_prediction_loss, schedule_for, write_png)
 from cometjax.models.cnn_ddpm import load_cnn  # noqa: E402
 from cometjax.models.dit import load_dit  # noqa: E402
 
@@ -140,6 +141,38 @@ def run(args) -> dict:
   print(f"classifier: held-out accuracy {classifier_accuracy:.4f} on {len(test_rows)} images "
         f"({time.time() - t0:.0f}s)", flush=True)
 
+  fp_losses = {}
+  if args.loss_seeds:
+    # README reference facts (all 10,000 test images, one random t and noise each): DiT L1 0.0686, CNN MSE 0.0169
+    t0 = time.time()
+    for model_name, loader, key, reference in (("mnist_dit", load_dit, "l1", 0.0686), ("mnist_cnn", load_cnn, "mse", 0.0169)):
+      if model_name not in args.models:
+        continue
+      model = loader()
+      values = [noise_prediction_loss(model, images, labels, seed=s)[key] for s in range(args.loss_seeds)]
+      fp_losses[model_name] = {"metric": key, "values_per_seed": values, "mean": float(np.mean(values)),
+                               "reference": reference,
+                               "relative_difference": float(np.mean(values) / reference - 1), "images": len(images)}
+      print(f"{model_name}: FP noise-prediction {key} over {len(images)} images, seeds 0..{args.loss_seeds - 1}: "
+            f"{[round(v, 5) for v in values]} (reference {reference})", flush=True)
+    print(f"fp losses: {time.time() - t0:.0f}s", flush=True)
+
+  fp_ddpm = None
+  if args.ddpm_samples and "mnist_dit" in args.models:
+    # The checkpoint's own sampler (ancestral DDPM, 1000 steps) for the float DiT, as a reference point.
+    t0 = time.time()
+    model = load_dit()
+    count = args.ddpm_samples
+    y = jnp.arange(count, dtype=jnp.int32) % 10
+    samples = ddpm_sample(model, schedule_for(model), jax.random.normal(jax.random.key(args.seed + 1), (count, 1, 28, 28)),
+                          y, key=jax.random.key(args.seed + 2))
+    pixels = np.asarray(schedule_for(model).to_unit(samples))[:, 0]
+    preds, _ = classify(classifier, pixels)
+    fp_ddpm = {"samples": count, "class_accuracy": float((preds == np.asarray(y)).mean()),
+               "seconds": round(time.time() - t0, 1)}
+    write_png(RESULTS / "diffusion_samples_mnist_dit_fp_ddpm1000.png", image_grid(pixels[:100], columns=10))
+    print(f"mnist_dit fp DDPM-1000: class accuracy {fp_ddpm['class_accuracy']:.3f} ({fp_ddpm['seconds']}s)", flush=True)
+
   rows, reports = [], {}
   for model_name in args.models:
     kind = "dit" if model_name == "mnist_dit" else "cnn"
@@ -156,7 +189,8 @@ def run(args) -> dict:
       quant_seconds = time.time() - t0
       t1 = time.time()
       group_fn = quant.timestep_group if quant is not None else None
-      samples = ddim_sample(model, schedule, noise, class_labels, steps=args.steps, group_fn=group_fn)
+      samples = ddim_sample(model, schedule, noise, class_labels, steps=args.steps, group_fn=group_fn, eta=args.eta,
+                            key=jax.random.key(args.seed + 3))
       pixels = np.asarray(schedule.to_unit(samples))[:, 0]  # [N,28,28]
       sample_seconds = time.time() - t1
       if setting == "fp":
@@ -188,9 +222,11 @@ def run(args) -> dict:
     "jax_version": jax.__version__, "commit": git_commit(),
     "classifier": {"train_images": len(train_rows), "heldout_images": len(test_rows),
                    "heldout_accuracy": classifier_accuracy, "features": 128},
-    "protocol": {"sampler": "DDIM eta=0", "ddim_steps": args.steps, "seed": args.seed,
+    "protocol": {"sampler": f"DDIM eta={args.eta} (same noise and per-step noise in every setting)",
+                 "ddim_steps": args.steps, "seed": args.seed,
                  "dit_samples": args.dit_samples, "cnn_samples": args.cnn_samples,
                  "frechet_reference": "classifier features of the 2000 held-out MNIST test images"},
+    "fp_losses": fp_losses, "fp_dit_ddpm1000": fp_ddpm,
     "rows": rows, "reports": reports, "seconds": round(time.time() - start, 1),
   }
 
@@ -202,7 +238,7 @@ def markdown(result: dict) -> str:
   lines = [
     "# Diffusion quality (MNIST)", "",
     f"{result['date']}, {result['device']}, jax {result['jax_version']}, commit {result['commit'][:10]}. "
-    f"DDIM {result['protocol']['ddim_steps']} steps; {result['protocol']['dit_samples']} DiT samples "
+    f"{result['protocol']['sampler']}, {result['protocol']['ddim_steps']} steps; {result['protocol']['dit_samples']} DiT samples "
     f"(equal per class), {result['protocol']['cnn_samples']} CNN samples. Classifier held-out accuracy "
     f"{result['classifier']['heldout_accuracy']:.4f} ({result['classifier']['heldout_images']} images).", "",
     "| model | setting | class accuracy | Frechet (classifier features) | PSNR vs FP (dB) | QuEST trained values |",
@@ -211,6 +247,14 @@ def markdown(result: dict) -> str:
   for r in result["rows"]:
     lines.append(f"| {r['model']} | {r['setting']} | {fmt(r['class_accuracy'])} | {fmt(r['frechet'], 2)} | "
                  f"{fmt(r['psnr'], 2)} | {fmt(r.get('quest_trained_values'))} |")
+  if result.get("fp_dit_ddpm1000"):
+    d = result["fp_dit_ddpm1000"]
+    lines += ["", f"Float DiT with its own sampler (ancestral DDPM, 1000 steps, {d['samples']} samples): "
+                  f"class accuracy {d['class_accuracy']:.3f}."]
+  for name, f in result.get("fp_losses", {}).items():
+    lines += ["", f"{name} float noise-prediction {f['metric'].upper()} on all {f['images']} test images: "
+                  f"{', '.join(f'{v:.5f}' for v in f['values_per_seed'])} (seeds 0..{len(f['values_per_seed']) - 1}; "
+                  f"mean {f['mean']:.5f}, reference {f['reference']}, {100 * f['relative_difference']:+.1f}%)."]
   return "\n".join(lines) + "\n"
 
 
@@ -219,13 +263,37 @@ def main(argv=None):
   parser.add_argument("--models", nargs="+", default=["mnist_dit", "mnist_cnn"], choices=["mnist_dit", "mnist_cnn"])
   parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
   parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+  parser.add_argument("--eta", type=float, default=1.0,
+                      help="DDIM eta: 1.0 ancestral (default; the float DiT classifies better with it), 0.0 deterministic")
+  parser.add_argument("--merge", nargs="+", default=None, help="merge earlier JSON results (per model) into --out")
   parser.add_argument("--dit-samples", type=int, default=200)
-  parser.add_argument("--cnn-samples", type=int, default=100)
+  parser.add_argument("--cnn-samples", type=int, default=64)
   parser.add_argument("--classifier-epochs", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--loss-seeds", type=int, default=2, help="seeds of the full-test-set FP loss check (0: skip)")
+  parser.add_argument("--ddpm-samples", type=int, default=100,
+                      help="FP DiT samples with the 1000-step DDPM sampler (0: skip)")
   parser.add_argument("--progress", action="store_true", help="tqdm bars for calibration")
   parser.add_argument("--out", default=str(RESULTS / "diffusion_quality"), help="path stem for .json/.md")
   args = parser.parse_args(argv)
+  if args.merge:
+    parts = [json.loads(Path(p).read_text()) for p in args.merge]
+    result = dict(parts[0])
+    for key in ("rows",):
+      result[key] = [row for part in parts for row in part[key]]
+    for key in ("reports", "fp_losses"):
+      result[key] = {k: v for part in parts for k, v in (part.get(key) or {}).items()}
+    result["fp_dit_ddpm1000"] = next((p["fp_dit_ddpm1000"] for p in parts if p.get("fp_dit_ddpm1000")), None)
+    result["protocol"] = {**parts[0]["protocol"], **{k: v for p in parts for k, v in p["protocol"].items()
+                                                     if k.endswith("_samples")}}
+    result["seconds"] = sum(p["seconds"] for p in parts)
+    result["runs"] = [{"commit": p["commit"], "date": p["date"], "seconds": p["seconds"],
+                       "models": sorted({r["model"] for r in p["rows"]})} for p in parts]
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return
   if "fp" not in args.settings:
     args.settings = ["fp"] + args.settings  # PSNR needs the float samples
   result = run(args)

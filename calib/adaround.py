@@ -39,6 +39,7 @@ class CalibrationConfig:
   ddim_steps: int = 25
   num_samples: int = 512  # (x_t, t) pairs kept, drawn uniformly from all paths and steps
   record_samples: int = 128  # of those, how many feed activation ranges and AdaRound
+  eta: float = 0.0  # DDIM eta of the calibration paths (1.0: ancestral, as the evaluation sampler may use)
   seed: int = 0
 
   def __post_init__(self):
@@ -73,7 +74,8 @@ def build_calibration_set(model, schedule: NoiseSchedule, config: CalibrationCon
   if schedule.kind == "dit":
     labels = jnp.arange(config.num_trajectories, dtype=jnp.int32) % 10
   start = time.time()
-  xs, eps, indices = ddim_trajectory(model, schedule, noise, labels, steps=config.ddim_steps)  # [S, B, ...]
+  xs, eps, indices = ddim_trajectory(model, schedule, noise, labels, steps=config.ddim_steps, eta=config.eta,
+                                     key=jax.random.key(config.seed))  # [S, B, ...]
   xs, eps = np.asarray(xs), np.asarray(eps)
   steps, batch = xs.shape[:2]
   flat = rng.choice(steps * batch, size=config.num_samples, replace=False)

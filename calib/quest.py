@@ -41,7 +41,9 @@ class QuestConfig:
   steps: int = 300
   batch_size: int = 32
   weight_learning_rate: float = 1e-4
-  scale_learning_rate: float = 1e-3
+  scale_learning_rate: float = 1e-3  # activation step sizes and zero points
+  # Weight scales are ~1e-2, so an absolute Adam step of scale_learning_rate would be far too coarse.
+  weight_scale_learning_rate: float = 1e-5
   seed: int = 0
 
   def __post_init__(self):
@@ -93,33 +95,36 @@ def trainable_filters(model, config: QuestConfig):
     return (isinstance(variable, nnx.Param) and not isinstance(variable, QuantParam)
             and path[-1] in ("kernel", "bias") and in_selected(name))
 
-  def scale_filter(path, variable) -> bool:
-    if not isinstance(variable, QuantParam):
+  def scale_filter(path, variable) -> bool:  # activation step sizes / zero points
+    if not isinstance(variable, QuantParam) or path[-1] not in ("step", "zero"):
       return False
-    name = _path_name(path)
-    is_act = path[-1] in ("step", "zero")
-    return (is_act and config.train_all_activation_scales) or in_selected(name)
+    return config.train_all_activation_scales or in_selected(_path_name(path))
 
-  return weight_filter, scale_filter
+  def weight_scale_filter(path, variable) -> bool:
+    return isinstance(variable, QuantParam) and path[-1] == "scale" and in_selected(_path_name(path))
+
+  return weight_filter, scale_filter, weight_scale_filter
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "quant", "optimizers"))
-def _quest_step(graphdef, weights, scales, rest, opt_states, schedule, quant, optimizers, x, index, labels, target):
-  def loss_fn(weights, scales):
-    model = nnx.merge(graphdef, weights, scales, rest)
+def _quest_step(graphdef, trained, rest, opt_states, schedule, quant, optimizers, x, index, labels, target):
+  def loss_fn(trained):
+    model = nnx.merge(graphdef, *trained, rest)
     eps = predict_noise(model, schedule, x, index, labels, quant.timestep_group(index))
     return ((eps - target) ** 2).mean()
 
-  loss, (g_weights, g_scales) = jax.value_and_grad(loss_fn, argnums=(0, 1))(weights, scales)
-  weight_opt, scale_opt = optimizers
-  updates, weight_state = weight_opt.update(g_weights, opt_states[0], weights)
-  weights = optax.apply_updates(weights, updates)
-  updates, scale_state = scale_opt.update(g_scales, opt_states[1], scales)
-  scales = optax.apply_updates(scales, updates)
-  # A step size must stay positive.
-  scales = jax.tree.map_with_path(
-    lambda p, v: jnp.maximum(v, 1e-6) if "'step'" in jax.tree_util.keystr(p) else v, scales)
-  return weights, scales, (weight_state, scale_state), loss
+  loss, grads = jax.value_and_grad(loss_fn)(trained)
+  new_trained, new_states = [], []
+  for params, grad, optimizer, opt_state in zip(trained, grads, optimizers, opt_states):
+    updates, opt_state = optimizer.update(grad, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    # step sizes and weight scales must stay positive
+    params = jax.tree.map_with_path(
+      lambda p, v: jnp.maximum(v, 1e-6) if ("'step'" in jax.tree_util.keystr(p) or "'scale'" in jax.tree_util.keystr(p))
+      else v, params)
+    new_trained.append(params)
+    new_states.append(opt_state)
+  return tuple(new_trained), tuple(new_states), loss
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "quant"))
@@ -147,10 +152,11 @@ def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, 
   """Finetune a fake-quantized model in place.  Returns a report: trained parameters and counts,
   the global loss before and after, and the time taken."""
   start = time.time()
-  weight_filter, scale_filter = trainable_filters(model, config)
-  graphdef, weights, scales, rest = nnx.split(model, weight_filter, scale_filter, ...)
+  weight_filter, scale_filter, weight_scale_filter = trainable_filters(model, config)
+  graphdef, weights, scales, weight_scales, rest = nnx.split(model, weight_filter, scale_filter,
+                                                             weight_scale_filter, ...)
   trained = {}
-  for kind, state in (("weights", weights), ("scales", scales)):
+  for state in (weights, scales, weight_scales):
     for path, variable in nnx.to_flat_state(state):
       trained[_path_name(path)] = int(np.prod(variable.get_value().shape))
   layers = selected_layers(model, config)
@@ -162,14 +168,17 @@ def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, 
     "num_trained_tensors": len(trained),
     "num_trained_values": int(sum(trained.values())),
     "num_weight_values": int(sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(weights))),
-    "num_scale_values": int(sum(int(np.prod(v.get_value().shape)) for _, v in nnx.to_flat_state(scales))),
+    "num_scale_values": int(sum(int(np.prod(v.get_value().shape))
+                                for state in (scales, weight_scales) for _, v in nnx.to_flat_state(state))),
   }
   report["global_loss_before"] = global_loss(model, schedule, quant, calib)
   def adam(learning_rate):  # cosine decay to 10% over the run
     return optax.adam(optax.cosine_decay_schedule(learning_rate, max(config.steps, 1), alpha=0.1))
 
-  optimizers = (adam(config.weight_learning_rate), adam(config.scale_learning_rate))
-  opt_states = (optimizers[0].init(weights), optimizers[1].init(scales))
+  optimizers = (adam(config.weight_learning_rate), adam(config.scale_learning_rate),
+                adam(config.weight_scale_learning_rate))
+  trained_state = (weights, scales, weight_scales)
+  opt_states = tuple(opt.init(state) for opt, state in zip(optimizers, trained_state))
   rng = np.random.default_rng(config.seed)
   bar = tqdm(range(config.steps), desc="quest", disable=not progress, mininterval=2.0)
   running = None
@@ -177,12 +186,12 @@ def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, 
     rows = rng.choice(len(calib), size=min(config.batch_size, len(calib)), replace=False)
     part = calib.take(rows)
     labels = None if part.labels is None else jnp.asarray(part.labels)
-    weights, scales, opt_states, loss = _quest_step(
-      graphdef, weights, scales, rest, opt_states, schedule, quant, optimizers, jnp.asarray(part.x),
+    trained_state, opt_states, loss = _quest_step(
+      graphdef, trained_state, rest, opt_states, schedule, quant, optimizers, jnp.asarray(part.x),
       jnp.asarray(part.index), labels, jnp.asarray(part.eps))
     running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
     bar.set_postfix(loss=f"{running:.5f}")
-  nnx.update(model, weights, scales)
+  nnx.update(model, *trained_state)
   report["global_loss_after"] = global_loss(model, schedule, quant, calib)
   report["seconds"] = time.time() - start
   return report
@@ -217,15 +226,17 @@ class SettingRecipe:
 def default_recipe(kind: str) -> SettingRecipe:
   from calib.adaround import AdaRoundConfig, CalibrationConfig
   if kind == "dit":
-    return SettingRecipe(CalibrationConfig(num_trajectories=64, ddim_steps=25, num_samples=512, record_samples=128),
+    return SettingRecipe(CalibrationConfig(num_trajectories=128, ddim_steps=25, num_samples=2048, record_samples=128,
+                                           eta=1.0),
                          AdaRoundConfig(iterations=100, batch_samples=32),
-                         dataclasses.replace(DIT_QUEST, steps=1200, weight_learning_rate=2e-3,
-                                             scale_learning_rate=5e-3))
+                         dataclasses.replace(DIT_QUEST, steps=1000, weight_learning_rate=2e-3,
+                                             scale_learning_rate=5e-3, weight_scale_learning_rate=2e-5))
   if kind == "cnn":
-    return SettingRecipe(CalibrationConfig(num_trajectories=32, ddim_steps=25, num_samples=384, record_samples=64),
-                         AdaRoundConfig(iterations=100, batch_samples=8),
-                         dataclasses.replace(CNN_QUEST, steps=300, batch_size=16, weight_learning_rate=1e-3,
-                                             scale_learning_rate=5e-3))
+    return SettingRecipe(CalibrationConfig(num_trajectories=32, ddim_steps=25, num_samples=384, record_samples=32,
+                                           eta=1.0),
+                         AdaRoundConfig(iterations=50, batch_samples=8),
+                         dataclasses.replace(CNN_QUEST, steps=150, batch_size=16, weight_learning_rate=1e-3,
+                                             scale_learning_rate=5e-3, weight_scale_learning_rate=2e-5))
   raise ValueError(f"kind must be 'dit' or 'cnn', got {kind!r}")
 
 

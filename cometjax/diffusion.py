@@ -118,13 +118,14 @@ def predict_noise(model, schedule: NoiseSchedule, x: jax.Array, index: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "indices", "group_fn", "clip"))
-def _ddim_loop(graphdef, state, schedule, indices, group_fn, clip, noise, labels):
+def _ddim_loop(graphdef, state, schedule, indices, group_fn, clip, noise, labels, eta, key):
   table = jnp.asarray(schedule.alpha_bars, jnp.float32)
   steps = jnp.asarray(indices)
   prev = jnp.concatenate([steps[1:], jnp.array([-1], jnp.int32)])
   batch = noise.shape[0]
 
-  def body(i, x):
+  def body(i, carry):
+    x, key = carry
     model = nnx.merge(graphdef, state)
     index = steps[i]
     ab = table[index]
@@ -133,17 +134,34 @@ def _ddim_loop(graphdef, state, schedule, indices, group_fn, clip, noise, labels
     x0 = (x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab)
     if clip:
       x0 = jnp.clip(x0, schedule.data_low, schedule.data_high)
-    return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1 - ab_prev) * eps
+    # eta = 0: deterministic DDIM; eta = 1: ancestral (DDPM posterior) on the strided grid.
+    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    key, sub = jax.random.split(key)
+    z = jax.random.normal(sub, x.shape, x.dtype)
+    direction = jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps
+    return jnp.sqrt(ab_prev) * x0 + direction + sigma * z, key
 
-  return jax.lax.fori_loop(0, len(indices), body, noise)
+  x, _ = jax.lax.fori_loop(0, len(indices), body, (noise, key))
+  return x
 
 
 def ddim_sample(model, schedule: NoiseSchedule, noise: jax.Array, labels=None, *, steps: int = 50,
-                group_fn: GroupFn | None = None, clip: bool = True) -> jax.Array:
-  """Deterministic DDIM (eta = 0) from `noise` [B,1,28,28]; returns samples in the data range."""
+                group_fn: GroupFn | None = None, clip: bool = True, eta: float = 0.0,
+                key: jax.Array | None = None) -> jax.Array:
+  """DDIM from `noise` [B,1,28,28] on `steps` strided timesteps; returns samples in the data range.
+
+  eta = 0 is deterministic DDIM; eta = 1 is ancestral sampling with the DDPM posterior variance on the
+  strided grid (needs `key`).
+  """
+  if eta < 0:
+    raise ValueError(f"eta must be >= 0, got {eta}")
+  if eta > 0 and key is None:
+    raise ValueError("ddim_sample with eta > 0 needs a PRNG key")
   graphdef, state = nnx.split(model)
   indices = tuple(int(i) for i in schedule.ddim_indices(steps))
-  return _ddim_loop(graphdef, state, schedule, indices, group_fn or _no_groups, clip, noise, labels)
+  key = key if key is not None else jax.random.key(0)
+  return _ddim_loop(graphdef, state, schedule, indices, group_fn or _no_groups, clip, noise, labels,
+                    jnp.float32(eta), key)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "group_fn"))
@@ -243,30 +261,37 @@ def noise_prediction_loss(model, images: np.ndarray, labels: np.ndarray | None, 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "indices"))
-def _ddim_trajectory(graphdef, state, schedule, indices, noise, labels):
+def _ddim_trajectory(graphdef, state, schedule, indices, noise, labels, eta, key):
   table = jnp.asarray(schedule.alpha_bars, jnp.float32)
   steps = jnp.asarray(indices, jnp.int32)
   prev = jnp.concatenate([steps[1:], jnp.array([-1], jnp.int32)])
   batch = noise.shape[0]
 
-  def body(x, step):
+  def body(carry, step):
+    x, key = carry
     index, prev_index = step
     model = nnx.merge(graphdef, state)
     ab = table[index]
     ab_prev = jnp.where(prev_index >= 0, table[jnp.maximum(prev_index, 0)], 1.0)
     eps = predict_noise(model, schedule, x, jnp.full((batch,), index, jnp.int32), labels)
     x0 = jnp.clip((x - jnp.sqrt(1 - ab) * eps) / jnp.sqrt(ab), schedule.data_low, schedule.data_high)
-    return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1 - ab_prev) * eps, (x, eps)
+    sigma = eta * jnp.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    key, sub = jax.random.split(key)
+    z = jax.random.normal(sub, x.shape, x.dtype)
+    x_next = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(jnp.maximum(1 - ab_prev - sigma ** 2, 0.0)) * eps + sigma * z
+    return (x_next, key), (x, eps)
 
-  _, (xs, eps) = jax.lax.scan(body, noise, (steps, prev))
+  _, (xs, eps) = jax.lax.scan(body, (noise, key), (steps, prev))
   return xs, eps  # [S, B, ...] inputs of every step and the model's noise prediction there
 
 
-def ddim_trajectory(model, schedule: NoiseSchedule, noise: jax.Array, labels=None, *, steps: int = 50):
-  """The DDIM (eta=0) path of a float model: (x_t [S,B,...], eps [S,B,...], indices [S])."""
+def ddim_trajectory(model, schedule: NoiseSchedule, noise: jax.Array, labels=None, *, steps: int = 50,
+                    eta: float = 0.0, key: jax.Array | None = None):
+  """The DDIM path of a float model: (x_t [S,B,...], eps [S,B,...], indices [S])."""
   graphdef, state = nnx.split(model)
   indices = tuple(int(i) for i in schedule.ddim_indices(steps))
-  xs, eps = _ddim_trajectory(graphdef, state, schedule, indices, noise, labels)
+  key = key if key is not None else jax.random.key(0)
+  xs, eps = _ddim_trajectory(graphdef, state, schedule, indices, noise, labels, jnp.float32(eta), key)
   return xs, eps, np.asarray(indices, np.int32)
 
 
