@@ -2,9 +2,12 @@
 
     python bench/kernels.py                 # GPU: full shape sweep, compiled Pallas kernels
     python bench/kernels.py --smoke         # tiny shapes, interpret mode on CPU, a few seconds
+    python bench/kernels.py --kernels w4ax_matmul w4ax_matmul_sm90 --skip-attention   # the two GEMMs
 
 Every op is timed against baselines in the same run:
   w4ax_matmul   vs xla_bf16 (jnp.dot bf16) and xla_int8 (int8 x int8 -> int32 jnp.dot)
+  w4ax_matmul_sm90 (Mosaic GPU, Hopper only; interpreter in --smoke) vs the same two, and vs
+                pallas_triton (the w4ax_matmul time of the same row) when both run
   quantize_act  vs xla_reference (the jnp twin, XLA-fused)
   kv4_attention vs pallas_bf16_decode (jax.experimental.pallas.ops.gpu.decode_attention.gqa, bf16 cache)
                 and jax_dpa (jax.nn.dot_product_attention, bf16 cache)
@@ -43,6 +46,7 @@ if str(ROOT) not in sys.path:
 from bench.common import device_tag, run_metadata  # noqa: E402
 from cometjax.pallas.kv4_attention import kv4_decode_attention  # noqa: E402
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference  # noqa: E402
+from cometjax.pallas import w4ax_matmul_sm90 as sm90  # noqa: E402
 from cometjax.pallas.w4ax_matmul import w4ax_matmul  # noqa: E402
 from cometjax.qtypes import ActivationFormat, QuantizedKV, QuantizedWeight  # noqa: E402
 
@@ -67,7 +71,8 @@ FULL_MODELS = (
     ModelShapes("llama3-8b", 4096, 14336, 32, 8, 128),
     ModelShapes("llama3-70b", 8192, 28672, 64, 8, 128),
 )
-SMOKE_MODELS = (ModelShapes("tiny", 64, 128, 4, 2, 16),)
+SMOKE_MODELS = (ModelShapes("tiny", 128, 256, 8, 2, 16),)  # K=128 layers: the sm90 kernel needs 64-channel blocks
+KERNELS = ("w4ax_matmul", "w4ax_matmul_sm90", "quantize_act", "kv4_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +91,7 @@ class Sweep:
 
 FULL = Sweep(FULL_MODELS, ("qkv", "o", "gate_up", "down"), (1, 4, 16, 64, 256, 1024, 4096), (0.0, 0.25, 1.0),
              128, FULL_MODELS[1], (1024, 8192, 32768), (1, 8, 32), warmup=3, iterations=30)
-SMOKE = Sweep(SMOKE_MODELS, ("o",), (4,), (0.5,), 16, ModelShapes("tiny", 64, 128, 4, 2, 32), (64,), (2,),
+SMOKE = Sweep(SMOKE_MODELS, ("o",), (4,), (0.5,), 64, ModelShapes("tiny", 64, 128, 4, 2, 32), (64,), (2,),
               warmup=1, iterations=2)
 
 
@@ -118,9 +123,12 @@ def random_quantized_weight(key, k: int, n: int, fmt: ActivationFormat) -> Quant
                          bits=4, group_size=None, shape=(k, n), activation=fmt)
 
 
-def bench_gemms(sweep: Sweep, interpret: bool, log) -> list[dict]:
+def bench_gemms(sweep: Sweep, interpret: bool, log, kernels=KERNELS) -> list[dict]:
   rows = []
   key = jax.random.key(0)
+  run_sm90 = "w4ax_matmul_sm90" in kernels and (interpret or sm90.is_hopper())
+  if "w4ax_matmul_sm90" in kernels and not run_sm90:
+    print("w4ax_matmul_sm90 skipped: needs a Hopper GPU (compute capability 9.x)")
   for model in sweep.models:
     for layer in sweep.layers:
       k, n = model.gemms()[layer]
@@ -140,21 +148,33 @@ def bench_gemms(sweep: Sweep, interpret: bool, log) -> list[dict]:
           fmt = ActivationFormat.for_features(k, sweep.block_size, fraction)
           qws = [random_quantized_weight(jax.random.fold_in(key, 200 + c), k, n, fmt) for c in range(copies)]
           qxs = [quantize_act_reference(x, qw.perm, fmt) for x, qw in zip(xs, qws)]
-          matmul = jax.jit(lambda qx, qw: w4ax_matmul(qx, qw, out_dtype=jnp.bfloat16, interpret=interpret))
-          w4ax = time_ms(matmul, list(zip(qxs, qws)), sweep.warmup, sweep.iterations)
-          fused = jax.jit(lambda x, perm, fmt=fmt: quantize_act(x, perm, fmt=fmt, interpret=interpret))
-          reference = jax.jit(lambda x, perm, fmt=fmt: quantize_act_reference(x, perm, fmt))
-          perm_sets = [(x, qw.perm) for x, qw in zip(xs, qws)]
-          quant = time_ms(fused, perm_sets, sweep.warmup, sweep.iterations)
-          quant_reference = time_ms(reference, perm_sets, sweep.warmup, sweep.iterations)
           common = dict(shape=shape, m=m, k=k, n=n, int8_fraction=fraction, block_size=sweep.block_size)
-          for baseline, timing in (("xla_bf16", bf16), ("xla_int8", int8)):
-            rows.append(dict(op="w4ax_matmul", **common, **w4ax, baseline=baseline,
-                             baseline_ms=timing["ms"], speedup=timing["ms"] / w4ax["ms"]))
-          rows.append(dict(op="quantize_act", **common, **quant, baseline="xla_reference",
-                           baseline_ms=quant_reference["ms"], speedup=quant_reference["ms"] / quant["ms"]))
-          log(f"{shape} M={m} int8={fraction}: w4ax {w4ax['ms']:.4f} ms, bf16 {bf16['ms']:.4f} ms, "
-              f"int8 {int8['ms']:.4f} ms, quantize_act {quant['ms']:.4f} ms")
+          timings = {}  # op -> timing of this row
+          if "w4ax_matmul" in kernels:
+            matmul = jax.jit(lambda qx, qw: w4ax_matmul(qx, qw, out_dtype=jnp.bfloat16, interpret=interpret))
+            timings["w4ax_matmul"] = time_ms(matmul, list(zip(qxs, qws)), sweep.warmup, sweep.iterations)
+          if run_sm90 and sm90.shape_supported(qws[0]):
+            matmul_sm90 = jax.jit(lambda qx, qw: sm90.w4ax_matmul_sm90(qx, qw, out_dtype=jnp.bfloat16,
+                                                                       interpret=interpret))
+            timings["w4ax_matmul_sm90"] = time_ms(matmul_sm90, list(zip(qxs, qws)), sweep.warmup, sweep.iterations)
+          for op, timing in timings.items():
+            baselines = [("xla_bf16", bf16), ("xla_int8", int8)]
+            if op == "w4ax_matmul_sm90" and "w4ax_matmul" in timings:
+              baselines.append(("pallas_triton", timings["w4ax_matmul"]))
+            for baseline, base in baselines:
+              rows.append(dict(op=op, **common, **timing, baseline=baseline, baseline_ms=base["ms"],
+                               speedup=base["ms"] / timing["ms"]))
+          if "quantize_act" in kernels:
+            fused = jax.jit(lambda x, perm, fmt=fmt: quantize_act(x, perm, fmt=fmt, interpret=interpret))
+            reference = jax.jit(lambda x, perm, fmt=fmt: quantize_act_reference(x, perm, fmt))
+            perm_sets = [(x, qw.perm) for x, qw in zip(xs, qws)]
+            quant = time_ms(fused, perm_sets, sweep.warmup, sweep.iterations)
+            quant_reference = time_ms(reference, perm_sets, sweep.warmup, sweep.iterations)
+            timings["quantize_act"] = quant
+            rows.append(dict(op="quantize_act", **common, **quant, baseline="xla_reference",
+                             baseline_ms=quant_reference["ms"], speedup=quant_reference["ms"] / quant["ms"]))
+          log(f"{shape} M={m} int8={fraction}: " + ", ".join(f"{op} {t['ms']:.4f} ms" for op, t in timings.items())
+              + f", bf16 {bf16['ms']:.4f} ms, int8 {int8['ms']:.4f} ms")
   return rows
 
 
@@ -216,12 +236,12 @@ def bench_attention(sweep: Sweep, interpret: bool, log) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-  header = (f"{'op':<14} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} "
+  header = (f"{'op':<17} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} "
             f"{'speedup':>8}")
   lines = [header, "-" * len(header)]
   for row in rows:
     fraction = "-" if row["int8_fraction"] is None else f"{row['int8_fraction']:.2f}"
-    lines.append(f"{row['op']:<14} {row['shape']:<38} {row['m']:>5} {fraction:>5} {row['ms']:>10.4f} "
+    lines.append(f"{row['op']:<17} {row['shape']:<38} {row['m']:>5} {fraction:>5} {row['ms']:>10.4f} "
                  f"{row['baseline']:<19} {row['baseline_ms']:>10.4f} {row['speedup']:>8.2f}")
   return "\n".join(lines)
 
@@ -233,7 +253,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> str:
     import matplotlib.pyplot as plt
   except ImportError:
     return "matplotlib not installed: skipped the plot (pip install matplotlib)"
-  gemm_rows = [r for r in rows if r["op"] == "w4ax_matmul" and r["baseline"] == "xla_bf16"]
+  gemm_rows = [r for r in rows if r["op"] in ("w4ax_matmul", "w4ax_matmul_sm90") and r["baseline"] == "xla_bf16"]
   shapes = sorted({r["shape"] for r in gemm_rows})
   if not shapes:
     return "no GEMM rows: skipped the plot"
@@ -241,10 +261,12 @@ def plot(rows: list[dict], path: pathlib.Path) -> str:
   figure, axes = plt.subplots(math.ceil(len(shapes) / columns), columns, squeeze=False,
                               figsize=(4 * columns, 3 * math.ceil(len(shapes) / columns)))
   for axis, shape in zip(axes.flat, shapes):
-    for fraction in sorted({r["int8_fraction"] for r in gemm_rows}):
+    for op, fraction in sorted({(r["op"], r["int8_fraction"]) for r in gemm_rows}):
       points = sorted((r["m"], r["speedup"]) for r in gemm_rows
-                      if r["shape"] == shape and r["int8_fraction"] == fraction)
-      axis.plot(*zip(*points), marker="o", label=f"int8 blocks {fraction:.2f}")
+                      if r["shape"] == shape and r["int8_fraction"] == fraction and r["op"] == op)
+      if points:
+        axis.plot(*zip(*points), marker="o" if op == "w4ax_matmul" else "s",
+                  label=f"{op.replace('w4ax_matmul', 'w4ax')} int8 {fraction:.2f}")
     axis.axhline(1.0, color="gray", linewidth=0.8)
     axis.set_xscale("log", base=2)
     axis.set_title(shape, fontsize=8)
@@ -267,6 +289,8 @@ def main(argv=None) -> dict:
                       help="comma-separated subset of " + ",".join(m.name for m in FULL_MODELS))
   parser.add_argument("--layers", default=None, help="comma-separated subset of qkv,o,gate_up,down")
   parser.add_argument("--ms", default=None, help="comma-separated M values (default the full sweep)")
+  parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
+                      help="ops to time (default all); e.g. --kernels w4ax_matmul w4ax_matmul_sm90")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)
 
@@ -284,10 +308,11 @@ def main(argv=None) -> dict:
   interpret = not on_gpu
   log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
 
+  kernels = tuple(args.kernels)
   rows = []
-  if not args.skip_gemm:
-    rows += bench_gemms(sweep, interpret, log)
-  if not args.skip_attention:
+  if not args.skip_gemm and set(kernels) & {"w4ax_matmul", "w4ax_matmul_sm90", "quantize_act"}:
+    rows += bench_gemms(sweep, interpret, log, kernels)
+  if not args.skip_attention and "kv4_attention" in kernels:
     rows += bench_attention(sweep, interpret, log)
 
   tag = device_tag()
@@ -301,7 +326,7 @@ def main(argv=None) -> dict:
   report = {
       **run_metadata(), "device_tag": tag, "backend": jax.default_backend(), "smoke": args.smoke, "interpret": interpret,
       "timing": f"median of {sweep.iterations} calls after {sweep.warmup} warm-up, rotating inputs",
-      "rows": rows,
+      "kernels": list(kernels), "rows": rows,
   }
   out.write_text(json.dumps(report, indent=1))
   print(plot(rows, out.with_suffix(".png")))

@@ -21,8 +21,21 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert report[field]
   ops = {(row["op"], row["baseline"]) for row in report["rows"]}
   assert {("w4ax_matmul", "xla_bf16"), ("w4ax_matmul", "xla_int8"), ("quantize_act", "xla_reference"),
-          ("kv4_attention", "jax_dpa")} <= ops
+          ("kv4_attention", "jax_dpa"), ("w4ax_matmul_sm90", "xla_bf16"), ("w4ax_matmul_sm90", "xla_int8"),
+          ("w4ax_matmul_sm90", "pallas_triton")} <= ops
   for row in report["rows"]:
     for field in ("op", "shape", "m", "int8_fraction", "ms", "baseline", "baseline_ms", "speedup"):
       assert field in row
     assert row["ms"] > 0 and row["speedup"] > 0
+
+
+def test_kernel_benchmark_kernels_filter(tmp_path):
+  spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
+  bench = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = bench
+  spec.loader.exec_module(bench)
+  out = tmp_path / "kernels_filter.json"
+  bench.main(["--smoke", "--quiet", "--kernels", "quantize_act", "--skip-attention", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report["kernels"] == ["quantize_act"]
+  assert report["rows"] and {row["op"] for row in report["rows"]} == {"quantize_act"}
