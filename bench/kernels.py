@@ -11,6 +11,7 @@ Every op is timed against baselines in the same run:
   quantize_act  vs xla_reference (the jnp twin, XLA-fused)
   kv4_attention vs pallas_bf16_decode (jax.experimental.pallas.ops.gpu.decode_attention.gqa, bf16 cache)
                 and jax_dpa (jax.nn.dot_product_attention, bf16 cache)
+  kv4_attention_paged (paged KV4Cache: channel-mode K in 32-token pages, scattered page table) vs the same
 GEMM shapes are one layer of Llama-2-7B, Llama-3-8B and Llama-3-70B (qkv, o, fused gate_up, down) at
 M in {1, 4, 16, 64, 256, 1024, 4096} and INT8-block fractions {0, 0.25, 1}; attention uses Llama-3-8B
 heads (32 q, 8 kv, head_dim 128) at context {1k, 8k, 32k} and batch {1, 8, 32}.
@@ -44,7 +45,9 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from bench.common import device_tag, run_metadata  # noqa: E402
+from cometjax.kvcache import KV4Cache, KVQuantConfig  # noqa: E402
 from cometjax.pallas.kv4_attention import kv4_decode_attention  # noqa: E402
+from cometjax.pallas.paged_kv4_attention import paged_kv4_attention  # noqa: E402
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference  # noqa: E402
 from cometjax.pallas import w4ax_matmul_sm90 as sm90  # noqa: E402
 from cometjax.pallas.w4ax_matmul import w4ax_matmul  # noqa: E402
@@ -72,7 +75,7 @@ FULL_MODELS = (
     ModelShapes("llama3-70b", 8192, 28672, 64, 8, 128),
 )
 SMOKE_MODELS = (ModelShapes("tiny", 128, 256, 8, 2, 16),)  # K=128 layers: the sm90 kernel needs 64-channel blocks
-KERNELS = ("w4ax_matmul", "w4ax_matmul_sm90", "quantize_act", "kv4_attention")
+KERNELS = ("w4ax_matmul", "w4ax_matmul_sm90", "quantize_act", "kv4_attention", "kv4_attention_paged")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +190,21 @@ def _jax_pallas_decode():
     return None
 
 
-def bench_attention(sweep: Sweep, interpret: bool, log) -> list[dict]:
+def random_paged_cache(key, batch: int, context: int, kv_heads: int, head_dim: int) -> KV4Cache:
+  """One layer of a full KV4Cache (default channel mode, 32-token pages) over a shuffled page pool."""
+  cache = KV4Cache.create(1, batch, context, kv_heads, head_dim, dtype=jnp.bfloat16, config=KVQuantConfig())
+  code_key, recent_key, table_key = jax.random.split(key, 3)
+  codes = jax.random.bits(code_key, (2, *cache.k.shape), jnp.uint8)
+  table = jax.random.permutation(table_key, cache.num_pages).astype(jnp.int32).reshape(cache.page_table.shape)
+  return dataclasses.replace(
+      cache, k=codes[0], v=codes[1], k_scale=jnp.full_like(cache.k_scale, 0.05),
+      k_zero=jnp.full_like(cache.k_zero, 8.0), v_scale=jnp.full_like(cache.v_scale, 0.05),
+      v_zero=jnp.full_like(cache.v_zero, 8.0),
+      k_recent=jax.random.normal(recent_key, cache.k_recent.shape, jnp.float32),
+      length=jnp.full_like(cache.length, context), page_table=table)
+
+
+def bench_attention(sweep: Sweep, interpret: bool, log, kernels=KERNELS) -> list[dict]:
   rows = []
   model = sweep.attention_model
   hq, hkv, d = model.q_heads, model.kv_heads, model.head_dim
@@ -207,9 +224,18 @@ def bench_attention(sweep: Sweep, interpret: bool, log) -> list[dict]:
         scale = jnp.full((batch, context, hkv, 1), 0.05, jnp.float32)
         zero = jnp.full((batch, context, hkv, 1), 8.0, jnp.float32)
         caches.append(QuantizedKV(k=codes[0], v=codes[1], k_scale=scale, k_zero=zero, v_scale=scale, v_zero=zero))
-      kv4 = time_ms(jax.jit(lambda q, kv, lengths: kv4_decode_attention(q, kv, lengths, interpret=interpret)),
-                    [(q, kv, lengths) for q, kv in zip(qs, caches)], sweep.warmup, sweep.iterations)
+      timings = {}  # op -> timing of this row
+      if "kv4_attention" in kernels:
+        timings["kv4_attention"] = time_ms(
+            jax.jit(lambda q, kv, lengths: kv4_decode_attention(q, kv, lengths, interpret=interpret)),
+            [(q, kv, lengths) for q, kv in zip(qs, caches)], sweep.warmup, sweep.iterations)
       del caches
+      if "kv4_attention_paged" in kernels:
+        paged = [random_paged_cache(jax.random.fold_in(key, 400 + c), batch, context, hkv, d) for c in range(copies)]
+        timings["kv4_attention_paged"] = time_ms(
+            jax.jit(lambda q, cache: paged_kv4_attention(q, cache, 0, interpret=interpret)),
+            list(zip(qs, paged)), sweep.warmup, sweep.iterations)
+        del paged
       bf16_caches = [(jax.random.normal(jax.random.fold_in(key, 200 + c), (batch, context, hkv, d), jnp.bfloat16),
                       jax.random.normal(jax.random.fold_in(key, 300 + c), (batch, context, hkv, d), jnp.bfloat16))
                      for c in range(min(copies, 2))]
@@ -228,20 +254,21 @@ def bench_attention(sweep: Sweep, interpret: bool, log) -> list[dict]:
               gqa, [(q, k, v, lengths) for q, (k, v) in zip(qs, bf16_caches)], sweep.warmup, sweep.iterations)
         except Exception as error:  # noqa: BLE001 - report and go on without this baseline
           print(f"pallas_bf16_decode failed at {shape}: {error!r}")
-      for baseline, timing in baselines.items():
-        rows.append(dict(op="kv4_attention", shape=shape, m=batch, context=context, int8_fraction=None, **kv4,
-                         baseline=baseline, baseline_ms=timing["ms"], speedup=timing["ms"] / kv4["ms"]))
-      log(f"{shape}: kv4 {kv4['ms']:.4f} ms, " + ", ".join(f"{b} {t['ms']:.4f} ms" for b, t in baselines.items()))
+      for op, kv4 in timings.items():
+        for baseline, timing in baselines.items():
+          rows.append(dict(op=op, shape=shape, m=batch, context=context, int8_fraction=None, **kv4,
+                           baseline=baseline, baseline_ms=timing["ms"], speedup=timing["ms"] / kv4["ms"]))
+      log(f"{shape}: " + ", ".join(f"{b} {t['ms']:.4f} ms" for b, t in {**timings, **baselines}.items()))
   return rows
 
 
 def format_table(rows: list[dict]) -> str:
-  header = (f"{'op':<17} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} "
+  header = (f"{'op':<19} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} "
             f"{'speedup':>8}")
   lines = [header, "-" * len(header)]
   for row in rows:
     fraction = "-" if row["int8_fraction"] is None else f"{row['int8_fraction']:.2f}"
-    lines.append(f"{row['op']:<17} {row['shape']:<38} {row['m']:>5} {fraction:>5} {row['ms']:>10.4f} "
+    lines.append(f"{row['op']:<19} {row['shape']:<38} {row['m']:>5} {fraction:>5} {row['ms']:>10.4f} "
                  f"{row['baseline']:<19} {row['baseline_ms']:>10.4f} {row['speedup']:>8.2f}")
   return "\n".join(lines)
 
@@ -312,8 +339,8 @@ def main(argv=None) -> dict:
   rows = []
   if not args.skip_gemm and set(kernels) & {"w4ax_matmul", "w4ax_matmul_sm90", "quantize_act"}:
     rows += bench_gemms(sweep, interpret, log, kernels)
-  if not args.skip_attention and "kv4_attention" in kernels:
-    rows += bench_attention(sweep, interpret, log)
+  if not args.skip_attention and {"kv4_attention", "kv4_attention_paged"} & set(kernels):
+    rows += bench_attention(sweep, interpret, log, kernels)
 
   tag = device_tag()
   if args.out:

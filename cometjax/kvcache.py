@@ -187,6 +187,12 @@ class KV4Cache:
 
   def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
     """k_new, v_new: [B, T, Hkv, D] written at positions [B, T]; returns (cache, keys, values)."""
+    cache = self.write(layer, k_new, v_new, positions)
+    return cache, cache.read_keys(layer).astype(self.dtype), cache.read_values(layer).astype(self.dtype)
+
+  def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KV4Cache":
+    """`update` without the read: writes k_new, v_new [B, T, Hkv, D] at positions [B, T] and returns the
+    cache (for attention kernels that read the pool themselves, e.g. paged_kv4_attention)."""
     b, t, _, d = k_new.shape
     rows = jnp.arange(b)[:, None]  # [B, 1]
     valid = positions < self.max_len
@@ -223,8 +229,7 @@ class KV4Cache:
       fields["k_scale"] = self.k_scale.at[layer, page, slot].set(k_scale, mode="drop")
       fields["k_zero"] = self.k_zero.at[layer, page, slot].set(k_zero, mode="drop")
     fields["length"] = self.length.at[layer].set(new_length)
-    cache = dataclasses.replace(self, **fields)
-    return cache, cache.read_keys(layer).astype(self.dtype), cache.read_values(layer).astype(self.dtype)
+    return dataclasses.replace(self, **fields)
 
   def reset_rows(self, rows: jax.Array) -> "KV4Cache":
     """Frees batch rows (bool [B]) for new sequences: their written length goes back to 0."""

@@ -63,3 +63,22 @@ def attention_kv4(q: jax.Array, kv, lengths: jax.Array, *, sm_scale: float | Non
   if implementation == "xla" or not (interpret or kv4_attention.kernel_supported(kv)):
     return kv4_attention.kv4_attention_reference(q, kv, lengths, sm_scale=sm_scale)
   return kv4_attention.kv4_attention(q, kv, lengths, sm_scale=sm_scale, interpret=interpret)
+
+
+def attention_paged_kv4(q: jax.Array, cache, layer: int, lengths: jax.Array | None = None, *,
+                        sm_scale: float | None = None, implementation: str = "auto") -> jax.Array:
+  """Decode attention (one query per row, GQA) over one layer of a paged INT4 cache (`KV4Cache`).
+
+  q: [B, Hq, D], the newest token of each row, its key/value already written; lengths: int32 [B]
+  visible keys per row (the query sits at lengths - 1), None for the cache's own length of `layer`.
+  Returns [B, Hq, D] in q's dtype. "pallas" / "interpret" run `paged_kv4_attention` (flash-decoding over
+  pages through the page table); "xla", and caches the compiled kernel cannot tile
+  (`paged_kv4_attention.kernel_supported`), use the jnp reference (gather pages, dequantize, attend).
+  """
+  from cometjax.pallas import paged_kv4_attention as paged  # the Pallas modules import jax.experimental.pallas
+
+  implementation = resolve_implementation(implementation)
+  interpret = implementation == "interpret"
+  if implementation == "xla" or not (interpret or paged.kernel_supported(cache)):
+    return paged.paged_kv4_attention_reference(q, cache, layer, lengths, sm_scale=sm_scale)
+  return paged.paged_kv4_attention(q, cache, layer, lengths, sm_scale=sm_scale, interpret=interpret)
