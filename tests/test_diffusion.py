@@ -189,8 +189,8 @@ def test_samplers_recover_a_point_mass(kind):
   np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(x0), out.shape), atol=1e-3)
   assert seen  # the timestep hook is traced
   out = ddpm_sample(model, schedule, noise, labels, key=jax.random.key(1))
-  # DDPM adds sqrt(beta_1) noise at its last step for the CNN rule only when i > 1: exact there too.
-  np.testing.assert_allclose(np.asarray(out), np.broadcast_to(np.asarray(x0), out.shape), atol=2e-2)
+  # DDPM keeps some noise from its last noisy step (the CNN rule adds sqrt(beta_2) ~ 0.011 at i = 2).
+  assert float(jnp.abs(out - x0).mean()) < 1e-2
 
 
 def test_timestep_groups():
