@@ -8,8 +8,8 @@ layer run at 8 bit.
 Every quantized layer has two executions that agree to rounding:
   - "fake": simulated quantization in float with straight-through rounding (used for calibration and
     finetuning; gradients reach weights, step sizes and AdaRound variables);
-  - "integer": the real thing. Weights are packed INT4 (uint8 [K//2, N], low nibble first along K, the
-    layout of `cometjax.qtypes`), activations are rounded to int8 with the static step, the matmul is
+  - "integer": the real thing. Weights are packed INT4 (uint8 [K//2, N], low nibble first along K, with
+    `cometjax.qtypes.pack_int4`), activations are rounded to int8 with the static step, the matmul is
     `int8 x int8 -> int32` and the float scales are applied once in the epilogue. The leaf type is
     `StaticActQuantWeight`, which `cometjax.ops.linear` dispatches to through `quantized_matmul`.
 """
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cometjax import ops
+from cometjax import ops, qtypes
 
 EXECUTIONS = ("fake", "integer")
 
@@ -97,17 +97,12 @@ def pack_int4(values: jax.Array) -> jax.Array:
   """int values in [-8, 7], [K, N] with K even -> uint8 [K//2, N], row 2i in the low nibble."""
   if values.shape[0] % 2:
     raise ValueError(f"pack_int4 needs an even number of rows, got shape {values.shape}")
-  nibbles = (values.astype(jnp.int32) & 0xF).astype(jnp.uint8)
-  return nibbles[0::2] | (nibbles[1::2] << 4)
+  return qtypes.pack_int4(values.astype(jnp.int8), axis=0)
 
 
 def unpack_int4(packed: jax.Array) -> jax.Array:
   """uint8 [K//2, N] -> int8 [K, N] with sign extension (inverse of `pack_int4`)."""
-  low = (packed & 0xF).astype(jnp.int8)
-  high = (packed >> 4).astype(jnp.int8)
-  low = jnp.where(low > 7, low - 16, low)
-  high = jnp.where(high > 7, high - 16, high)
-  return jnp.stack([low, high], axis=1).reshape(packed.shape[0] * 2, *packed.shape[1:])
+  return qtypes.unpack_int4(packed, axis=0)
 
 
 def quantize_activation_int(x: jax.Array, step: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
