@@ -1,8 +1,9 @@
 """w4ax_matmul_sm90 (Mosaic GPU, Hopper) against w4ax_matmul_reference.
 
 On CPU the kernel runs in the Mosaic GPU interpreter (TMA copies, barriers, the emit_pipeline, int8
-wgmma into int32 accumulators, the persistent schedule), with the weight in its [K // 2, N] layout
-because the interpreter takes no transposed refs. The hardware variant (K-major weight, transposed B
+wgmma into int32 accumulators, the persistent schedule; the warp-specialized pipeline for formats with
+one pipeline per tile), with the weight in its [K // 2, N] layout because the interpreter takes no
+transposed refs. The hardware variant (K-major weight, transposed B
 views) cannot run here: `test_lowers_for_cuda_*` lower it to Mosaic GPU MLIR for CUDA instead, which
 runs Pallas's Mosaic GPU lowering and its wgmma/layout/shared-memory checks, but not ptxas. The tests
 marked gpu run the compiled kernel on a Hopper GPU.
@@ -69,6 +70,16 @@ def test_matches_reference(m, block_size, num_int8_blocks, group_size, schedule)
   _assert_close(got, w4ax_matmul_reference(qx, qw))
 
 
+@pytest.mark.parametrize("m,block_size,num_int8_blocks", [
+    (64, 128, 0),  # W4A4: one pipeline per tile (the interpreter's limit, see the ValueError)
+    (64, 64, 4),  # W4A8
+])
+def test_warp_specialized_matches_reference(m, block_size, num_int8_blocks):
+  qw, qx = _problem(m, 256, 128, block_size, num_int8_blocks)
+  got = sm90.w4ax_matmul_sm90(qx, qw, block_n=64, schedule="grid", warp_specialized=True, interpret=True)
+  _assert_close(got, w4ax_matmul_reference(qx, qw))
+
+
 def test_integer_accumulation_is_exact():
   m, k, n = 64, 256, 64
   fmt = ActivationFormat(64, 2, 4)
@@ -103,6 +114,11 @@ def test_bf16_output():
 # Errors, support predicate, tuning
 
 
+def qw_other_format(qw):  # qw with an all-INT4 activation plan
+  fmt = ActivationFormat(qw.activation.block_size, 0, qw.activation.num_blocks)
+  return QuantizedWeight(qw.data, qw.scales, qw.perm, bits=4, group_size=qw.group_size, shape=qw.shape, activation=fmt)
+
+
 def test_errors():
   qw, qx = _problem(8, 256, 128, 128, 1)
   with pytest.raises(ValueError, match="block_m must be 64 or 128"):
@@ -131,6 +147,10 @@ def test_errors():
   _, qx_other = _problem(8, 256, 128, 128, 0)
   with pytest.raises(ValueError, match="activation format mismatch"):
     sm90.w4ax_matmul_sm90(qx_other, qw, interpret=True)
+  with pytest.raises(ValueError, match="one pipeline per tile"):  # mixed INT8/INT4: two pipelines
+    sm90.w4ax_matmul_sm90(qx, qw, warp_specialized=True, schedule="grid", interpret=True)
+  with pytest.raises(ValueError, match="one pipeline per tile"):  # the persistent loop
+    sm90.w4ax_matmul_sm90(qx_other, qw_other_format(qw), warp_specialized=True, interpret=True)
 
 
 def test_support_predicates():
@@ -177,6 +197,8 @@ def _abstract(m, k, n, block_size, num_int8_blocks, group_size=None):
 
 @pytest.mark.parametrize("num_int8_blocks,group_size,schedule,out_dtype,tiles", [
     (1, None, "persistent", jnp.bfloat16, {}),
+    (1, None, "persistent", jnp.bfloat16, dict(warp_specialized=True)),
+    (2, 128, "grid", jnp.float32, dict(warp_specialized=True, block_m=128)),
     (0, None, "grid", jnp.float32, dict(block_k=64)),
     (4, None, "persistent", jnp.float16, dict(block_m=128, block_n=256, block_k=256, max_concurrent_steps=1)),
     (1, None, "persistent", jnp.float32, dict(block_m=128, block_n=128, block_k=128, max_concurrent_steps=4)),
@@ -208,6 +230,7 @@ def test_linear_dispatches_to_sm90_on_hopper(monkeypatch):
 
 
 @on_hopper
+@pytest.mark.parametrize("warp_specialized", [False, True])
 @pytest.mark.parametrize("m,k,n,block_size,num_int8_blocks,group_size,schedule", [
     (1, 4096, 4096, 128, 8, None, "persistent"),
     (16, 4096, 11008, 128, 0, None, "grid"),
@@ -215,11 +238,13 @@ def test_linear_dispatches_to_sm90_on_hopper(monkeypatch):
     (256, 2048, 1024, 64, 8, 128, "persistent"),
     (64, 1024, 512, 128, 2, 128, "grid"),
 ])
-def test_compiled_matches_reference_on_gpu(m, k, n, block_size, num_int8_blocks, group_size, schedule):
+def test_compiled_matches_reference_on_gpu(m, k, n, block_size, num_int8_blocks, group_size, schedule,
+                                           warp_specialized):
   qw, qx = _problem(m, k, n, block_size, num_int8_blocks, group_size, seed=m)
-  got = sm90.w4ax_matmul_sm90(qx, qw, schedule=schedule)
+  got = sm90.w4ax_matmul_sm90(qx, qw, schedule=schedule, warp_specialized=warp_specialized)
   _assert_close(got, w4ax_matmul_reference(qx, qw))
-  got_bf16 = sm90.w4ax_matmul_sm90(qx, qw, out_dtype=jnp.bfloat16, schedule=schedule)
+  got_bf16 = sm90.w4ax_matmul_sm90(qx, qw, out_dtype=jnp.bfloat16, schedule=schedule,
+                                   warp_specialized=warp_specialized)
   np.testing.assert_allclose(np.asarray(got_bf16, np.float32), np.asarray(got, np.float32), rtol=1e-2,
                              atol=1e-2 * float(np.max(np.abs(np.asarray(got)))))
 
@@ -240,5 +265,6 @@ def test_compiled_integer_accumulation_is_exact_on_gpu():
                        perm=None, bits=4, group_size=None, shape=(k, n), activation=fmt)
   exact = np.concatenate([x_int8, x_int4], axis=1) @ w_int
   for schedule in sm90.SCHEDULES:
-    got = sm90.w4ax_matmul_sm90(qx, qw, schedule=schedule)
-    np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
+    for warp_specialized in (False, True):
+      got = sm90.w4ax_matmul_sm90(qx, qw, schedule=schedule, warp_specialized=warp_specialized)
+      np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)

@@ -19,6 +19,9 @@ for both. What differs is how the tensor cores are driven:
   channels (those pipelines are short; see "Not done yet").
 - Epilogue: int32 -> f32 at every segment end times (x_scale[row] * w_scale[col]) / 16 or / 256, then
   the f32 tile goes to shared memory and back to HBM by TMA, in out_dtype.
+- warp_specialized=True (`plgpu.emit_pipeline_warp_specialized`): a producer warpgroup issues the
+  TMA copies while the consumer warpgroup unpacks and multiplies; the f32 accumulator tile then lives in
+  shared memory between segments. Off by default until timed.
 - Schedule (COMET's load balancing, `W4AxSm90Tuning.schedule`): "persistent" launches one program
   per SM and walks output tiles with stride num_programs, tiles ordered M-fastest within each block_n
   column band (consecutive programs read the same weight tile: L2 reuse); "grid" launches one program
@@ -45,9 +48,9 @@ run, from the repository root:
 (the tests compare the compiled kernel with the reference on the GPU; the bench times both kernels
 side by side against XLA bf16 / int8) and flip `PREFER_ON_HOPPER` below if the Triton kernel wins.
 
-Not done yet (measure first): warp specialization (`plgpu.emit_pipeline_warp_specialized`, a
-producer warpgroup for TMA and one or two consumer warpgroups); a K-major weight layout stored once at
-quantize time instead of the per-call transpose; swap-AB for decode (M <= 16: tokens as the wgmma N
+Not done yet (measure first): two consumer warpgroups (and `set_max_registers` tuning) in the
+warp-specialized variant; a K-major weight layout stored once at quantize time instead of the per-call
+transpose; swap-AB for decode (M <= 16: tokens as the wgmma N
 dimension instead of padding M to 64); one pipeline across group-wise segments instead of one per
 segment.
 """
@@ -96,6 +99,7 @@ class W4AxSm90Tuning:
   max_concurrent_steps: int = 3  # TMA stages in flight
   schedule: str = "persistent"  # "persistent" (one program per SM, strided tiles) | "grid" (one per tile)
   num_programs: int | None = None  # persistent programs; None: the device's SM count (132 off-GPU)
+  warp_specialized: bool = False  # a producer warpgroup issues the TMA copies, a consumer one the math
 
   def resolve(self, m: int, n: int, segment: int) -> W4AxSm90Tuning:
     if self.block_m not in (64, 128):
@@ -196,6 +200,7 @@ class _Plan:
   segments: tuple[int, int]
   group_size: int | None
   kmajor_weight: bool  # hardware: weight [N, K // 2] and transposed B views; interpreter: [K // 2, N]
+  warp_specialized: bool
 
   @property
   def half_k(self) -> int:
@@ -210,6 +215,7 @@ class _Plan:
       if channels:
         pipelines.append(min(self.stages, segment // self.block_k) * (x_tile + bn * hk))
     fixed = 2 * bm * hk * bool(self.int4_channels) + 2 * bn * hk + bm * bn * out_itemsize + 4 * (bm + bn)
+    fixed += 4 * bm * bn * self.warp_specialized  # the f32 accumulator tile lives in shared memory
     return max(pipelines) + fixed + 1024  # + barriers and alignment
 
 
@@ -239,8 +245,9 @@ def _w4ax_sm90_kernel(*refs, plan: _Plan):
    row_scale_smem,  # f32 [bm]
    col_scale_smem,  # f32 [bn]
    barrier,
-   *a_smem) = refs  # [int8 [2, bm, hk]: unpacked INT4 activations (even, odd channels)]
-  a_smem = a_smem[0] if a_smem else None
+   *optional) = refs  # [int8 [2, bm, hk]: unpacked INT4 activations] [f32 [bm, bn]: warp-specialized acc]
+  a_smem = optional.pop(0) if plan.int4_channels else None
+  acc_smem = optional.pop(0) if plan.warp_specialized else None
   bm, bn, hk = plan.block_m, plan.block_n, plan.half_k
   kmajor = plan.kmajor_weight
 
@@ -253,81 +260,122 @@ def _w4ax_sm90_kernel(*refs, plan: _Plan):
     b_smem[0] = low16
     b_smem[1] = high16
 
-  def weight_spec(n_idx, first_step):
+  def weight_operand(n_idx, first_step, steps):  # (spec, gmem window): index maps see only the step
+    rows = pl.ds(first_step * hk, steps * hk)
     if kmajor:
-      return plgpu.BlockSpec((bn, hk), lambda k: (n_idx, first_step + k), transforms=_smem_transforms(hk))
-    return plgpu.BlockSpec((hk, bn), lambda k: (first_step + k, n_idx), transforms=_smem_transforms(bn))
+      return (plgpu.BlockSpec((bn, hk), lambda k: (0, k), transforms=_smem_transforms(hk)),
+              w_gmem.at[pl.ds(n_idx * bn, bn), rows])
+    return (plgpu.BlockSpec((hk, bn), lambda k: (k, 0), transforms=_smem_transforms(bn)),
+            w_gmem.at[rows, pl.ds(n_idx * bn, bn)])
 
   def load_vector(src, dst):
     plgpu.copy_gmem_to_smem(src, dst, barrier)
     plgpu.barrier_wait(barrier)
 
-  def segment_sum(m_idx, n_idx, region: str, region_step: int, weight_step: int, steps: int):
-    """int32 [bm, bn]: the x16-scaled integer sum over `steps` pipeline steps of one region."""
+  def mma_step(acc_ref, region, x_tile, w_tile):  # one pipeline step: unpack, fence, two wgmmas
+    if region == "int8":  # x_tile int8 [2, bm, hk]
+      a_even, a_odd = x_tile.at[0], x_tile.at[1]
+    else:  # x_tile uint8 [bm, hk]: unpack the INT4 activations next to the weight
+      low16, high16 = _unpack_x16(x_tile[...])
+      a_smem[0] = low16
+      a_smem[1] = high16
+      a_even, a_odd = a_smem.at[0], a_smem.at[1]
+    store_weight(w_tile[...])
+    plgpu.commit_smem()  # fence.proxy.async + warpgroup barrier: the wgmma reads what we stored
+    plgpu.wgmma(acc_ref, a_even, b_view(0))
+    plgpu.wgmma(acc_ref, a_odd, b_view(1))
+    plgpu.wgmma_wait(0)  # the next step overwrites a_smem / b_smem
 
-    def scope(acc_ref):
-      def int8_body(_, x_tile, w_tile):  # int8 [2, bm, hk], uint8 weight tile
-        store_weight(w_tile[...])
-        plgpu.commit_smem()
-        plgpu.wgmma(acc_ref, x_tile.at[0], b_view(0))
-        plgpu.wgmma(acc_ref, x_tile.at[1], b_view(1))
-        plgpu.wgmma_wait(0)
+  def segment_sum(m_idx, n_idx, region: str, region_step, weight_step, steps: int, fold):
+    """Pipelines one scale segment into an int32 accumulator and returns fold(int32 [bm, bn])."""
+    rows, cols = pl.ds(m_idx * bm, bm), pl.ds(region_step * hk, steps * hk)
+    if region == "int8":
+      x_spec = plgpu.BlockSpec((2, bm, hk), lambda k: (0, 0, k), transforms=_smem_transforms(hk))
+      x_gmem = int8_gmem.at[:, rows, cols]
+    else:
+      x_spec = plgpu.BlockSpec((bm, hk), lambda k: (0, k), transforms=_smem_transforms(hk))
+      x_gmem = int4_gmem.at[rows, cols]
+    w_spec, w_window = weight_operand(n_idx, weight_step, steps)
+    in_specs = [x_spec, w_spec]
 
-      def int4_body(_, x_tile, w_tile):  # uint8 [bm, hk], uint8 weight tile
-        low16, high16 = _unpack_x16(x_tile[...])
-        a_smem[0] = low16
-        a_smem[1] = high16
-        store_weight(w_tile[...])
-        plgpu.commit_smem()
-        plgpu.wgmma(acc_ref, a_smem.at[0], b_view(0))
-        plgpu.wgmma(acc_ref, a_smem.at[1], b_view(1))
-        plgpu.wgmma_wait(0)
+    if not plan.warp_specialized:
+      def scope(acc_ref):
+        plgpu.emit_pipeline(lambda _, x_tile, w_tile: mma_step(acc_ref, region, x_tile, w_tile), grid=(steps,),
+                            in_specs=in_specs, max_concurrent_steps=min(plan.stages, steps))(x_gmem, w_window)
+        return acc_ref[...]
 
-      if region == "int8":
-        x_spec = plgpu.BlockSpec((2, bm, hk), lambda k: (0, m_idx, region_step + k),
-                                 transforms=_smem_transforms(hk))
-        body, x_gmem = int8_body, int8_gmem
-      else:
-        x_spec = plgpu.BlockSpec((bm, hk), lambda k: (m_idx, region_step + k), transforms=_smem_transforms(hk))
-        body, x_gmem = int4_body, int4_gmem
-      plgpu.emit_pipeline(body, grid=(steps,), in_specs=[x_spec, weight_spec(n_idx, weight_step)],
-                          max_concurrent_steps=min(plan.stages, steps))(x_gmem, w_gmem)
-      return acc_ref[...]
+      return fold(pl.run_scoped(scope, plgpu.ACC((bm, bn), jnp.int32)))
 
-    return pl.run_scoped(scope, plgpu.ACC((bm, bn), jnp.int32))
+    def ws_body(_, x_tile, w_tile, acc_ref):
+      mma_step(acc_ref, region, x_tile, w_tile)
+      return acc_ref
+
+    def compute_context(eval_pipeline):  # runs in the consumer warpgroup only
+      def scope(acc_ref):
+        eval_pipeline(acc_ref)
+        fold(acc_ref[...])
+
+      pl.run_scoped(scope, plgpu.ACC((bm, bn), jnp.int32))
+
+    plgpu.emit_pipeline_warp_specialized(
+        ws_body, grid=(steps,), memory_registers=40, in_specs=in_specs, wg_axis="wg", num_compute_wgs=1,
+        max_concurrent_steps=min(plan.stages, steps), compute_context=compute_context)(x_gmem, w_window)
+    return None
+
+  ws = plan.warp_specialized
+
+  def consumer_only(fn):  # warp-specialized: code outside the pipelines runs in the consumer warpgroup
+    if ws:
+      pl.when(lax.axis_index("wg") == 0)(fn)
+    else:
+      fn()
 
   def tile(m_idx, n_idx):
     rows = pl.ds(m_idx * bm, bm)
     cols = pl.ds(n_idx * bn, bn)
-    acc = _zeros_tile((bm, bn), kmajor)
+    acc = None if ws else _zeros_tile((bm, bn), kmajor)  # f32 [bm, bn]: registers, or acc_smem when ws
+    if ws:
+      @consumer_only
+      def _():
+        acc_smem[...] = _zeros_tile((bm, bn), kmajor)
+
     regions = (("int8", 0, plan.int8_channels, plan.segments[0], int8_scale_gmem, 1.0 / 16),
                ("int4", plan.int8_channels, plan.int4_channels, plan.segments[1], int4_scale_gmem, 1.0 / 256))
     for region, first_channel, channels, segment, scale_gmem, unscale in regions:
       if not channels:
         continue
-      load_vector(scale_gmem.at[rows], row_scale_smem)
-      x_scale = _row_vector(row_scale_smem, 0, kmajor) * unscale  # [bm]; exact: unscale is 2**-k
       steps = segment // plan.block_k
 
-      def segment_body(s, acc, region=region, first_channel=first_channel, segment=segment, x_scale=x_scale,
-                       steps=steps):
+      def segment_body(s, acc, region=region, first_channel=first_channel, segment=segment, steps=steps,
+                       scale_gmem=scale_gmem, unscale=unscale):
         segment_start = first_channel + s * segment
         group = 0 if plan.group_size is None else segment_start // plan.group_size
-        acc_int = segment_sum(m_idx, n_idx, region, s * steps, segment_start // plan.block_k, steps)
-        load_vector(w_scales_gmem.at[group, cols], col_scale_smem)
-        w_scale = _row_vector(col_scale_smem, 1, kmajor)  # [bn]
-        scale = lax.broadcast_in_dim(x_scale, (bm, bn), (0,)) * lax.broadcast_in_dim(w_scale, (bm, bn), (1,))
-        return acc + acc_int.astype(jnp.float32) * scale
+
+        def fold(acc_int):  # int32 [bm, bn] -> f32 acc + acc_int * x_scale[row] * w_scale[col] * unscale
+          load_vector(scale_gmem.at[rows], row_scale_smem)
+          x_scale = _row_vector(row_scale_smem, 0, kmajor) * unscale  # [bm]; exact: unscale is 2**-k
+          load_vector(w_scales_gmem.at[group, cols], col_scale_smem)
+          w_scale = _row_vector(col_scale_smem, 1, kmajor)  # [bn]
+          scale = lax.broadcast_in_dim(x_scale, (bm, bn), (0,)) * lax.broadcast_in_dim(w_scale, (bm, bn), (1,))
+          if ws:
+            acc_smem[...] = acc_smem[...] + acc_int.astype(jnp.float32) * scale
+            return None
+          return acc + acc_int.astype(jnp.float32) * scale
+
+        return segment_sum(m_idx, n_idx, region, s * steps, segment_start // plan.block_k, steps, fold)
 
       num_segments = channels // segment
       if num_segments == 1:
         acc = segment_body(0, acc)
       else:
         acc = lax.fori_loop(0, num_segments, segment_body, acc)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
-    out_smem[...] = acc.astype(out_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows, cols])
+
+    @consumer_only
+    def _():
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has read out_smem
+      out_smem[...] = (acc_smem[...] if ws else acc).astype(out_smem.dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[rows, cols])
 
   if plan.schedule == "grid":
     tile(lax.axis_index("m"), lax.axis_index("n"))
@@ -342,13 +390,19 @@ def _w4ax_sm90_kernel(*refs, plan: _Plan):
       return carry
 
     lax.fori_loop(0, my_tiles, tile_loop, 0)
-  plgpu.wait_smem_to_gmem(0)
+  consumer_only(lambda: plgpu.wait_smem_to_gmem(0))
 
 
 def _interpret_params():
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public alias yet
 
   return InterpretGPUParams()
+
+
+def _gpu_interpret_mode():
+  from jax._src.pallas.mosaic_gpu.interpret.params import force_gpu_interpret_mode
+
+  return force_gpu_interpret_mode(_interpret_params())
 
 
 def _num_sms() -> int:
@@ -359,7 +413,7 @@ def _num_sms() -> int:
 @functools.partial(
     jax.jit,
     static_argnames=["out_dtype", "block_m", "block_n", "block_k", "max_concurrent_steps", "schedule",
-                     "num_programs", "interpret"],
+                     "num_programs", "warp_specialized", "interpret"],
 )
 def w4ax_matmul_sm90(
     qx: QuantizedActivation,  # M tokens, K channels (FMPQ layout)
@@ -372,6 +426,7 @@ def w4ax_matmul_sm90(
     max_concurrent_steps: int = W4AxSm90Tuning.max_concurrent_steps,
     schedule: str = W4AxSm90Tuning.schedule,
     num_programs: int | None = W4AxSm90Tuning.num_programs,
+    warp_specialized: bool = W4AxSm90Tuning.warp_specialized,
     interpret: bool = False,
 ) -> jax.Array:  # [M, N] out_dtype
   """The W4Ax GEMM as one Mosaic GPU kernel (Hopper); interpret=True runs the Mosaic GPU interpreter."""
@@ -387,7 +442,8 @@ def w4ax_matmul_sm90(
   if m < 1:
     raise ValueError("qx must hold at least one token (M >= 1)")
   segments = segment_lengths(qw)
-  tuning = W4AxSm90Tuning(block_m, block_n, block_k, max_concurrent_steps, schedule, num_programs).resolve(
+  tuning = W4AxSm90Tuning(block_m, block_n, block_k, max_concurrent_steps, schedule, num_programs,
+                          warp_specialized).resolve(
       m, n, math.gcd(*segments))
   bm, bn = tuning.block_m, tuning.block_n
   m_tiles, n_tiles = pl.cdiv(m, bm), n // bn
@@ -400,7 +456,14 @@ def w4ax_matmul_sm90(
   plan = _Plan(block_m=bm, block_n=bn, block_k=tuning.block_k, m_tiles=m_tiles, n_tiles=n_tiles,
                stages=tuning.max_concurrent_steps, schedule=tuning.schedule, num_programs=programs,
                int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels, segments=segments,
-               group_size=qw.group_size, kmajor_weight=not interpret)
+               group_size=qw.group_size, kmajor_weight=not interpret, warp_specialized=tuning.warp_specialized)
+  pipelines_per_tile = sum(channels // segment for channels, segment in zip(
+      (fmt.int8_channels, fmt.int4_channels), segments) if channels)
+  if interpret and plan.warp_specialized and (pipelines_per_tile > 1 or plan.schedule != "grid"):
+    raise ValueError("warp_specialized=True with interpret=True needs schedule='grid' and one pipeline per tile "
+                     "(a single precision region with per-output-channel weight scales): the Mosaic GPU "
+                     "interpreter of jax 0.10.2 fails on a second warp-specialized pipeline in one kernel "
+                     "(a tracer leaks out of the pipeline's compute context); compiled kernels take any format")
   smem = plan.smem_bytes(jnp.dtype(out_dtype).itemsize)
   if smem > MAX_SMEM_BYTES:
     raise ValueError(f"tiles block_m={bm}, block_n={bn}, block_k={tuning.block_k} with max_concurrent_steps="
@@ -428,16 +491,26 @@ def w4ax_matmul_sm90(
   ]
   if fmt.int4_channels:
     scratch.append(plgpu.SMEM((2, bm, hk), jnp.int8, transforms=_smem_transforms(hk)))
+  if plan.warp_specialized:
+    scratch.append(plgpu.SMEM((bm, bn), jnp.float32, transforms=_out_transforms(bn, jnp.float32)))
+    mesh_threads = dict(num_threads=2, thread_name="wg")  # consumer warpgroup 0, producer 1
+  else:
+    mesh_threads = {}
   if plan.schedule == "grid":
     mesh = dict(grid=(m_tiles, n_tiles), grid_names=("m", "n"))
   else:
     mesh = dict(grid=(programs,), grid_names=("sm",))
-  out = plgpu.kernel(
+  call = plgpu.kernel(
       functools.partial(_w4ax_sm90_kernel, plan=plan),
       out_type=jax.ShapeDtypeStruct((padded_m, n), out_dtype),
       scratch_types=scratch,
-      interpret=_interpret_params() if interpret else None,
       kernel_name="w4ax_matmul_sm90",
       **mesh,
-  )(*operands)
+      **mesh_threads,
+  )
+  if interpret:  # the context (rather than interpret=) also reaches kernels with a warpgroup axis
+    with _gpu_interpret_mode():
+      out = call(*operands)
+  else:
+    out = call(*operands)
   return out[:m]
