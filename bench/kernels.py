@@ -7,7 +7,9 @@
 Every op is timed against baselines in the same run:
   w4ax_matmul   vs xla_bf16 (jnp.dot bf16) and xla_int8 (int8 x int8 -> int32 jnp.dot)
   w4ax_matmul_sm90 (Mosaic GPU, Hopper only; interpreter in --smoke) vs the same two, and vs
-                pallas_triton (the w4ax_matmul time of the same row) when both run
+                pallas_triton (the w4ax_matmul time of the same row) when both run; --sm90-variants adds
+                w4ax_matmul_sm90_grid (plain grid instead of the persistent schedule), _ws and _grid_ws
+                (warp-specialized pipeline) rows with the same baselines
   quantize_act  vs xla_reference (the jnp twin, XLA-fused)
   kv4_attention vs pallas_bf16_decode (jax.experimental.pallas.ops.gpu.decode_attention.gqa, bf16 cache)
                 and jax_dpa (jax.nn.dot_product_attention, bf16 cache)
@@ -76,6 +78,12 @@ FULL_MODELS = (
 )
 SMOKE_MODELS = (ModelShapes("tiny", 128, 256, 8, 2, 16),)  # K=128 layers: the sm90 kernel needs 64-channel blocks
 KERNELS = ("w4ax_matmul", "w4ax_matmul_sm90", "quantize_act", "kv4_attention", "kv4_attention_paged")
+SM90_VARIANTS = {  # op name -> w4ax_matmul_sm90 tuning
+    "w4ax_matmul_sm90": dict(schedule="persistent", warp_specialized=False),
+    "w4ax_matmul_sm90_grid": dict(schedule="grid", warp_specialized=False),
+    "w4ax_matmul_sm90_ws": dict(schedule="persistent", warp_specialized=True),
+    "w4ax_matmul_sm90_grid_ws": dict(schedule="grid", warp_specialized=True),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +134,14 @@ def random_quantized_weight(key, k: int, n: int, fmt: ActivationFormat) -> Quant
                          bits=4, group_size=None, shape=(k, n), activation=fmt)
 
 
-def bench_gemms(sweep: Sweep, interpret: bool, log, kernels=KERNELS) -> list[dict]:
+def bench_gemms(sweep: Sweep, interpret: bool, log, kernels=KERNELS, sm90_variants: bool = False) -> list[dict]:
   rows = []
   key = jax.random.key(0)
   run_sm90 = "w4ax_matmul_sm90" in kernels and (interpret or sm90.is_hopper())
   if "w4ax_matmul_sm90" in kernels and not run_sm90:
     print("w4ax_matmul_sm90 skipped: needs a Hopper GPU (compute capability 9.x)")
+  sm90_ops = {op: tuning for op, tuning in SM90_VARIANTS.items()
+              if op == "w4ax_matmul_sm90" or (sm90_variants and not interpret)}  # the interpreter: default only
   for model in sweep.models:
     for layer in sweep.layers:
       k, n = model.gemms()[layer]
@@ -156,13 +166,18 @@ def bench_gemms(sweep: Sweep, interpret: bool, log, kernels=KERNELS) -> list[dic
           if "w4ax_matmul" in kernels:
             matmul = jax.jit(lambda qx, qw: w4ax_matmul(qx, qw, out_dtype=jnp.bfloat16, interpret=interpret))
             timings["w4ax_matmul"] = time_ms(matmul, list(zip(qxs, qws)), sweep.warmup, sweep.iterations)
-          if run_sm90 and sm90.shape_supported(qws[0]):
-            matmul_sm90 = jax.jit(lambda qx, qw: sm90.w4ax_matmul_sm90(qx, qw, out_dtype=jnp.bfloat16,
-                                                                       interpret=interpret))
-            timings["w4ax_matmul_sm90"] = time_ms(matmul_sm90, list(zip(qxs, qws)), sweep.warmup, sweep.iterations)
+          for op, tuning in sm90_ops.items() if run_sm90 and sm90.shape_supported(qws[0]) else ():
+            matmul_sm90 = jax.jit(lambda qx, qw, tuning=tuning: sm90.w4ax_matmul_sm90(
+                qx, qw, out_dtype=jnp.bfloat16, interpret=interpret, **tuning))
+            try:
+              timings[op] = time_ms(matmul_sm90, list(zip(qxs, qws)), sweep.warmup, sweep.iterations)
+            except Exception as error:  # noqa: BLE001 - an unverified kernel: report, keep the other rows
+              if interpret:
+                raise
+              print(f"{op} failed at {shape} M={m} int8={fraction}: {error!r}")
           for op, timing in timings.items():
             baselines = [("xla_bf16", bf16), ("xla_int8", int8)]
-            if op == "w4ax_matmul_sm90" and "w4ax_matmul" in timings:
+            if op.startswith("w4ax_matmul_sm90") and "w4ax_matmul" in timings:
               baselines.append(("pallas_triton", timings["w4ax_matmul"]))
             for baseline, base in baselines:
               rows.append(dict(op=op, **common, **timing, baseline=baseline, baseline_ms=base["ms"],
@@ -263,12 +278,12 @@ def bench_attention(sweep: Sweep, interpret: bool, log, kernels=KERNELS) -> list
 
 
 def format_table(rows: list[dict]) -> str:
-  header = (f"{'op':<19} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} "
+  header = (f"{'op':<24} {'shape':<38} {'m':>5} {'int8':>5} {'ms':>10} {'baseline':<19} {'base ms':>10} "
             f"{'speedup':>8}")
   lines = [header, "-" * len(header)]
   for row in rows:
     fraction = "-" if row["int8_fraction"] is None else f"{row['int8_fraction']:.2f}"
-    lines.append(f"{row['op']:<19} {row['shape']:<38} {row['m']:>5} {fraction:>5} {row['ms']:>10.4f} "
+    lines.append(f"{row['op']:<24} {row['shape']:<38} {row['m']:>5} {fraction:>5} {row['ms']:>10.4f} "
                  f"{row['baseline']:<19} {row['baseline_ms']:>10.4f} {row['speedup']:>8.2f}")
   return "\n".join(lines)
 
@@ -280,7 +295,7 @@ def plot(rows: list[dict], path: pathlib.Path) -> str:
     import matplotlib.pyplot as plt
   except ImportError:
     return "matplotlib not installed: skipped the plot (pip install matplotlib)"
-  gemm_rows = [r for r in rows if r["op"] in ("w4ax_matmul", "w4ax_matmul_sm90") and r["baseline"] == "xla_bf16"]
+  gemm_rows = [r for r in rows if r["op"].startswith("w4ax_matmul") and r["baseline"] == "xla_bf16"]
   shapes = sorted({r["shape"] for r in gemm_rows})
   if not shapes:
     return "no GEMM rows: skipped the plot"
@@ -318,6 +333,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--ms", default=None, help="comma-separated M values (default the full sweep)")
   parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS),
                       help="ops to time (default all); e.g. --kernels w4ax_matmul w4ax_matmul_sm90")
+  parser.add_argument("--sm90-variants", action="store_true",
+                      help="also time the sm90 GEMM's grid schedule and warp-specialized pipeline (GPU only)")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args(argv)
 
@@ -338,7 +355,7 @@ def main(argv=None) -> dict:
   kernels = tuple(args.kernels)
   rows = []
   if not args.skip_gemm and set(kernels) & {"w4ax_matmul", "w4ax_matmul_sm90", "quantize_act"}:
-    rows += bench_gemms(sweep, interpret, log, kernels)
+    rows += bench_gemms(sweep, interpret, log, kernels, args.sm90_variants)
   if not args.skip_attention and {"kv4_attention", "kv4_attention_paged"} & set(kernels):
     rows += bench_attention(sweep, interpret, log, kernels)
 

@@ -43,10 +43,12 @@ GPU, never timed. The "pallas" implementation picks this kernel on Hopper (compu
 run, from the repository root:
 
     python -m pytest -q tests/test_w4ax_matmul_sm90.py && \
-    PYTHONPATH=. python bench/kernels.py --kernels w4ax_matmul w4ax_matmul_sm90 --skip-attention
+    PYTHONPATH=. python bench/kernels.py --kernels w4ax_matmul w4ax_matmul_sm90 --sm90-variants --skip-attention
 
-(the tests compare the compiled kernel with the reference on the GPU; the bench times both kernels
-side by side against XLA bf16 / int8) and flip `PREFER_ON_HOPPER` below if the Triton kernel wins.
+(the tests compare the compiled kernel, both schedules, with and without warp specialization, with the
+reference on the GPU; the bench times the Triton and the sm90 kernels side by side against XLA bf16 /
+int8, and the sm90 variants: persistent vs grid, plain vs warp-specialized pipeline) and flip
+`PREFER_ON_HOPPER` below if the Triton kernel wins, or change the tuning defaults to the fastest variant.
 
 Not done yet (measure first): two consumer warpgroups (and `set_max_registers` tuning) in the
 warp-specialized variant; a K-major weight layout stored once at quantize time instead of the per-call
