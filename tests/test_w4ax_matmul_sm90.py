@@ -158,9 +158,10 @@ def test_support_predicates():
 
   def weight(k, n, block_size, group_size=None, bits=4):
     rows = k // 2 if bits == 4 else k
+    fmt = ActivationFormat(block_size, 1, k // block_size)
     return QuantizedWeight(spec((rows, n), jnp.uint8 if bits == 4 else jnp.int8),
                            spec((1 if group_size is None else k // group_size, n), jnp.float32), None, bits=bits,
-                           group_size=group_size, shape=(k, n), activation=ActivationFormat(block_size, 1, k // block_size))
+                           group_size=group_size, shape=(k, n), activation=fmt)
 
   assert sm90.shape_supported(weight(4096, 4096, 128))
   assert sm90.shape_supported(weight(4096, 14336, 128, group_size=128))
@@ -188,8 +189,9 @@ def _mosaic_calls_when_lowered_for_cuda(fn, *args) -> int:
 def _abstract(m, k, n, block_size, num_int8_blocks, group_size=None):
   spec = jax.ShapeDtypeStruct
   fmt = ActivationFormat(block_size, num_int8_blocks, k // block_size)
-  qw = QuantizedWeight(spec((k // 2, n), jnp.uint8), spec((1 if group_size is None else k // group_size, n), jnp.float32),
-                       spec((k,), jnp.int32), bits=4, group_size=group_size, shape=(k, n), activation=fmt)
+  scale_rows = 1 if group_size is None else k // group_size
+  qw = QuantizedWeight(spec((k // 2, n), jnp.uint8), spec((scale_rows, n), jnp.float32), spec((k,), jnp.int32),
+                       bits=4, group_size=group_size, shape=(k, n), activation=fmt)
   qx = QuantizedActivation(spec((2, m, fmt.int8_channels // 2), jnp.int8), spec((m, fmt.int4_channels // 2), jnp.uint8),
                            spec((m,), jnp.float32), spec((m,), jnp.float32), fmt)
   return qx, qw

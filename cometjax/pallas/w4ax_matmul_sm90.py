@@ -33,9 +33,14 @@ B operand (the weight) must be [N, K]-contiguous in shared memory: on hardware t
 packed weight transposed ([N, K // 2], an XLA transpose per call: one extra read and write of the
 packed weight) and the kernel hands `transpose_ref` views to the wgmma. The Mosaic GPU interpreter
 (CPU) supports no transposed refs, so in interpret mode the weight stays [K // 2, N] and B is used
-as loaded ([block_k // 2, block_n], N-contiguous); everything else (TMA, barriers, pipeline, wgmma with int32
-accumulators, scales, schedule) is the same code. `tests/test_w4ax_matmul_sm90.py` runs the interpreter
-against the reference and lowers the hardware variant to Mosaic GPU MLIR for CUDA without a GPU.
+as loaded ([block_k // 2, block_n], N-contiguous); everything else (TMA, barriers, pipeline, wgmma
+with int32 accumulators, scales, schedule) is the same code. The interpreter (jax 0.10.2) runs the
+warp-specialized variant only with schedule="grid" and one pipeline per tile (a tracer leaks out of
+the pipeline's compute context, also in jax's own hopper_matmul_mgpu, and a second pipeline trips on
+it); `w4ax_matmul_sm90` raises ValueError for the other interpreted combinations.
+`tests/test_w4ax_matmul_sm90.py` runs the interpreter against the reference and lowers the hardware
+variant to Mosaic GPU MLIR for CUDA without a GPU (Pallas's lowering with its wgmma, layout and
+shared-memory checks; not ptxas).
 
 Status: correct in the interpreter and lowers for sm_90 on CPU; never compiled by ptxas or run on a
 GPU, never timed. The "pallas" implementation picks this kernel on Hopper (compute capability 9.x,
@@ -50,11 +55,13 @@ reference on the GPU; the bench times the Triton and the sm90 kernels side by si
 int8, and the sm90 variants: persistent vs grid, plain vs warp-specialized pipeline) and flip
 `PREFER_ON_HOPPER` below if the Triton kernel wins, or change the tuning defaults to the fastest variant.
 
-Not done yet (measure first): two consumer warpgroups (and `set_max_registers` tuning) in the
-warp-specialized variant; a K-major weight layout stored once at quantize time instead of the per-call
-transpose; swap-AB for decode (M <= 16: tokens as the wgmma N
-dimension instead of padding M to 64); one pipeline across group-wise segments instead of one per
-segment.
+Not done yet (measure first): decode occupancy: with M <= 64 there are only N / block_n tiles (32
+for N=4096), fewer than the 132 SMs, so a memory-bound GEMV leaves most SMs idle; split-K over the
+precision regions (COMET-style INT8 and INT4 tasks) or block_n=64 are the first things to try; swap-AB
+for decode (tokens as the wgmma N dimension instead of padding M to 64); two consumer warpgroups (and
+`set_max_registers` tuning) in the warp-specialized variant; a K-major weight layout stored once at
+quantize time instead of the per-call transpose; one pipeline across group-wise segments instead of
+one per segment.
 """
 
 from __future__ import annotations
