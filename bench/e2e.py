@@ -32,7 +32,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, device_tag, run_metadata, write_json  # noqa: E402
 from cometjax.generate import generate  # noqa: E402
 from cometjax.kvcache import KVQuantConfig  # noqa: E402
-from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama  # noqa: E402
+from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama, set_matmul_implementation  # noqa: E402
 from cometjax.qtypes import ActivationFormat, quantize_weight  # noqa: E402
 
 SHAPES = {
@@ -161,6 +161,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64, 256])
   parser.add_argument("--lengths", nargs="+", default=["1024/512", "128/128"], help="in_len/out_len pairs")
   parser.add_argument("--no-transformers", action="store_true")
+  parser.add_argument("--implementation", default="auto", choices=("auto", "xla", "pallas", "interpret"),
+                      help="backend of quantized matmuls and INT4-cache decode attention (auto: Pallas on GPU)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   if not args.smoke and jax.default_backend() == "cpu":
@@ -176,7 +178,7 @@ def main(argv=None) -> dict:
   for shape_name, config in shapes.items():
     base = random_model(config)
     for preset in presets:
-      model = apply_preset(base, preset, block_size)
+      model = set_matmul_implementation(apply_preset(base, preset, block_size), args.implementation)
       for batch in batches:
         for in_len, out_len in lengths:
           case = dict(model_shape=shape_name, engine="cometjax", preset=preset.name, batch=batch, in_len=in_len,
@@ -208,7 +210,8 @@ def main(argv=None) -> dict:
                   and all(r[k] == row[k] for k in ("model_shape", "batch", "in_len", "out_len"))), None)
       row[key] = row["tokens_per_s"] / ref["tokens_per_s"] if ref else None
   out = pathlib.Path(args.out) if args.out else RESULTS / f"e2e_{device_tag()}{'_smoke' if args.smoke else ''}.json"
-  report = {**run_metadata(), "smoke": args.smoke, "rows": rows, "skipped": skipped}
+  report = {**run_metadata(), "smoke": args.smoke, "implementation": args.implementation, "rows": rows,
+            "skipped": skipped}
   write_json(out, report)
   print(f"wrote {out}")
   print(f"{'shape':<10} {'engine':<13} {'preset':<9} {'batch':>5} {'in/out':>9} {'tok/s':>10} {'mem GB':>7} "

@@ -1,6 +1,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from cometjax.generate import TRACE_COUNTS, SamplingConfig, bucket, generate, sample_logits
 from cometjax.models.llama import LlamaConfig, init_llama
@@ -15,12 +16,15 @@ def model():
 
 
 def reference_greedy(model, prompt, n):
-  """Greedy decoding by re-running the full sequence each step (no cache)."""
-  ids = list(prompt)
-  for _ in range(n):
-    logits, _ = model(np.array([ids]))
-    ids.append(int(np.argmax(logits[0, -1])))
-  return ids[len(prompt):]
+  """Greedy decoding by re-running the full sequence each step (no cache), one fixed-shape compiled
+  forward: the sequence is right-padded to its final length, and causal attention ignores the padding."""
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda state, tokens: nnx.merge(graphdef, state)(tokens)[0])
+  ids = np.zeros((1, len(prompt) + n), np.int32)
+  ids[0, :len(prompt)] = prompt
+  for t in range(len(prompt), len(prompt) + n):
+    ids[0, t] = int(np.argmax(forward(state, ids)[0, t - 1]))
+  return ids[0, len(prompt):].tolist()
 
 
 def test_cached_decode_equals_full_recompute(model):

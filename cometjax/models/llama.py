@@ -167,8 +167,7 @@ class Attention(nnx.Module):
     self.k_proj = Linear(dim, config.num_kv_heads * hd, use_bias=config.qkv_bias, dtype=config.dtype, rngs=rngs)
     self.v_proj = Linear(dim, config.num_kv_heads * hd, use_bias=config.qkv_bias, dtype=config.dtype, rngs=rngs)
     self.o_proj = Linear(config.num_heads * hd, dim, use_bias=config.o_bias, dtype=config.dtype, rngs=rngs)
-    # [paged-kv4 decode] backend of the KV4 decode kernel; see set_matmul_implementation
-    self.implementation = "auto"
+    self.implementation = "auto"  # backend of INT4-cache decode attention; see set_matmul_implementation
 
   def __call__(self, x, positions, inv_freq, cache, key_valid):
     cfg = self.config
@@ -177,14 +176,14 @@ class Attention(nnx.Module):
     q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_heads, hd), positions, inv_freq)
     k = apply_rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, hd), positions, inv_freq)
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, hd)
-    # [paged-kv4 decode] One token per row over an INT4 cache with an explicit Pallas backend: write
-    # only, then attend through the page table (no dequantized layer). The query is the row's newest
-    # token (position == cache length - 1, as in generate / Engine decode). "auto" keeps the XLA path
-    # until the kernel is measured on GPU; sliding windows and key_valid masks also keep it.
-    if (isinstance(cache, KV4Cache) and t == 1 and self.implementation in ("pallas", "interpret")
+    # One token per row over an INT4 cache on a Pallas backend ("auto" on GPU): write only, then attend
+    # through the page table (no dequantized layer). The query is the row's newest token (position ==
+    # cache length - 1, as in generate / Engine decode); sliding windows and key_valid masks keep XLA.
+    implementation = ops.resolve_implementation(self.implementation)
+    if (isinstance(cache, KV4Cache) and t == 1 and implementation in ("pallas", "interpret")
         and key_valid is None and cfg.sliding_window is None):
       cache = cache.write(self.layer_index, k, v, positions)
-      out = ops.attention_paged_kv4(q[:, 0], cache, self.layer_index, implementation=self.implementation)
+      out = ops.attention_paged_kv4(q[:, 0], cache, self.layer_index, implementation=implementation)
       return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
     if cache is None:
       keys, values, key_positions = k, v, positions
@@ -280,7 +279,7 @@ def set_matmul_implementation(model: nnx.Module, implementation: str) -> nnx.Mod
   """
   ops.check_implementation(implementation)
   for _, node in nnx.iter_graph(model):
-    if isinstance(node, (Linear, Attention)):  # [paged-kv4 decode] Attention added
+    if isinstance(node, (Linear, Attention)):
       node.implementation = implementation
   return model
 
