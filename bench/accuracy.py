@@ -72,23 +72,25 @@ def variants(preset_names_and_overrides):
 
 
 def stories_rows():
+  per_channel = W(method="gptq")
   return variants([
       ("w8a8", {}),
       ("w4a16", {"weights": W(method="rtn")}),
       ("w4a16", {"weights": W(method="mse")}),
       ("w4a16", {"weights": W(method="clip")}),
+      ("w4a16", {"weights": per_channel}),
       ("w4a16", {}),
       ("w4a8", {}),
       ("w4a4", {}),
-      ("w4a4", {"weights": W(method="gptq"), "rotation": "hadamard"}),
+      ("w4a4", {"weights": per_channel, "rotation": "hadamard"}),
       ("w4ax", {"weights": W(method="rtn"), "activations": FMPQ}),
       ("w4ax", {"weights": W(method="clip"), "activations": FMPQ}),
-      ("w4ax", {"weights": W(method="gptq"), "activations": FMPQ}),
-      ("w4ax", {"weights": W(method="gptq"), "activations": FMPQ, "rotation": "hadamard"}),
-      ("w4ax", {"weights": W(method="gptq"), "activations": FMPQ_ROT, "rotation": "hadamard"}),
-      ("w4ax", {"weights": W(method="gptq", group_size=32)}),
+      ("w4ax", {"weights": per_channel, "activations": FMPQ}),
+      ("w4ax", {"weights": per_channel, "activations": FMPQ, "rotation": "hadamard"}),
+      ("w4ax", {"weights": per_channel}),
       ("w4ax", {}),
       ("w4a4-kv4", {}),
+      ("w4ax-kv4", {"weights": per_channel}),
       ("w4ax-kv4", {}),
   ])
 

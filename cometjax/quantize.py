@@ -422,9 +422,8 @@ def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source
 
 
 def load_quantized(directory):
-  """`LoadedModel` from a directory written by `save_quantized` (needs no original checkpoint).
-
-  The returned object carries the QuantConfig as `.quant_config` (set as an attribute)."""
+  """`LoadedModel` (with `.quant_config`) from a directory written by `save_quantized`; needs no original
+  checkpoint. `cometjax.models.loaders.load(DIR)` dispatches here when DIR holds quantization.json."""
   import json
   from pathlib import Path
   from safetensors.numpy import load_file
@@ -481,9 +480,8 @@ def load_quantized(directory):
   if tok is not None:
     tokenizer = HFTokenizer(directory) if tok["kind"] == "hf" else load_tokenizer(directory / tok["files"][0],
                                                                                     config.vocab_size)
-  loaded = LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(directory))
-  loaded.quant_config = quant_config
-  return loaded
+  return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(directory),
+                     quant_config=quant_config)
 
 
 def _float_paths(pure, prefix=()) -> dict[str, tuple]:

@@ -22,4 +22,4 @@ def test_accuracy_smoke(tmp_path):
   assert fmpq and all(r["int4_block_fraction"] >= 0.75 for r in fmpq)
   # the outlier channels break per-token INT4; FMPQ keeps them at INT8
   assert min(r["ppl"] for r in fmpq) - fp < 0.5 * (w4a4 - fp)
-  assert all(0.5 < r["bytes_per_param"] < 0.8 for r in rows if r["weight_bytes"])
+  assert all(0.5 < r["bytes_per_param"] < 0.8 for r in rows if r["weight_bytes"])  # 4-bit codes + scales

@@ -135,14 +135,14 @@ def test_learned_clipping_does_not_lose_to_its_init():
   assert loss(learned) <= loss(init) * 1.001
 
 
-@settings(max_examples=30, deadline=None)
-@given(k=st.sampled_from([8, 16, 32]), n=st.integers(1, 6), group=st.sampled_from([None, 4, 8]),
+@settings(max_examples=12, deadline=None)
+@given(k=st.sampled_from([8, 16, 32]), n=st.sampled_from([1, 5]), group=st.sampled_from([None, 4, 8]),
        bits=st.sampled_from([4, 8]), seed=st.integers(0, 2**16))
 def test_mse_clip_never_worse_than_rtn_and_codes_in_range(k, n, group, bits, seed):
   w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32) ** 3
   wj = jnp.asarray(w)
   qmax = 2 ** (bits - 1) - 1
-  ratios = clipping.mse_clip_ratios(wj, bits, group, grid=10)
+  ratios = clipping.mse_clip_ratios(wj, bits, group, grid=4)
   groups = 1 if group is None else k // group
   assert ratios.shape == (groups, n) and float(ratios.min()) >= 0.5 and float(ratios.max()) <= 1.0
 
@@ -160,8 +160,8 @@ def test_mse_clip_never_worse_than_rtn_and_codes_in_range(k, n, group, bits, see
   assert np.all(np.abs(w - codes * s) <= s / 2 + 1e-6 * np.abs(w).max())
 
 
-@settings(max_examples=30, deadline=None)
-@given(m=st.integers(1, 5), k8=st.sampled_from([0, 4, 8]), k4=st.sampled_from([4, 8, 12]), seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+@given(m=st.sampled_from([1, 4]), k8=st.sampled_from([0, 4, 8]), k4=st.sampled_from([4, 8, 12]), seed=st.integers(0, 2**16))
 def test_fake_quantized_activation_error_is_bounded_per_group(m, k8, k4, seed):
   x = np.random.default_rng(seed).standard_normal((m, k8 + k4)).astype(np.float32)
   fmt = ActivationFormat(4, k8 // 4, (k8 + k4) // 4)

@@ -177,11 +177,15 @@ def test_group_size_that_does_not_divide_pads_to_a_common_multiple():
     leaf.quantized_matmul(x[:, :32])
 
 
+FMPQ_RTN = qc.QuantConfig(weights=qc.WeightQuantConfig(method="rtn"),
+                          activations=qc.ActivationQuantConfig(int8_fraction=0.25))
+
+
 def test_padded_fmpq_layer_equals_unpadded_math(model, windows):
   """down_proj has K=44, auto block 8, padded to 48 with zeros; equals fake-quant math on the real 44."""
   from calib.clipping import fake_quantize_activation
   from cometjax.qtypes import dequantize_weight
-  config = qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn"))
+  config = FMPQ_RTN
   stats = collect_stats(model, config, windows, batch_size=4, progress=False)
   q = quantize(model, config, stats, progress=False)
   leaf = q.layers[0].mlp.down_proj.kernel.get_value()
@@ -197,7 +201,7 @@ def test_padded_fmpq_layer_equals_unpadded_math(model, windows):
 
 
 def test_fmpq_int4_fraction_and_permuted_outliers(model, windows):
-  config = qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn"))
+  config = FMPQ_RTN
   stats = collect_stats(model, config, windows, batch_size=4, progress=False)
   q = quantize(model, config, stats, progress=False)
   report = quantization_report(q)
@@ -206,6 +210,24 @@ def test_fmpq_int4_fraction_and_permuted_outliers(model, windows):
   assert leaf.activation.num_int8_blocks == 1
   top = np.argsort(-stats.layer("layers.1.self_attn.q_proj").absmax)[:8]
   assert set(np.asarray(leaf.perm)[:8]) == set(top)
+
+
+def test_int4_region_rotation_keeps_int8_channels_and_matches_its_math(model, windows):
+  from calib.clipping import fake_quantize_activation
+  from cometjax.qtypes import dequantize_weight
+  config = qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn"))
+  assert config.activations.rotate_int4
+  stats = collect_stats(model, config, windows, batch_size=4, progress=False)
+  q = quantize(model, config, stats, progress=False)
+  leaf = q.layers[1].self_attn.q_proj.kernel.get_value()
+  assert isinstance(leaf, InputTransformWeight) and leaf.inner.perm is None
+  transform = np.asarray(leaf.rotation)  # [32, 32]: permutation, then a rotation of the INT4 region
+  np.testing.assert_allclose(transform @ transform.T, np.eye(32), atol=1e-5)
+  top = np.argsort(-stats.layer("layers.1.self_attn.q_proj").absmax)[:8]
+  assert set(np.nonzero(np.abs(transform[:, :8]).max(1) > 0.5)[0]) == set(top)  # INT8 columns: one-hot
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((5, 32)), jnp.float32)
+  expected = fake_quantize_activation(x @ leaf.rotation, leaf.inner.activation) @ dequantize_weight(leaf.inner)
+  np.testing.assert_allclose(leaf.quantized_matmul(x), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_rotation_is_exact_in_float(model):
