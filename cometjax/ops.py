@@ -5,8 +5,9 @@ A weight leaf is either a float array `[in, out]` or a quantized-weight pytree
 is the same for bf16 and W4Ax.
 
 `implementation` picks the backend for quantized leaves: "auto" (Pallas on GPU, XLA elsewhere),
-"xla" (pure jnp reference path), "pallas" (compiled Pallas kernels), "interpret" (Pallas kernels in
-interpret mode, for CPU tests).
+"xla" (pure jnp reference path), "pallas" (compiled Pallas kernels: the Mosaic GPU GEMM on Hopper where it
+tiles the shape, else the Triton-backend kernels), "interpret" (Pallas kernels in interpret mode, for CPU
+tests). `attention_kv4` and `attention_paged_kv4` are the KV4 attention entries.
 """
 
 from __future__ import annotations

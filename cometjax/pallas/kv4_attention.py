@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
+from cometjax.pallas.online_softmax import online_softmax_step
 from cometjax.qtypes import QuantizedKV, dequantize_kv
 
 MIN_BLOCK_K = 16  # Triton dots need >= 16 along every dimension
@@ -132,11 +133,7 @@ def _kv4_attention_kernel(
       logits += dot(q_even[g], k_even.T) + dot(q_odd[g], k_odd.T)
     positions = split_start + t * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     valid = (positions < length) & (positions <= query_pos)  # [block_h, block_k]
-    logits = jnp.where(valid, logits * sm_scale, jnp.finfo(jnp.float32).min)
-    max_next = jnp.maximum(max_prev, jnp.max(logits, axis=1))
-    correction = jnp.exp(max_prev - max_next)
-    probs = jnp.where(valid, jnp.exp(logits - max_next[:, None]), 0.0)
-    sum_next = correction * sum_prev + jnp.sum(probs, axis=1)
+    max_next, sum_next, correction, probs = online_softmax_step(max_prev, sum_prev, logits, valid, sm_scale)
     probs = probs.astype(compute_dtype)
     new_outs = []
     for g in range(num_groups):
