@@ -33,14 +33,20 @@ from cometjax.qtypes import ActivationFormat, QuantizedWeight, pack_int4
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class InputTransformWeight:
-  """A QuantizedWeight whose input is zero-padded from in_features to inner.in_features, then rotated.
+  """A QuantizedWeight whose input is transformed first (our extension of the qtypes format):
 
-  x [..., in_features] -> pad -> (x @ rotation) -> inner.quantized_matmul. The rotation is stored as a
-  dense matrix here (a fast Hadamard transform is the kernel-side equivalent); it counts in the report.
+  x [..., in_features] -> zero-pad to Kp -> (x @ rotation) -> x[..., perm] -> the channels from
+  region_start on, in consecutive chunks of b, each times region[i] ([b, b]) -> inner.quantized_matmul.
+  `rotation` is the dense online rotation of rotation="hadamard" (a fast Hadamard transform is the kernel
+  equivalent); `perm` + `region` are FMPQ's INT4-region rotation (identity on the INT8 channels), kept
+  block-structured so their storage is Kp * b, not Kp^2. Every part is optional.
   """
   inner: QuantizedWeight
-  rotation: jax.Array | None  # f32 [Kp, Kp] or None
+  rotation: jax.Array | None  # f32 [Kp, Kp]
   in_features: int = dataclasses.field(metadata=dict(static=True))
+  perm: jax.Array | None = None  # int32 [Kp]
+  region: jax.Array | None = None  # f32 [num_chunks, b, b], num_chunks * b = Kp - region_start
+  region_start: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   def __post_init__(self):
     if self.in_features > self.inner.in_features:
@@ -50,7 +56,7 @@ class InputTransformWeight:
   def shape(self) -> tuple[int, int]:
     return (self.in_features, self.inner.out_features)
 
-  def quantized_matmul(self, x: jax.Array, implementation: str = "xla") -> jax.Array:
+  def transform_input(self, x: jax.Array) -> jax.Array:
     if x.shape[-1] != self.in_features:
       raise ValueError(f"x must have {self.in_features} channels in its last axis, got shape {x.shape}")
     pad = self.inner.in_features - self.in_features
@@ -58,7 +64,21 @@ class InputTransformWeight:
       x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
     if self.rotation is not None:
       x = jnp.dot(x, self.rotation.astype(x.dtype))
-    return self.inner.quantized_matmul(x, implementation=implementation)
+    if self.perm is not None:
+      x = jnp.take(x, self.perm, axis=-1)
+    if self.region is not None:
+      head, tail = x[..., :self.region_start], x[..., self.region_start:]
+      chunks, b, _ = self.region.shape
+      tail = jnp.einsum("...cb,cbd->...cd", tail.reshape(*tail.shape[:-1], chunks, b), self.region.astype(x.dtype))
+      x = jnp.concatenate([head, tail.reshape(*tail.shape[:-2], chunks * b)], axis=-1)
+    return x
+
+  def quantized_matmul(self, x: jax.Array, implementation: str = "xla") -> jax.Array:
+    return self.inner.quantized_matmul(self.transform_input(x), implementation=implementation)
+
+  @property
+  def transform_nbytes(self) -> int:
+    return sum(int(a.nbytes) for a in (self.rotation, self.perm, self.region) if a is not None)
 
 
 def is_quantized_leaf(value) -> bool:
@@ -147,16 +167,34 @@ def _activation_aware_target(w: np.ndarray, samples: np.ndarray, fmt: Activation
   return target, hq
 
 
-def int4_region_rotation(fmt: ActivationFormat, seed: int = 2) -> np.ndarray:
-  """blockdiag(I [K8], Q [K4]): identity on the INT8 channels, an orthogonal Q on the INT4 region
-  (randomized Hadamard when one of order K4 exists, else a random orthogonal matrix). float64 [Kp, Kp]."""
+MAX_REGION_CHUNK = 1024
+
+
+def int4_region_blocks(fmt: ActivationFormat, seed: int = 2) -> np.ndarray:
+  """Orthogonal chunks [num_chunks, b, b] rotating the INT4 region (K4 channels) of `fmt`.
+
+  One chunk over the whole region when K4 <= MAX_REGION_CHUNK (randomized Hadamard when one of order K4
+  exists, else a random orthogonal matrix); larger regions use the largest Hadamard order b <= 1024
+  dividing K4 (the block size always qualifies for power-of-two blocks), the same matrix in every chunk.
+  """
   from cometjax import rotation as rotation_lib
-  k8, k4 = fmt.int8_channels, fmt.int4_channels
-  out = np.eye(fmt.in_features)
-  if k4:
+  k4 = fmt.int4_channels
+  if k4 <= MAX_REGION_CHUNK:
     q = (rotation_lib.random_hadamard(k4, seed) if rotation_lib.hadamard_exists(k4)
          else rotation_lib.random_orthogonal(k4, seed))
-    out[k8:, k8:] = q
+    return q[None]
+  b = next(c for c in range(MAX_REGION_CHUNK, 1, -1)
+           if k4 % c == 0 and (rotation_lib.hadamard_exists(c) or c == fmt.block_size))
+  q = rotation_lib.random_hadamard(b, seed) if rotation_lib.hadamard_exists(b) else rotation_lib.random_orthogonal(b, seed)
+  return np.broadcast_to(q, (k4 // b, b, b)).copy()
+
+
+def _block_diagonal(start: int, blocks: np.ndarray) -> np.ndarray:
+  chunks, b, _ = blocks.shape
+  out = np.eye(start + chunks * b)
+  for c in range(chunks):
+    lo = start + c * b
+    out[lo:lo + b, lo:lo + b] = blocks[c]
   return out
 
 
@@ -190,8 +228,9 @@ def quantize_layer(name: str, kernel, config: QuantConfig, layer_stats=None):
   w[:k] = kernel
   online = plan.rotation_matrix()
   perm = None if act_plan is None else act_plan.perm
-  region = (int4_region_rotation(fmt) if acts is not None and acts.rotate_int4 and fmt.num_int4_blocks
-            and fmt.num_int8_blocks else None)
+  region_blocks = (int4_region_blocks(fmt) if acts is not None and acts.rotate_int4 and fmt.num_int4_blocks
+                   and fmt.num_int8_blocks else None)
+  region = None if region_blocks is None else _block_diagonal(fmt.int8_channels, region_blocks)
   hessian = None if layer_stats is None else layer_stats.hessian
   samples = None if layer_stats is None else layer_stats.samples
   if online is not None:
@@ -207,20 +246,20 @@ def quantize_layer(name: str, kernel, config: QuantConfig, layer_stats=None):
   codes, scales = _weight_codes(name, w, config, fmt, hessian, samples)
   bits = wcfg.bits
   data = pack_int4(jnp.asarray(codes), axis=0) if bits == 4 else jnp.asarray(codes, jnp.int8)
-  if region is not None:  # fold the permutation into one dense input transform
-    transform = np.eye(kp) if online is None else online
-    transform = transform[:, perm] @ region
-    inner_perm, outer = None, transform
-  else:
-    inner_perm, outer = perm, online
+  # with a region rotation the permutation must run before it, outside the kernel's fused permute
+  inner_perm = None if region is not None else perm
   inner = QuantizedWeight(data=data, scales=jnp.asarray(scales),
                           perm=None if inner_perm is None else jnp.asarray(inner_perm, jnp.int32),
                           bits=bits, group_size=wcfg.group_size, shape=(kp, n), activation=fmt)
   inner.check_arrays()
-  if kp == k and outer is None:
+  outer_perm = None if region is None else perm
+  if kp == k and online is None and region is None:
     return inner
-  return InputTransformWeight(inner=inner, rotation=None if outer is None else jnp.asarray(outer, jnp.float32),
-                              in_features=k)
+  return InputTransformWeight(
+      inner=inner, rotation=None if online is None else jnp.asarray(online, jnp.float32), in_features=k,
+      perm=None if outer_perm is None else jnp.asarray(outer_perm, jnp.int32),
+      region=None if region_blocks is None else jnp.asarray(region_blocks, jnp.float32),
+      region_start=0 if region is None else fmt.int8_channels)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,10 +299,11 @@ def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
 # Report
 
 
-def _leaf_parts(leaf) -> tuple[QuantizedWeight, jax.Array | None, int]:
+def _leaf_parts(leaf) -> tuple[QuantizedWeight, int, int]:
+  """(inner weight, bytes of the input transform, in_features)."""
   if isinstance(leaf, InputTransformWeight):
-    return leaf.inner, leaf.rotation, leaf.in_features
-  return leaf, None, leaf.in_features
+    return leaf.inner, leaf.transform_nbytes, leaf.in_features
+  return leaf, 0, leaf.in_features
 
 
 def quantization_report(model) -> dict:
@@ -276,7 +316,7 @@ def quantization_report(model) -> dict:
     leaf = _node(pure, path)["kernel"]
     if not is_quantized_leaf(leaf):
       continue
-    qw, rotation, in_features = _leaf_parts(leaf)
+    qw, transform_bytes, in_features = _leaf_parts(leaf)
     fmt: ActivationFormat | None = qw.activation
     weight_bytes = int(qw.data.nbytes + qw.scales.nbytes + (0 if qw.perm is None else qw.perm.nbytes))
     layers.append(dict(
@@ -286,7 +326,7 @@ def quantization_report(model) -> dict:
         int8_blocks=None if fmt is None else fmt.num_int8_blocks,
         int4_block_fraction=None if fmt is None else fmt.int4_block_fraction,
         params=in_features * qw.out_features, weight_bytes=weight_bytes,
-        rotation_bytes=0 if rotation is None else int(rotation.nbytes)))
+        rotation_bytes=transform_bytes))
   float_params = 0
   for leaf in jax.tree.leaves(pure, is_leaf=is_quantized_leaf):
     if not is_quantized_leaf(leaf) and hasattr(leaf, "size"):
@@ -307,7 +347,7 @@ def quantization_report(model) -> dict:
 
 METADATA_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -396,20 +436,24 @@ def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source
     leaf = node["kernel"]
     if not is_quantized_leaf(leaf):
       continue
-    qw, rotation, in_features = _leaf_parts(leaf)
+    qw, _, in_features = _leaf_parts(leaf)
+    outer = leaf if isinstance(leaf, InputTransformWeight) else None
     fmt = qw.activation
     layers[name] = dict(
         bits=qw.bits, group_size=qw.group_size, shape=list(qw.shape), in_features=in_features,
-        transformed=isinstance(leaf, InputTransformWeight), has_perm=qw.perm is not None,
-        has_rotation=rotation is not None,
+        transformed=outer is not None, has_perm=qw.perm is not None,
+        transform=None if outer is None else dict(
+            rotation=outer.rotation is not None, perm=outer.perm is not None, region=outer.region is not None,
+            region_start=outer.region_start),
         activation=None if fmt is None else dict(block_size=fmt.block_size, num_int8_blocks=fmt.num_int8_blocks,
                                                  num_blocks=fmt.num_blocks))
     put(f"{name}.kernel.data", qw.data)
     put(f"{name}.kernel.scales", qw.scales)
     if qw.perm is not None:
       put(f"{name}.kernel.perm", qw.perm)
-    if rotation is not None:
-      put(f"{name}.kernel.rotation", rotation)
+    for part in ("rotation", "perm", "region"):
+      if outer is not None and getattr(outer, part) is not None:
+        put(f"{name}.kernel.input_{part}", getattr(outer, part))
     node["kernel"] = None
   for key, value in _flatten_floats(pure).items():
     put(key, value)
@@ -465,9 +509,12 @@ def load_quantized(directory):
         activation=None if act is None else ActivationFormat(**act))
     qw.check_arrays()
     if info["transformed"]:
+      t = info["transform"]
       node["kernel"] = InputTransformWeight(
-          inner=qw, rotation=get(f"{name}.kernel.rotation") if info["has_rotation"] else None,
-          in_features=info["in_features"])
+          inner=qw, in_features=info["in_features"], region_start=t["region_start"],
+          rotation=get(f"{name}.kernel.input_rotation") if t["rotation"] else None,
+          perm=get(f"{name}.kernel.input_perm") if t["perm"] else None,
+          region=get(f"{name}.kernel.input_region") if t["region"] else None)
     else:
       node["kernel"] = qw
   for key, path in _float_paths(pure).items():

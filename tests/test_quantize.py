@@ -220,14 +220,25 @@ def test_int4_region_rotation_keeps_int8_channels_and_matches_its_math(model, wi
   stats = collect_stats(model, config, windows, batch_size=4, progress=False)
   q = quantize(model, config, stats, progress=False)
   leaf = q.layers[1].self_attn.q_proj.kernel.get_value()
-  assert isinstance(leaf, InputTransformWeight) and leaf.inner.perm is None
-  transform = np.asarray(leaf.rotation)  # [32, 32]: permutation, then a rotation of the INT4 region
-  np.testing.assert_allclose(transform @ transform.T, np.eye(32), atol=1e-5)
+  assert isinstance(leaf, InputTransformWeight) and leaf.inner.perm is None and leaf.rotation is None
+  assert leaf.region_start == 8 and leaf.region.shape == (1, 24, 24)  # K=32: one INT8 block of 8
+  np.testing.assert_allclose(leaf.region[0] @ leaf.region[0].T, np.eye(24), atol=1e-5)
   top = np.argsort(-stats.layer("layers.1.self_attn.q_proj").absmax)[:8]
-  assert set(np.nonzero(np.abs(transform[:, :8]).max(1) > 0.5)[0]) == set(top)  # INT8 columns: one-hot
+  assert set(np.asarray(leaf.perm)[:8]) == set(top)
   x = jnp.asarray(np.random.default_rng(4).standard_normal((5, 32)), jnp.float32)
-  expected = fake_quantize_activation(x @ leaf.rotation, leaf.inner.activation) @ dequantize_weight(leaf.inner)
+  xt = leaf.transform_input(x)
+  np.testing.assert_array_equal(xt[:, :8], x[:, np.asarray(leaf.perm)[:8]])  # INT8 channels untouched
+  np.testing.assert_allclose(np.linalg.norm(xt, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
+  expected = fake_quantize_activation(xt, leaf.inner.activation) @ dequantize_weight(leaf.inner)
   np.testing.assert_allclose(leaf.quantized_matmul(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_large_int4_regions_use_shared_hadamard_chunks():
+  from cometjax.qtypes import ActivationFormat
+  from cometjax.quantize import int4_region_blocks
+  blocks = int4_region_blocks(ActivationFormat(128, 8, 32))  # K4 = 3072 > 1024
+  assert blocks.shape == (3, 1024, 1024)
+  np.testing.assert_allclose(blocks[0] @ blocks[0].T, np.eye(1024), atol=1e-10)
 
 
 def test_rotation_is_exact_in_float(model):
