@@ -3,6 +3,7 @@
     python bench/accuracy.py                    # stories260K (TinyStories) + the synthetic outlier Llama
     python bench/accuracy.py --eval-documents 800   # stories260K on the whole held-out rest (slow on CPU)
     python bench/accuracy.py --smoke            # a few seconds: synthetic model only, tiny sizes
+    python bench/accuracy.py --headline-only --eval-documents 800 --out bench/results/accuracy_full_eval.json
 
 (a) stories260K: calibrate on the first `--calib-documents` (200) TinyStories validation stories,
     evaluate on the next `--eval-documents` stories (default 200, i.e. stories 200..399; 800 = all the
@@ -266,6 +267,8 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--outlier-scale", type=float, default=30.0)
   parser.add_argument("--batch-size", type=int, default=16)
   parser.add_argument("--skip-stories", action="store_true")
+  parser.add_argument("--headline-only", action="store_true",
+                      help="stories260K only, rows fp, fp-kv4, w4a4-kv4 and w4ax-kv4 (for the long --eval-documents 800)")
   parser.add_argument("--out", default=str(RESULTS / "accuracy.json"))
   parser.add_argument("--render", default=None, metavar="JSON",
                       help="only rewrite the markdown table next to an existing results JSON")
@@ -285,22 +288,24 @@ def main(argv=None) -> list[dict]:
   # (b) synthetic outlier Llama
   size = dict(hidden=32, intermediate=44, layers=2, vocab=64, channels=(3, 11, 20)) if args.smoke else {}
   num, length = (8, 32) if args.smoke else (48, 128)
-  model = outlier_llama(scale=args.outlier_scale, **size)
-  calib = sample_sequences(model, num, length, seed=1)
-  held_out = sample_sequences(model, num, length, seed=2)
-  streams = [list(s) for s in held_out]
-  print("synthetic outlier Llama", flush=True)
-  fp, by_kv = fp_rows("synthetic", model, streams, length, args.batch_size, [None], _log)
-  rows += fp
-  configs = synthetic_rows()
-  if args.smoke:
-    configs = [configs[1], configs[3]]  # w4a4 rtn, w4ax rtn
-  rows += evaluate("synthetic", model, streams, length, configs, StatsCache(model, calib, args.batch_size),
-                   by_kv, args.batch_size, _log)
-  notes.append(f"- synthetic: random Llama (hidden {model.config.hidden_size}, intermediate "
-               f"{model.config.intermediate_size}, {model.config.num_layers} layers, vocab {model.config.vocab_size}), "
-               f"RMSNorm channels {size.get('channels', OUTLIER_CHANNELS)} x {args.outlier_scale:g} in every layer; calibration and evaluation "
-               f"on {num} sequences of {length} tokens each sampled from the float model (disjoint seeds).")
+  model = None if args.headline_only else outlier_llama(scale=args.outlier_scale, **size)
+  if model is not None:
+    calib = sample_sequences(model, num, length, seed=1)
+    held_out = sample_sequences(model, num, length, seed=2)
+    streams = [list(s) for s in held_out]
+    print("synthetic outlier Llama", flush=True)
+    fp, by_kv = fp_rows("synthetic", model, streams, length, args.batch_size, [None], _log)
+    rows += fp
+    configs = synthetic_rows()
+    if args.smoke:
+      configs = [configs[1], configs[3]]  # w4a4 rtn, w4ax rtn
+    rows += evaluate("synthetic", model, streams, length, configs, StatsCache(model, calib, args.batch_size),
+                     by_kv, args.batch_size, _log)
+    notes.append(f"- synthetic: random Llama (hidden {model.config.hidden_size}, intermediate "
+                 f"{model.config.intermediate_size}, {model.config.num_layers} layers, vocab {model.config.vocab_size}), "
+                 f"RMSNorm channels {size.get('channels', OUTLIER_CHANNELS)} x {args.outlier_scale:g} in every layer; "
+                 f"calibration and evaluation on {num} sequences of {length} tokens each sampled from the float model "
+                 "(disjoint seeds).")
 
   # (a) stories260K
   if not args.smoke and not args.skip_stories:
@@ -320,7 +325,10 @@ def main(argv=None) -> list[dict]:
             f"{len(eval_docs)} ({len(stream)} tokens)", flush=True)
       fp, by_kv = fp_rows("stories260K", loaded.model, [stream], 512, args.batch_size, [None, kv4], _log)
       rows += fp
-      rows += evaluate("stories260K", loaded.model, [stream], 512, stories_rows(),
+      configs = stories_rows()
+      if args.headline_only:
+        configs = [c for c in configs if c[0] in ("w4a4-kv4", "w4ax-kv4")]
+      rows += evaluate("stories260K", loaded.model, [stream], 512, configs,
                        StatsCache(loaded.model, windows, args.batch_size), by_kv, args.batch_size, _log)
       notes.append(f"- stories260K: calibration on TinyStories validation stories 0..{args.calib_documents - 1} "
                    f"({windows.size} tokens in windows of 512), evaluation on stories {args.calib_documents}.."
