@@ -226,10 +226,10 @@ class SettingRecipe:
 def default_recipe(kind: str) -> SettingRecipe:
   from calib.adaround import AdaRoundConfig, CalibrationConfig
   if kind == "dit":
-    return SettingRecipe(CalibrationConfig(num_trajectories=128, ddim_steps=25, num_samples=2048, record_samples=128,
+    return SettingRecipe(CalibrationConfig(num_trajectories=256, ddim_steps=25, num_samples=4096, record_samples=128,
                                            eta=1.0),
                          AdaRoundConfig(iterations=100, batch_samples=32),
-                         dataclasses.replace(DIT_QUEST, steps=1000, weight_learning_rate=2e-3,
+                         dataclasses.replace(DIT_QUEST, steps=2000, weight_learning_rate=2e-3,
                                              scale_learning_rate=5e-3, weight_scale_learning_rate=2e-5))
   if kind == "cnn":
     return SettingRecipe(CalibrationConfig(num_trajectories=32, ddim_steps=25, num_samples=384, record_samples=32,
