@@ -20,6 +20,17 @@ _EXPORTS = {
     "KVQuantConfig": "cometjax.kvcache",
     "QuantizedWeight": "cometjax.qtypes",
     "ActivationFormat": "cometjax.qtypes",
+    "QuantConfig": "cometjax.config",
+    "WeightQuantConfig": "cometjax.config",
+    "ActivationQuantConfig": "cometjax.config",
+    "preset": "cometjax.config",
+    "PRESETS": "cometjax.config",
+    "quantize": "cometjax.quantize",
+    "calibrate_and_quantize": "cometjax.quantize",
+    "save_quantized": "cometjax.quantize",
+    "load_quantized": "cometjax.quantize",
+    "quantization_report": "cometjax.quantize",
+    "Engine": "cometjax.engine",
 }
 
 __all__ = sorted(_EXPORTS)
