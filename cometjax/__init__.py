@@ -31,6 +31,11 @@ _EXPORTS = {
     "load_quantized": "cometjax.quantize",
     "quantization_report": "cometjax.quantize",
     "Engine": "cometjax.engine",
+    "load_dit": "cometjax.models.dit",
+    "load_cnn": "cometjax.models.cnn_ddpm",
+    "ddim_sample": "cometjax.diffusion",
+    "ddpm_sample": "cometjax.diffusion",
+    "DiffusionQuantConfig": "cometjax.quest_quant",
 }
 
 __all__ = sorted(_EXPORTS)
