@@ -16,8 +16,9 @@ from cometjax import ops
 from cometjax.pallas.kv4_attention import kv4_attention, kv4_attention_reference, kv4_decode_attention
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference
 from cometjax.pallas.w4ax_matmul import w4ax_matmul, w4ax_matmul_reference
-from cometjax.qtypes import (ActivationFormat, QuantizedActivation, QuantizedKV, QuantizedWeight, pack_int4,
-                             quantize_kv, quantize_weight)
+from cometjax.qtypes import (ActivationFormat, QuantizedActivation, QuantizedKV, QuantizedWeight, quantize_kv,
+                             quantize_weight)
+from kernel_cases import integer_gemm_case
 
 FUZZ = settings(max_examples=5, deadline=None)
 
@@ -104,17 +105,7 @@ def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size):
 def test_w4ax_matmul_integer_accumulation_is_exact():
   m, k, n = 3, 64, 32
   fmt = ActivationFormat(16, 2, 4)
-  rng = np.random.default_rng(7)
-  x_int8 = rng.integers(-127, 128, size=(m, fmt.int8_channels))
-  x_int4 = rng.integers(-8, 8, size=(m, fmt.int4_channels))
-  w_int = rng.integers(-8, 8, size=(k, n))
-  qx = QuantizedActivation(
-      int8_part=jnp.asarray(np.stack([x_int8[:, 0::2], x_int8[:, 1::2]]), jnp.int8),
-      int4_part=pack_int4(jnp.asarray(x_int4, jnp.int8)),
-      int8_scale=jnp.ones((m,)), int4_scale=jnp.ones((m,)), format=fmt)
-  qw = QuantizedWeight(data=pack_int4(jnp.asarray(w_int, jnp.int8), axis=0), scales=jnp.ones((1, n)),
-                       perm=None, bits=4, group_size=None, shape=(k, n), activation=fmt)
-  exact = np.concatenate([x_int8, x_int4], axis=1) @ w_int  # int64
+  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=7)
   got = w4ax_matmul(qx, qw, block_m=2, block_n=16, block_k=16, interpret=True)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
   np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw)).astype(np.int64), exact)

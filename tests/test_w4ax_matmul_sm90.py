@@ -23,7 +23,8 @@ from cometjax import ops
 from cometjax.pallas import w4ax_matmul_sm90 as sm90
 from cometjax.pallas.quantize_act import quantize_act_reference
 from cometjax.pallas.w4ax_matmul import w4ax_matmul_reference
-from cometjax.qtypes import ActivationFormat, QuantizedActivation, QuantizedWeight, pack_int4, quantize_weight
+from cometjax.qtypes import ActivationFormat, QuantizedActivation, QuantizedWeight, quantize_weight
+from kernel_cases import integer_gemm_case
 
 on_hopper = pytest.mark.skipif(not sm90.is_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
 
@@ -83,20 +84,7 @@ def test_warp_specialized_matches_reference(m, block_size, num_int8_blocks):
 def test_integer_accumulation_is_exact():
   m, k, n = 64, 256, 64
   fmt = ActivationFormat(64, 2, 4)
-  rng = np.random.default_rng(3)
-  x_int8 = rng.integers(-127, 128, size=(m, fmt.int8_channels))
-  x_int8[0] = 127  # extremes: the x16 products stay exact in int32
-  x_int4 = rng.integers(-8, 8, size=(m, fmt.int4_channels))
-  x_int4[1] = -8
-  w_int = rng.integers(-8, 8, size=(k, n))
-  w_int[:, 0] = -8
-  qx = QuantizedActivation(
-      int8_part=jnp.asarray(np.stack([x_int8[:, 0::2], x_int8[:, 1::2]]), jnp.int8),
-      int4_part=pack_int4(jnp.asarray(x_int4, jnp.int8)),
-      int8_scale=jnp.ones((m,)), int4_scale=jnp.ones((m,)), format=fmt)
-  qw = QuantizedWeight(data=pack_int4(jnp.asarray(w_int, jnp.int8), axis=0), scales=jnp.ones((1, n)),
-                       perm=None, bits=4, group_size=None, shape=(k, n), activation=fmt)
-  exact = np.concatenate([x_int8, x_int4], axis=1) @ w_int  # int64
+  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=3, extremes=True)
   got = sm90.w4ax_matmul_sm90(qx, qw, block_k=64, interpret=True)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
   np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw)).astype(np.int64), exact)
@@ -255,17 +243,7 @@ def test_compiled_matches_reference_on_gpu(m, k, n, block_size, num_int8_blocks,
 def test_compiled_integer_accumulation_is_exact_on_gpu():
   m, k, n = 64, 1024, 256
   fmt = ActivationFormat(128, 3, 8)
-  rng = np.random.default_rng(5)
-  x_int8 = rng.integers(-127, 128, size=(m, fmt.int8_channels))
-  x_int4 = rng.integers(-8, 8, size=(m, fmt.int4_channels))
-  w_int = rng.integers(-8, 8, size=(k, n))
-  qx = QuantizedActivation(
-      int8_part=jnp.asarray(np.stack([x_int8[:, 0::2], x_int8[:, 1::2]]), jnp.int8),
-      int4_part=pack_int4(jnp.asarray(x_int4, jnp.int8)),
-      int8_scale=jnp.ones((m,)), int4_scale=jnp.ones((m,)), format=fmt)
-  qw = QuantizedWeight(data=pack_int4(jnp.asarray(w_int, jnp.int8), axis=0), scales=jnp.ones((1, n)),
-                       perm=None, bits=4, group_size=None, shape=(k, n), activation=fmt)
-  exact = np.concatenate([x_int8, x_int4], axis=1) @ w_int
+  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=5)
   for schedule in sm90.SCHEDULES:
     for warp_specialized in (False, True):
       got = sm90.w4ax_matmul_sm90(qx, qw, schedule=schedule, warp_specialized=warp_specialized)

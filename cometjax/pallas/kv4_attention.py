@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from cometjax.pallas.online_softmax import online_softmax_step
+from cometjax.pallas.online_softmax import accumulate_values, online_softmax_step
 from cometjax.qtypes import QuantizedKV, dequantize_kv
 
 MIN_BLOCK_K = 16  # Triton dots need >= 16 along every dimension
@@ -135,12 +135,8 @@ def _kv4_attention_kernel(
     valid = (positions < length) & (positions <= query_pos)  # [block_h, block_k]
     max_next, sum_next, correction, probs = online_softmax_step(max_prev, sum_prev, logits, valid, sm_scale)
     probs = probs.astype(compute_dtype)
-    new_outs = []
-    for g in range(num_groups):
-      v_even, v_odd = dequantize(v_ref, v_scale_ref, v_zero_ref, rows, g)
-      new_outs.append(correction[:, None] * outs[2 * g] + dot(probs, v_even))
-      new_outs.append(correction[:, None] * outs[2 * g + 1] + dot(probs, v_odd))
-    return max_next, sum_next, tuple(new_outs)
+    values = [dequantize(v_ref, v_scale_ref, v_zero_ref, rows, g) for g in range(num_groups)]
+    return max_next, sum_next, accumulate_values(outs, correction, probs, values, dot)
 
   init = (jnp.full((block_h,), jnp.finfo(jnp.float32).min, jnp.float32),
           jnp.zeros((block_h,), jnp.float32),

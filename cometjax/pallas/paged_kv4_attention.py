@@ -44,7 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from cometjax.kvcache import KV4Cache, hadamard_matrix
-from cometjax.pallas.online_softmax import online_softmax_step
+from cometjax.pallas.online_softmax import accumulate_values, online_softmax_step
 from cometjax.qtypes import dequantize_kv_tensor, unpack_int4
 
 MIN_DOT = 16  # Triton dots need >= 16 along every dimension
@@ -169,12 +169,8 @@ def _paged_kv4_attention_kernel(
     valid = positions < visible  # [1, n_tok]
     max_next, sum_next, correction, probs = online_softmax_step(max_prev, sum_prev, logits, valid, sm_scale)
     probs = probs.astype(compute_dtype)
-    new_outs = []
-    for g in range(num_groups):
-      v_even, v_odd = dequantize_tokens(v_ref, v_scale_ref, v_zero_ref, pages, g)
-      new_outs.append(correction[:, None] * outs[2 * g] + dot(probs, v_even))
-      new_outs.append(correction[:, None] * outs[2 * g + 1] + dot(probs, v_odd))
-    return max_next, sum_next, tuple(new_outs)
+    values = [dequantize_tokens(v_ref, v_scale_ref, v_zero_ref, pages, g) for g in range(num_groups)]
+    return max_next, sum_next, accumulate_values(outs, correction, probs, values, dot)
 
   def closed_tile(t, carry):
     start = first_page + t * pages_per_block
