@@ -1,4 +1,6 @@
-import os
+import importlib.util
+import pathlib
+import sys
 
 import jax
 import pytest
@@ -23,3 +25,13 @@ def require_data(*parts: str):
   if not path.exists():
     pytest.skip(f"shared data file missing: {path} (set COMETJAX_DATA)")
   return path
+
+
+def load_bench_script(name: str):
+  """bench/<name>.py as a module (bench/ is not an installed package)."""
+  path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+  spec.loader.exec_module(module)
+  return module

@@ -1,16 +1,10 @@
-import importlib.util
 import json
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import load_bench_script
 
 
 def test_e2e_benchmark_smoke(tmp_path):
-  spec = importlib.util.spec_from_file_location("bench_e2e", ROOT / "bench" / "e2e.py")
-  bench = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes
-  spec.loader.exec_module(bench)
+  bench = load_bench_script("e2e")
   out = tmp_path / "e2e.json"
   bench.main(["--smoke", "--out", str(out)])
   report = json.loads(out.read_text())

@@ -1,18 +1,12 @@
 """bench/kernels.py --smoke runs end to end (so the benchmark script cannot rot)."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from conftest import load_bench_script
 
 
 def test_kernel_benchmark_smoke(tmp_path):
-  spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-  bench = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = bench  # dataclasses look their module up while the file executes
-  spec.loader.exec_module(bench)
+  bench = load_bench_script("kernels")
   out = tmp_path / "kernels_smoke.json"
   bench.main(["--smoke", "--quiet", "--out", str(out)])
   report = json.loads(out.read_text())
@@ -30,10 +24,7 @@ def test_kernel_benchmark_smoke(tmp_path):
 
 
 def test_kernel_benchmark_kernels_filter(tmp_path):
-  spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "kernels.py")
-  bench = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = bench
-  spec.loader.exec_module(bench)
+  bench = load_bench_script("kernels")
   out = tmp_path / "kernels_filter.json"
   bench.main(["--smoke", "--quiet", "--kernels", "quantize_act", "--skip-attention", "--out", str(out)])
   report = json.loads(out.read_text())

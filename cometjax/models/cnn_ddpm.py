@@ -132,14 +132,9 @@ class CNNDenoiser(nnx.Module):
 
 def load_cnn(path=None) -> CNNDenoiser:
   """Load the MNIST CNN DDPM from a folder with config.json + model.safetensors (default: shared)."""
-  from safetensors.numpy import load_file
-
   from cometjax.data import data_path
+  from cometjax.models.loaders import read_float_checkpoint
 
   folder = Path(path) if path is not None else data_path("diffusion", "mnist_cnn")
-  weights = folder / "model.safetensors"
-  if not weights.exists():
-    raise FileNotFoundError(f"CNN checkpoint not found: {weights} (set COMETJAX_DATA or pass path)")
-  config = CNNConfig.from_json(folder / "config.json") if (folder / "config.json").exists() else CNNConfig()
-  tensors = {k: np.asarray(v, np.float32) for k, v in load_file(str(weights)).items()}
+  config, tensors = read_float_checkpoint(folder, CNNConfig, "CNN")
   return CNNDenoiser(tensors, config)

@@ -152,14 +152,9 @@ class DiT(nnx.Module):
 
 def load_dit(path=None) -> DiT:
   """Load the MNIST DiT from a folder with config.json + model.safetensors (default: shared data)."""
-  from safetensors.numpy import load_file
-
   from cometjax.data import data_path
+  from cometjax.models.loaders import read_float_checkpoint
 
   folder = Path(path) if path is not None else data_path("diffusion", "mnist_dit")
-  weights = folder / "model.safetensors"
-  if not weights.exists():
-    raise FileNotFoundError(f"DiT checkpoint not found: {weights} (set COMETJAX_DATA or pass path)")
-  config = DiTConfig.from_json(folder / "config.json") if (folder / "config.json").exists() else DiTConfig()
-  tensors = {k: np.asarray(v, np.float32) for k, v in load_file(str(weights)).items()}
+  config, tensors = read_float_checkpoint(folder, DiTConfig, "DiT")
   return DiT(tensors, config)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cometjax.models.llama import SUPPORTED_MODEL_TYPES, Llama, LlamaConfig, RopeScaling, abstract_llama
+from cometjax.models.llama import (SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, Llama, LlamaConfig, RopeScaling,
+                                   abstract_llama)
 
 
 QUANTIZED_METADATA = "quantization.json"  # marks a directory written by cometjax.quantize.save_quantized
@@ -160,7 +161,7 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         high_freq_factor=float(params["high_freq_factor"]),
         original_max_position_embeddings=int(params["original_max_position_embeddings"]))
   raise CheckpointError(f"config field rope_type={rope_type!r} is not implemented "
-                        "(supported: default, linear, llama3)")
+                        f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
 
 def config_from_hf(d: dict[str, Any], dtype=jnp.float32) -> LlamaConfig:
@@ -295,6 +296,17 @@ def load_hf(directory: str | Path, dtype=jnp.float32) -> "LoadedModel":
   if any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
     tokenizer = HFTokenizer(directory)
   return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(directory))
+
+
+def read_float_checkpoint(folder: Path, config_cls, what: str):
+  """(config, float32 numpy tensors) from a folder holding model.safetensors and, optionally, config.json
+  (read with `config_cls.from_json`; else `config_cls()`). The diffusion checkpoints use this."""
+  from safetensors.numpy import load_file
+  weights = folder / "model.safetensors"
+  if not weights.exists():
+    raise FileNotFoundError(f"{what} checkpoint not found: {weights} (set COMETJAX_DATA or pass path)")
+  config = config_cls.from_json(folder / "config.json") if (folder / "config.json").exists() else config_cls()
+  return config, {k: np.asarray(v, np.float32) for k, v in load_file(str(weights)).items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
-from cometjax.pallas.online_softmax import accumulate_values, online_softmax_step
+from cometjax.pallas.online_softmax import accumulate_values, merge_splits, online_softmax_step
 from cometjax.qtypes import QuantizedKV, dequantize_kv
 
 MIN_BLOCK_K = 16  # Triton dots need >= 16 along every dimension
@@ -228,13 +228,7 @@ def kv4_attention(
   )(q_even, q_odd, kv.k, kv.v, kv.k_scale, kv.k_zero, kv.v_scale, kv.v_zero, lengths)
 
   # Merge the k splits (flash-decoding's final reduction).
-  global_max = jnp.max(maxes, axis=2, keepdims=True)  # [B, Hkv, 1, rows]
-  correction = jnp.exp(maxes - global_max)  # [B, Hkv, splits, rows]
-  total = jnp.sum(sums * correction, axis=2)  # [B, Hkv, rows]
-  denominator = jnp.where(total > 0, total, 1.0)[..., None]
-  out_even = jnp.sum(out_even * correction[..., None], axis=2) / denominator  # [B, Hkv, rows, D // 2]
-  out_odd = jnp.sum(out_odd * correction[..., None], axis=2) / denominator
-  out = jnp.stack([out_even, out_odd], axis=-1).reshape(batch, kv_heads, padded_rows, head_dim)
+  out = merge_splits(maxes, sums, out_even, out_odd)  # [B, Hkv, padded_rows, D]
   out = out[:, :, :query_rows].reshape(batch, kv_heads, num_queries, group_heads, head_dim)
   return out.transpose(0, 2, 1, 3, 4).reshape(batch, num_queries, q_heads, head_dim).astype(q.dtype)
 

@@ -29,3 +29,19 @@ def accumulate_values(outs, correction, probs, values, dot):
     new_outs.append(correction[:, None] * outs[2 * g] + dot(probs, v_even))
     new_outs.append(correction[:, None] * outs[2 * g + 1] + dot(probs, v_odd))
   return tuple(new_outs)
+
+
+def merge_splits(maxes, sums, out_even, out_odd):
+  """Flash-decoding's final reduction over key splits (axis 2) -> [B, Hkv, rows, D] normalized outputs.
+
+  maxes, sums: [B, Hkv, splits, rows]; out_even, out_odd: [B, Hkv, splits, rows, D // 2] (even / odd
+  head_dim channels). Rows that saw no key give 0.
+  """
+  global_max = jnp.max(maxes, axis=2, keepdims=True)  # [B, Hkv, 1, rows]
+  correction = jnp.exp(maxes - global_max)  # [B, Hkv, splits, rows]
+  total = jnp.sum(sums * correction, axis=2)  # [B, Hkv, rows]
+  denominator = jnp.where(total > 0, total, 1.0)[..., None]
+  out_even = jnp.sum(out_even * correction[..., None], axis=2) / denominator  # [B, Hkv, rows, D // 2]
+  out_odd = jnp.sum(out_odd * correction[..., None], axis=2) / denominator
+  b, h, rows, half = out_even.shape
+  return jnp.stack([out_even, out_odd], axis=-1).reshape(b, h, rows, 2 * half)

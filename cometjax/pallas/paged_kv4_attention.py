@@ -44,7 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 
 from cometjax.kvcache import KV4Cache, hadamard_matrix
-from cometjax.pallas.online_softmax import accumulate_values, online_softmax_step
+from cometjax.pallas.online_softmax import accumulate_values, merge_splits, online_softmax_step
 from cometjax.qtypes import dequantize_kv_tensor, unpack_int4
 
 MIN_DOT = 16  # Triton dots need >= 16 along every dimension
@@ -317,13 +317,7 @@ def paged_kv4_attention(
   )(*inputs)
 
   # Merge the splits (flash-decoding's final reduction).
-  global_max = jnp.max(maxes, axis=2, keepdims=True)  # [B, Hkv, 1, rows]
-  correction = jnp.exp(maxes - global_max)  # [B, Hkv, splits, rows]
-  total = jnp.sum(sums * correction, axis=2)  # [B, Hkv, rows]
-  denominator = jnp.where(total > 0, total, 1.0)[..., None]
-  out_even = jnp.sum(out_even * correction[..., None], axis=2) / denominator  # [B, Hkv, rows, D // 2]
-  out_odd = jnp.sum(out_odd * correction[..., None], axis=2) / denominator
-  out = jnp.stack([out_even, out_odd], axis=-1).reshape(batch, kv_heads, padded_rows, head_dim)
+  out = merge_splits(maxes, sums, out_even, out_odd)  # [B, Hkv, padded_rows, D]
   return out[:, :, :group_heads].reshape(batch, q_heads, head_dim).astype(q.dtype)
 
 
