@@ -130,10 +130,30 @@ def git_commit() -> str:
     return "unknown"
 
 
+def smoke_recipe(kind: str):
+  """The default recipe shrunk to seconds (CI): same steps, tiny calibration and training budgets."""
+  import dataclasses
+
+  from calib.quest import default_recipe
+  recipe = default_recipe(kind)
+  return dataclasses.replace(
+    recipe, calibration=dataclasses.replace(recipe.calibration, num_trajectories=4, ddim_steps=4, num_samples=16,
+                                            record_samples=8),
+    adaround=dataclasses.replace(recipe.adaround, iterations=2, batch_samples=4),
+    quest=dataclasses.replace(recipe.quest, steps=3, batch_size=4))
+
+
+def sampler_name(args, kind: str) -> str:
+  sampler = args.dit_sampler if kind == "dit" else args.cnn_sampler
+  return "DDPM, 1000 steps (the checkpoint's own)" if sampler == "ddpm" else f"DDIM eta={args.eta}, {args.steps} steps"
+
+
 def run(args) -> dict:
   start = time.time()
   images, labels = load_mnist_test()
   train_rows, test_rows = np.arange(8000), np.arange(8000, 10000)
+  if args.smoke:
+    train_rows = np.arange(2000)
   t0 = time.time()
   classifier = train_classifier(images[train_rows], labels[train_rows], epochs=args.classifier_epochs)
   preds, real_features = classify(classifier, images[test_rows].astype(np.float32) / 255.0)
@@ -158,7 +178,7 @@ def run(args) -> dict:
     print(f"fp losses: {time.time() - t0:.0f}s", flush=True)
 
   fp_ddpm = None
-  if args.ddpm_samples and "mnist_dit" in args.models:
+  if args.ddpm_samples and "mnist_dit" in args.models and args.dit_sampler != "ddpm":
     # The checkpoint's own sampler (ancestral DDPM, 1000 steps) for the float DiT, as a reference point.
     t0 = time.time()
     model = load_dit()
@@ -170,7 +190,7 @@ def run(args) -> dict:
     preds, _ = classify(classifier, pixels)
     fp_ddpm = {"samples": count, "class_accuracy": float((preds == np.asarray(y)).mean()),
                "seconds": round(time.time() - t0, 1)}
-    write_png(RESULTS / "diffusion_samples_mnist_dit_fp_ddpm1000.png", image_grid(pixels[:100], columns=10))
+    write_png(Path(args.out).parent / "diffusion_samples_mnist_dit_fp_ddpm1000.png", image_grid(pixels[:100], columns=10))
     print(f"mnist_dit fp DDPM-1000: class accuracy {fp_ddpm['class_accuracy']:.3f} ({fp_ddpm['seconds']}s)", flush=True)
 
   rows, reports = [], {}
@@ -185,12 +205,18 @@ def run(args) -> dict:
       t0 = time.time()
       model = loader()
       schedule = schedule_for(model)
-      model, quant, report = quantize_for_setting(model, schedule, setting, progress=args.progress)
+      recipe = smoke_recipe(kind) if args.smoke else None
+      model, quant, report = quantize_for_setting(model, schedule, setting, recipe=recipe, progress=args.progress)
       quant_seconds = time.time() - t0
       t1 = time.time()
       group_fn = quant.timestep_group if quant is not None else None
-      samples = ddim_sample(model, schedule, noise, class_labels, steps=args.steps, group_fn=group_fn, eta=args.eta,
-                            key=jax.random.key(args.seed + 3))
+      sampler = args.dit_sampler if kind == "dit" else args.cnn_sampler
+      if sampler == "ddpm":  # the checkpoint's own sampler: ancestral DDPM over all 1000 timesteps
+        samples = ddpm_sample(model, schedule, noise, class_labels, key=jax.random.key(args.seed + 3),
+                              group_fn=group_fn)
+      else:
+        samples = ddim_sample(model, schedule, noise, class_labels, steps=args.steps, group_fn=group_fn,
+                              eta=args.eta, key=jax.random.key(args.seed + 3))
       pixels = np.asarray(schedule.to_unit(samples))[:, 0]  # [N,28,28]
       sample_seconds = time.time() - t1
       if setting == "fp":
@@ -201,7 +227,7 @@ def run(args) -> dict:
         "class_accuracy": None if kind == "cnn" else float((preds == np.asarray(class_labels)).mean()),
         "frechet": frechet_distance(features, real_features),
         "psnr": None if fp_pixels is None or setting == "fp" else psnr(pixels, fp_pixels),
-        "samples": count, "ddim_steps": args.steps, "integer_execution": setting != "fp",
+        "samples": count, "sampler": sampler_name(args, kind), "integer_execution": setting != "fp",
         "quantize_seconds": round(quant_seconds, 1), "sample_seconds": round(sample_seconds, 1),
       }
       if "quest" in report:
@@ -212,7 +238,7 @@ def run(args) -> dict:
       rows.append(row)
       reports[f"{model_name}/{setting}"] = {k: v for k, v in report.items() if k != "setting"}
       grid_pixels = pixels[:min(count, 100)]
-      write_png(RESULTS / f"diffusion_samples_{model_name}_{setting}.png", image_grid(grid_pixels, columns=10))
+      write_png(Path(args.out).parent / f"diffusion_samples_{model_name}_{setting}.png", image_grid(grid_pixels, columns=10))
       print(f"{model_name:10s} {setting:11s} acc={row['class_accuracy']} frechet={row['frechet']:.2f} "
             f"psnr={row['psnr']} ({quant_seconds:.0f}s quantize, {sample_seconds:.0f}s sample)", flush=True)
 
@@ -222,8 +248,8 @@ def run(args) -> dict:
     "jax_version": jax.__version__, "commit": git_commit(),
     "classifier": {"train_images": len(train_rows), "heldout_images": len(test_rows),
                    "heldout_accuracy": classifier_accuracy, "features": 128},
-    "protocol": {"sampler": f"DDIM eta={args.eta} (same noise and per-step noise in every setting)",
-                 "ddim_steps": args.steps, "seed": args.seed,
+    "protocol": {"dit_sampler": sampler_name(args, "dit"), "cnn_sampler": sampler_name(args, "cnn"),
+                 "noise": "the same initial and per-step noise in every setting", "seed": args.seed,
                  "dit_samples": args.dit_samples, "cnn_samples": args.cnn_samples,
                  "frechet_reference": "classifier features of the 2000 held-out MNIST test images"},
     "fp_losses": fp_losses, "fp_dit_ddpm1000": fp_ddpm,
@@ -238,7 +264,8 @@ def markdown(result: dict) -> str:
   lines = [
     "# Diffusion quality (MNIST)", "",
     f"{result['date']}, {result['device']}, jax {result['jax_version']}, commit {result['commit'][:10]}. "
-    f"{result['protocol']['sampler']}, {result['protocol']['ddim_steps']} steps; {result['protocol']['dit_samples']} DiT samples "
+    f"Samplers: DiT {result['protocol']['dit_sampler']}, CNN {result['protocol']['cnn_sampler']} "
+    f"({result['protocol']['noise']}); {result['protocol']['dit_samples']} DiT samples "
     f"(equal per class), {result['protocol']['cnn_samples']} CNN samples. Classifier held-out accuracy "
     f"{result['classifier']['heldout_accuracy']:.4f} ({result['classifier']['heldout_images']} images).", "",
     "| model | setting | class accuracy | Frechet (classifier features) | PSNR vs FP (dB) | QuEST trained values |",
@@ -262,6 +289,10 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--models", nargs="+", default=["mnist_dit", "mnist_cnn"], choices=["mnist_dit", "mnist_cnn"])
   parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  parser.add_argument("--dit-sampler", choices=["ddpm", "ddim"], default="ddpm",
+                      help="ddpm: the checkpoint's own ancestral sampler over all 1000 steps (default); ddim: --steps")
+  parser.add_argument("--cnn-sampler", choices=["ddpm", "ddim"], default="ddim",
+                      help="default ddim (--steps 25): the 1000-step sampler of the conv net is slow on a CPU")
   parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
   parser.add_argument("--eta", type=float, default=1.0,
                       help="DDIM eta: 1.0 ancestral (default; the float DiT classifies better with it), 0.0 deterministic")
@@ -274,6 +305,8 @@ def main(argv=None):
   parser.add_argument("--ddpm-samples", type=int, default=100,
                       help="FP DiT samples with the 1000-step DDPM sampler (0: skip)")
   parser.add_argument("--progress", action="store_true", help="tqdm bars for calibration")
+  parser.add_argument("--smoke", action="store_true",
+                      help="CI check of the whole script in seconds: tiny recipes and classifier, no numbers to keep")
   parser.add_argument("--out", default=str(RESULTS / "diffusion_quality"), help="path stem for .json/.md")
   args = parser.parse_args(argv)
   if args.merge:
@@ -296,9 +329,9 @@ def main(argv=None):
     return
   if "fp" not in args.settings:
     args.settings = ["fp"] + args.settings  # PSNR needs the float samples
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   result = run(args)
   out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   out.with_suffix(".json").write_text(json.dumps(result, indent=2))
   table = markdown(result)
   out.with_suffix(".md").write_text(table)

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from dataclasses import dataclass
@@ -56,13 +57,37 @@ class CalibrationSet:
   index: np.ndarray  # int32 [N] timestep indices
   labels: np.ndarray | None  # int32 [N] (DiT) or None
   eps: np.ndarray  # [N, 1, 28, 28] float model's noise prediction
+  # DiT only (`with_other_labels`): another class per sample and the float eps at (x, t, that class)
+  other_labels: np.ndarray | None = None  # int32 [N]
+  other_eps: np.ndarray | None = None  # [N, 1, 28, 28]
 
   def __len__(self) -> int:
     return len(self.x)
 
   def take(self, rows: np.ndarray) -> "CalibrationSet":
-    return CalibrationSet(self.x[rows], self.index[rows], None if self.labels is None else self.labels[rows],
-                          self.eps[rows])
+    def pick(a):
+      return None if a is None else a[rows]
+    return CalibrationSet(self.x[rows], self.index[rows], pick(self.labels), self.eps[rows], pick(self.other_labels),
+                          pick(self.other_eps))
+
+
+def with_other_labels(model, schedule: NoiseSchedule, calib: CalibrationSet, seed: int = 0,
+                      batch_size: int = 256) -> CalibrationSet:
+  """Add, per sample, a different random class and the float model's eps for it (class-contrast loss)."""
+  if calib.labels is None:
+    raise ValueError("with_other_labels needs a class-conditional calibration set (labels is None)")
+  rng = np.random.default_rng(seed)
+  other = ((calib.labels + rng.integers(1, 10, size=len(calib))) % 10).astype(np.int32)
+  graphdef, state = nnx.split(model)
+  eps = [np.asarray(_float_eps(graphdef, state, schedule, jnp.asarray(calib.x[s:s + batch_size]),
+                               jnp.asarray(calib.index[s:s + batch_size]), jnp.asarray(other[s:s + batch_size])))
+         for s in range(0, len(calib), batch_size)]
+  return dataclasses.replace(calib, other_labels=other, other_eps=np.concatenate(eps))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule"))
+def _float_eps(graphdef, state, schedule, x, index, labels):
+  return predict_noise(nnx.merge(graphdef, state), schedule, x, index, labels)
 
 
 def build_calibration_set(model, schedule: NoiseSchedule, config: CalibrationConfig = CalibrationConfig(),

@@ -59,6 +59,7 @@ def load_quantized(folder, model_spec: str):
   meta = json.loads((folder / "quantized.json").read_text())
   raw = meta["quant"]
   raw["keep_float"] = tuple(raw.get("keep_float", ()))
+  raw["act_bits_overrides"] = tuple((pattern, bits) for pattern, bits in raw.get("act_bits_overrides", ()))
   quant = DiffusionQuantConfig(**raw)
   model, kind = _load_model(model_spec if model_spec in MODEL_CHOICES or Path(model_spec).exists() else meta["kind"])
   if kind != meta["kind"]:

@@ -49,6 +49,9 @@ class DiffusionQuantConfig:
   quantize_attention_matmuls: bool = True
   # Layers (path regexes, matched against "a.b.0.c") that stay in float entirely.
   keep_float: tuple[str, ...] = ()
+  # (path regex, bits): input activation bits of the matching layers (first match wins), e.g. the
+  # conditioning path of a DiT, which runs once per sample rather than once per token.
+  act_bits_overrides: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
     if self.weight_bits not in (2, 3, 4, 8):
@@ -59,6 +62,11 @@ class DiffusionQuantConfig:
         raise ValueError(f"{name} must be in 2..8 (int8 carries the integer activations), got {bits}")
     if self.num_timestep_groups < 1:
       raise ValueError(f"num_timestep_groups must be >= 1, got {self.num_timestep_groups}")
+    for entry in self.act_bits_overrides:
+      if (not isinstance(entry, tuple) or len(entry) != 2 or not isinstance(entry[0], str)
+          or not isinstance(entry[1], int) or not 2 <= entry[1] <= 8):
+        raise ValueError(f"act_bits_overrides entries must be (path regex, bits in 2..8), got {entry!r}")
+      re.compile(entry[0])
 
   def timestep_group(self, t: jax.Array) -> jax.Array:
     """Integer timestep(s) in [0, num_timesteps) -> activation-scale group index."""
@@ -406,6 +414,9 @@ def attach_quantizers(model: nnx.Module, config: DiffusionQuantConfig) -> nnx.Mo
     if any(p.search(name) for p in keep):
       continue
     act_bits, weight_bits = config.act_bits, config.weight_bits
+    override = next((bits for pattern, bits in config.act_bits_overrides if re.search(pattern, name)), None)
+    if override is not None and act_bits is not None:
+      act_bits = override
     if layer.edge:
       weight_bits = max(weight_bits, config.edge_weight_bits)
       act_bits = max(act_bits, config.edge_act_bits) if act_bits is not None else None

@@ -244,6 +244,10 @@ def test_config_errors():
     DiffusionQuantConfig(weight_bits=5)
   with pytest.raises(ValueError, match="act_bits"):
     DiffusionQuantConfig(act_bits=16)
+  with pytest.raises(ValueError, match="act_bits_overrides"):
+    DiffusionQuantConfig(act_bits_overrides=(("wq", 16),))
+  with pytest.raises(ValueError, match="act_bits_overrides"):
+    DiffusionQuantConfig(act_bits_overrides=("wq",))
 
 
 def test_png_writer_without_pil(tmp_path, monkeypatch):

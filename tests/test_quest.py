@@ -90,6 +90,39 @@ def test_quest_finetune_trains_the_selected_subset_and_lowers_the_loss(dit_ptq):
   assert "TLA" in format_report(report)
 
 
+@pytest.mark.realdata
+def test_class_contrast_loss_needs_and_uses_other_labels(dit_ptq):
+  from calib.adaround import with_other_labels
+  from cometjax.models.dit import load_dit
+  model, schedule, quant, calib, _ = dit_ptq
+  config = dataclasses.replace(DIT_QUEST, steps=2, batch_size=8, class_contrast_weight=5.0)
+  with pytest.raises(ValueError, match="other_labels"):
+    quest_finetune(nnx.clone(model), schedule, quant, calib, config, progress=False)
+  contrasted = with_other_labels(load_dit(), schedule, calib)
+  assert np.all(contrasted.other_labels != contrasted.labels)
+  assert np.all((contrasted.other_labels >= 0) & (contrasted.other_labels <= 9))
+  # the float eps for another class differs, but only slightly (the class signal is small)
+  difference = np.abs(contrasted.other_eps - contrasted.eps).mean()
+  assert 0 < difference < 0.5 * np.abs(contrasted.eps).mean()
+  assert contrasted.take(np.arange(4)).other_eps.shape == (4, 1, 28, 28)
+  report = quest_finetune(nnx.clone(model), schedule, quant, contrasted, config, progress=False)
+  assert np.isfinite(report["global_loss_after"])
+  with pytest.raises(ValueError, match="class_contrast_weight"):
+    dataclasses.replace(DIT_QUEST, class_contrast_weight=-1.0)
+
+
+@pytest.mark.realdata
+def test_act_bits_overrides_pick_the_input_bits_of_matching_layers():
+  require_data("diffusion", "mnist_dit", "model.safetensors")
+  from cometjax.models.dit import load_dit
+  from cometjax.quest_quant import attach_quantizers
+  quant = dataclasses.replace(preset("w4a4"), act_bits_overrides=((r"gamma|beta|alpha|time_mlp", 8),))
+  layers = dict(named_modules(attach_quantizers(load_dit(), quant), QuantLinear))
+  assert layers["blocks.1.gamma2"].quant.act.bits == 8 and layers["time_mlp1"].quant.act.bits == 8
+  assert layers["blocks.1.gamma2"].quant.weight.bits == 4
+  assert layers["blocks.1.wq"].quant.act.bits == 4
+
+
 @nnx.jit
 def _forward(model, x, t, y, group):
   return model(x, t, y, group)
@@ -158,3 +191,21 @@ def test_cli_sample_fp_and_saved_quantized(tmp_path):
   with pytest.raises(SystemExit, match="classes"):
     bad = parser.parse_args(["sample", "--classes", "12", "--count", "2", "--steps", "2", "--out", str(out), "--quiet"])
     bad.func(bad)
+
+
+@pytest.mark.realdata
+def test_diffusion_quality_bench_smoke(tmp_path):
+  require_data("diffusion", "mnist_dit", "model.safetensors")
+  require_data("mnist", "t10k-images-idx3-ubyte.gz")
+  from tests.conftest import load_bench_script
+  bench = load_bench_script("diffusion_quality")
+  out = tmp_path / "quality"
+  bench.main(["--smoke", "--models", "mnist_dit", "--settings", "w4a4-quest", "--dit-samples", "10",
+              "--dit-sampler", "ddim", "--steps", "3", "--classifier-epochs", "1", "--loss-seeds", "0", "--out", str(out)])
+  import json
+  result = json.loads(out.with_suffix(".json").read_text())
+  rows = {row["setting"]: row for row in result["rows"]}
+  assert set(rows) == {"fp", "w4a4-quest"}  # fp is added: PSNR needs it
+  assert 0 <= rows["w4a4-quest"]["class_accuracy"] <= 1 and rows["w4a4-quest"]["psnr"] is not None
+  assert rows["w4a4-quest"]["quest_trained_values"] > 0 and "DDIM" in rows["fp"]["sampler"]
+  assert "| mnist_dit | w4a4-quest |" in out.with_suffix(".md").read_text()
