@@ -143,9 +143,15 @@ def smoke_recipe(kind: str):
     quest=dataclasses.replace(recipe.quest, steps=3, batch_size=4))
 
 
+def sampler_for(args, kind: str) -> str:
+  """"ddpm" or "ddim": the sampler that `args` picks for a model kind ("dit" / "cnn")."""
+  return args.dit_sampler if kind == "dit" else args.cnn_sampler
+
+
 def sampler_name(args, kind: str) -> str:
-  sampler = args.dit_sampler if kind == "dit" else args.cnn_sampler
-  return "DDPM, 1000 steps (the checkpoint's own)" if sampler == "ddpm" else f"DDIM eta={args.eta}, {args.steps} steps"
+  if sampler_for(args, kind) == "ddpm":
+    return "DDPM, 1000 steps (the checkpoint's own)"
+  return f"DDIM eta={args.eta}, {args.steps} steps"
 
 
 def run(args) -> dict:
@@ -200,6 +206,7 @@ def run(args) -> dict:
     count = args.dit_samples if kind == "dit" else args.cnn_samples
     noise = jax.random.normal(jax.random.key(args.seed), (count, 1, 28, 28))
     class_labels = jnp.arange(count, dtype=jnp.int32) % 10 if kind == "dit" else None
+    sampler = sampler_for(args, kind)
     fp_pixels = None
     for setting in args.settings:
       t0 = time.time()
@@ -210,7 +217,6 @@ def run(args) -> dict:
       quant_seconds = time.time() - t0
       t1 = time.time()
       group_fn = quant.timestep_group if quant is not None else None
-      sampler = args.dit_sampler if kind == "dit" else args.cnn_sampler
       if sampler == "ddpm":  # the checkpoint's own sampler: ancestral DDPM over all 1000 timesteps
         samples = ddpm_sample(model, schedule, noise, class_labels, key=jax.random.key(args.seed + 3),
                               group_fn=group_fn)
