@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from cometjax.diffusion import NoiseSchedule, ddim_trajectory, predict_noise
 from cometjax.quest_quant import (
-  AdaRoundParam, DiffusionQuantConfig, QuantLinear, QuantMatmul, attach_quantizers, named_modules,
+  ActQuantizer, AdaRoundParam, DiffusionQuantConfig, QuantLinear, QuantMatmul, attach_quantizers, named_modules,
   rectified_sigmoid, set_recording, signed_range)
 
 
@@ -167,7 +167,7 @@ def calibrate_activations(model, records: dict, groups: np.ndarray, num_groups: 
   count = 0
   targets = []
   for name, layer in named_modules(model, QuantLinear):
-    if layer.quant is not None and layer.quant.act is not None:
+    if layer.quant is not None and isinstance(layer.quant.act, ActQuantizer):  # per-token ones are dynamic
       targets.append((layer.quant.act, records[name]))
   for name, matmul in named_modules(model, QuantMatmul):
     if matmul.quant is not None:

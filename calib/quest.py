@@ -242,6 +242,9 @@ class SettingRecipe:
   quest: QuestConfig
   # DiffusionQuantConfig.act_bits_overrides for the settings with 4-bit activations
   act_bits_overrides: tuple[tuple[str, int], ...] = ()
+  # DiffusionQuantConfig.act_granularity / weight_group_size for every quantized setting
+  act_granularity: str = "tensor"
+  weight_group_size: int | None = None
 
 
 # The DiT's conditioning path (time MLP and the adaLN gamma/beta/alpha layers) runs once per sample, not
@@ -286,7 +289,8 @@ def quantize_for_setting(model, schedule: NoiseSchedule, setting: str, *, recipe
   if setting == "fp":
     return model, None, {"setting": "fp"}
   recipe = recipe or default_recipe(schedule.kind)
-  quant = preset(setting.split("-")[0])
+  quant = dataclasses.replace(preset(setting.split("-")[0]), act_granularity=recipe.act_granularity,
+                              weight_group_size=recipe.weight_group_size)
   if quant.act_bits is not None and quant.act_bits < 8 and recipe.act_bits_overrides:
     quant = dataclasses.replace(quant, act_bits_overrides=recipe.act_bits_overrides)
   adaround = None if setting == "w8a8" else recipe.adaround

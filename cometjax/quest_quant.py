@@ -1,9 +1,13 @@
 """Quantized layers for diffusion models (QuEST / Q-Diffusion style).
 
-Weights: INT4 (or INT8) symmetric, one scale per output channel, rounding either to nearest or learned
-with AdaRound. Activations: asymmetric (step + zero point), *static* step sizes learned per timestep
-group, so a sampler switches scales by timestep. Softmax outputs and the inputs of the first and last
-layer run at 8 bit.
+Weights: INT4 (or INT8) symmetric, one scale per output channel (or per group of `weight_group_size`
+input channels), rounding either to nearest or learned with AdaRound. Activations, by
+`act_granularity`:
+  - "tensor" (Q-Diffusion / QuEST): asymmetric (step + zero point), *static* step sizes learned per
+    timestep group, so a sampler switches scales by timestep;
+  - "token": symmetric, one scale per token computed at run time (max |x| / qmax), the format of the W4Ax
+    GEMM (`cometjax.qtypes.QuantizedActivation` with a single INT4 or INT8 region).
+Softmax outputs and the inputs of the first and last layer run at 8 bit.
 
 Every quantized layer has two executions that agree to rounding:
   - "fake": simulated quantization in float with straight-through rounding (used for calibration and
@@ -12,6 +16,10 @@ Every quantized layer has two executions that agree to rounding:
     `cometjax.qtypes.pack_int4`), activations are rounded to int8 with the static step, the matmul is
     `int8 x int8 -> int32` and the float scales are applied once in the epilogue. The leaf type is
     `StaticActQuantWeight`, which `cometjax.ops.linear` dispatches to through `quantized_matmul`.
+    With "token" activations the leaf is the LLM path's `qtypes.QuantizedWeight` (wrapped in
+    `DynamicActQuantWeight` when the input needs zero padding): activations are quantized per token and
+    multiplied by the W4Ax GEMM (`cometjax.pallas.w4ax_matmul`: Pallas on GPU or in interpret mode,
+    its jnp reference on CPU).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from flax import nnx
 from cometjax import ops, qtypes
 
 EXECUTIONS = ("fake", "integer")
+ACT_GRANULARITIES = ("tensor", "token")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,6 +61,11 @@ class DiffusionQuantConfig:
   # (path regex, bits): input activation bits of the matching layers (first match wins), e.g. the
   # conditioning path of a DiT, which runs once per sample rather than once per token.
   act_bits_overrides: tuple[tuple[str, int], ...] = ()
+  # "tensor": static per-tensor scales per timestep group; "token": dynamic per-token scales (module doc).
+  act_granularity: str = "tensor"
+  # Input channels per weight scale (None: one scale per output channel); layers whose input width it
+  # does not divide keep per-output-channel scales.  Needs act_granularity="token" (the W4Ax GEMM path).
+  weight_group_size: int | None = None
 
   def __post_init__(self):
     if self.weight_bits not in (2, 3, 4, 8):
@@ -67,6 +81,16 @@ class DiffusionQuantConfig:
           or not isinstance(entry[1], int) or not 2 <= entry[1] <= 8):
         raise ValueError(f"act_bits_overrides entries must be (path regex, bits in 2..8), got {entry!r}")
       re.compile(entry[0])
+    if self.act_granularity not in ACT_GRANULARITIES:
+      raise ValueError(f"act_granularity must be one of {ACT_GRANULARITIES}, got {self.act_granularity!r}")
+    if self.weight_group_size is not None:
+      if not isinstance(self.weight_group_size, int) or self.weight_group_size < 2 or self.weight_group_size % 2:
+        raise ValueError(f"weight_group_size must be an even int >= 2 or None, got {self.weight_group_size!r}")
+      if self.act_granularity != "token":
+        raise ValueError("weight_group_size needs act_granularity='token' (grouped weights run through the "
+                         f"W4Ax GEMM, whose activations are per token), got {self.act_granularity!r}")
+      if self.act_bits is None:
+        raise ValueError("weight_group_size needs act_bits (the W4Ax GEMM path quantizes activations)")
 
   def timestep_group(self, t: jax.Array) -> jax.Array:
     """Integer timestep(s) in [0, num_timesteps) -> activation-scale group index."""
@@ -184,6 +208,54 @@ def make_static_act_weight(weight_int: jax.Array, weight_scale: jax.Array, act_s
     act_bits=act_bits)
 
 
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class DynamicActQuantWeight:
+  """A `qtypes.QuantizedWeight` whose input is zero-padded from `in_features` to the weight's K first.
+
+  4-bit packing and the activation format need an even K (e.g. a 3x3 conv on one channel has K = 9);
+  zero channels leave every per-token scale and every product unchanged.
+  """
+
+  weight: qtypes.QuantizedWeight
+  in_features: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.in_features, self.weight.out_features)
+
+  def quantized_matmul(self, x: jax.Array, implementation: str = "xla") -> jax.Array:
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f"x last dim must be in_features={self.in_features}, got shape {x.shape}")
+    pad = self.weight.in_features - self.in_features
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return self.weight.quantized_matmul(x, implementation=implementation)
+
+
+def token_act_leaf(data: jax.Array, weight_scale: jax.Array, *, in_features: int, weight_bits: int, act_bits: int,
+                   group_size: int | None):
+  """A W4Ax GEMM leaf from `make_static_act_weight`'s weight storage (`data`: packed uint8 [ceil(K/2), N]
+  for 4 bit, int8 [K, N] for 8 bit) and scales ([K // group_size, N] or [N]).
+
+  The activation format is one region: all INT4 (act_bits <= 4) or all INT8, one scale per token.
+  Returns a `qtypes.QuantizedWeight`, wrapped in `DynamicActQuantWeight` when K is odd.
+  """
+  if act_bits not in (4, 8):
+    raise ValueError(f"per-token activations run through the W4Ax GEMM: act_bits must be 4 or 8, got {act_bits}")
+  if weight_bits not in (4, 8):
+    raise ValueError(f"per-token activations run through the W4Ax GEMM: weight_bits must be 4 or 8, got "
+                     f"{weight_bits}")
+  out_features = data.shape[-1]
+  padded = in_features + in_features % 2
+  if weight_bits == 8 and padded != data.shape[0]:
+    data = jnp.pad(data, ((0, padded - data.shape[0]), (0, 0)))
+  fmt = qtypes.ActivationFormat(padded, 1 if act_bits == 8 else 0, 1)
+  leaf = qtypes.QuantizedWeight(data=data, scales=weight_scale.reshape(-1, out_features).astype(jnp.float32),
+                                perm=None, bits=weight_bits, group_size=group_size, shape=(padded, out_features),
+                                activation=fmt)
+  return leaf if padded == in_features else DynamicActQuantWeight(leaf, in_features)
+
+
 def integer_act_matmul(a_int: jax.Array, a_step, a_zero, b_int: jax.Array, b_step, b_zero) -> jax.Array:
   """(a_step (a_int - a_zero)) @ (b_step (b_int - b_zero)) with an int32 accumulator.
 
@@ -242,6 +314,13 @@ class ActQuantizer(nnx.Module):
     step, zero = self.params_for(group, x)
     return fake_quantize_activation(x, step, zero, self.bits)
 
+  def centered_codes(self, x: jax.Array, group) -> tuple[jax.Array, jax.Array]:
+    """(x_int - zero as integer-valued float with straight-through gradients, step): x ~ step * codes."""
+    step, zero = self.params_for(group, x)
+    qmin, qmax = signed_range(self.bits)
+    zero = round_ste(zero)
+    return jnp.clip(round_ste(x / step) + zero, qmin, qmax) - zero, step
+
   def quantize_int(self, x: jax.Array, group) -> tuple[jax.Array, jax.Array, jax.Array]:
     step, zero = self.params_for(group, x)
     return quantize_activation_int(x, step, zero, self.bits), step, zero
@@ -255,20 +334,48 @@ class ActQuantizer(nnx.Module):
     self.zero[...] = self.zero[...].at[group].set(float(np.round(qmin - low / step)))
 
 
-class WeightQuantizer(nnx.Module):
-  """Symmetric per-output-channel weight quantizer; rounding "nearest" (STE) or "adaround"."""
+class TokenActQuantizer(nnx.Module):
+  """Dynamic symmetric per-token activation quantizer (the W4Ax GEMM's): scale = max|x| / qmax per token.
 
-  def __init__(self, kernel: jax.Array, bits: int):  # kernel: [K, N]
+  Nothing to calibrate or learn; the timestep group is ignored.  The codes match
+  `cometjax.pallas.quantize_act.quantize_act_reference` for a single-region format.
+  """
+
+  def __init__(self, bits: int):
     self.bits = bits
-    _, qmax = signed_range(bits)
-    self.scale = QuantParam(best_weight_scale(kernel, bits))  # [N]
+
+  def __call__(self, x: jax.Array, group=None) -> jax.Array:  # [..., K]
+    qmax = 2 ** (self.bits - 1) - 1
+    amax = jax.lax.stop_gradient(jnp.abs(x).max(-1, keepdims=True))
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    scaled = x / scale
+    # straight-through: |scaled| <= qmax by construction, so the clip only guards float rounding
+    codes = scaled + jax.lax.stop_gradient(jnp.clip(qtypes.round_half_up(scaled), -qmax, qmax) - scaled)
+    return codes * scale
+
+
+class WeightQuantizer(nnx.Module):
+  """Symmetric weight quantizer, one scale per output channel or per (input group, output channel);
+  rounding "nearest" (STE) or "adaround"."""
+
+  def __init__(self, kernel: jax.Array, bits: int, group_size: int | None = None):  # kernel: [K, N]
+    if group_size is not None and kernel.shape[0] % group_size:
+      raise ValueError(f"group_size={group_size} must divide the kernel's input width {kernel.shape[0]}")
+    self.bits = bits
+    self.group_size = group_size
+    self.scale = QuantParam(best_weight_scale(kernel, bits, group_size))  # [N] or [K // group_size, N]
     self.rounding = "nearest"
     self.soft = True
     self.adaround_v = nnx.data(None)
 
+  def full_scale(self) -> jax.Array:  # [N] or [K, N]: broadcasts against the kernel
+    if self.group_size is None:
+      return self.scale[...]
+    return jnp.repeat(self.scale[...], self.group_size, axis=0)
+
   def integer_values(self, kernel: jax.Array) -> jax.Array:  # [K, N], integer-valued float
     qmin, qmax = signed_range(self.bits)
-    scaled = kernel / self.scale[...]
+    scaled = kernel / self.full_scale()
     if self.rounding == "adaround":
       v = self.adaround_v[...]
       offset = rectified_sigmoid(v) if self.soft else (v >= 0).astype(kernel.dtype)
@@ -276,11 +383,11 @@ class WeightQuantizer(nnx.Module):
     return jnp.clip(round_ste(scaled), qmin, qmax)
 
   def __call__(self, kernel: jax.Array) -> jax.Array:
-    return self.integer_values(kernel) * self.scale[...]
+    return self.integer_values(kernel) * self.full_scale()
 
   def start_adaround(self, kernel: jax.Array):
     """Initialise V so that the soft rounding reproduces the float weight (AdaRound's init)."""
-    scaled = kernel / self.scale[...]
+    scaled = kernel / self.full_scale()
     rest = scaled - jnp.floor(scaled)
     p = jnp.clip((rest - ADAROUND_GAMMA) / (ADAROUND_ZETA - ADAROUND_GAMMA), 1e-4, 1 - 1e-4)
     self.adaround_v = AdaRoundParam(jnp.log(p / (1 - p)))
@@ -296,42 +403,67 @@ class WeightQuantizer(nnx.Module):
     self.rounding, self.adaround_v = "nearest", nnx.data(None)
 
 
-def best_weight_scale(kernel: jax.Array, bits: int, ratios=np.linspace(0.5, 1.0, 11)) -> jax.Array:
-  """Per-output-channel scale minimising the rounding MSE over a few clipping ratios."""
+def best_weight_scale(kernel: jax.Array, bits: int, group_size: int | None = None,
+                      ratios=np.linspace(0.5, 1.0, 11)) -> jax.Array:
+  """Scale per output channel ([N]) or per (input group, output channel) ([K // group_size, N])
+  minimising the rounding MSE over a few clipping ratios."""
   qmin, qmax = signed_range(bits)
-  absmax = jnp.maximum(jnp.abs(kernel).max(0), 1e-8)  # [N]
+  k, n = kernel.shape
+  grouped = kernel.reshape(k // (group_size or k), group_size or k, n)  # [G, g, N]
+  absmax = jnp.maximum(jnp.abs(grouped).max(1), 1e-8)  # [G, N]
   best_scale, best_error = absmax / qmax, jnp.full(absmax.shape, jnp.inf)
   for ratio in ratios:
     scale = absmax * ratio / qmax
-    error = ((jnp.clip(jnp.round(kernel / scale), qmin, qmax) * scale - kernel) ** 2).sum(0)
+    error = ((jnp.clip(jnp.round(grouped / scale[:, None]), qmin, qmax) * scale[:, None] - grouped) ** 2).sum(1)
     better = error < best_error
     best_scale = jnp.where(better, scale, best_scale)
     best_error = jnp.where(better, error, best_error)
-  return best_scale.astype(jnp.float32)
+  return (best_scale[0] if group_size is None else best_scale).astype(jnp.float32)
 
 
 class LinearQuantizer(nnx.Module):
   """Quantizer of one linear (or im2col conv) layer: input activations + weights."""
 
-  def __init__(self, kernel: jax.Array, weight_bits: int, act_bits: int | None, num_groups: int):
-    self.weight = WeightQuantizer(kernel, weight_bits)
-    self.act = ActQuantizer(act_bits, num_groups) if act_bits is not None else nnx.data(None)
+  def __init__(self, kernel: jax.Array, weight_bits: int, act_bits: int | None, num_groups: int,
+               act_granularity: str = "tensor", weight_group_size: int | None = None):
+    if act_granularity not in ACT_GRANULARITIES:
+      raise ValueError(f"act_granularity must be one of {ACT_GRANULARITIES}, got {act_granularity!r}")
+    self.weight = WeightQuantizer(kernel, weight_bits, weight_group_size)
+    if act_bits is None:
+      self.act = nnx.data(None)
+    elif act_granularity == "token":
+      self.act = TokenActQuantizer(act_bits)
+    else:
+      self.act = ActQuantizer(act_bits, num_groups)
     self.execution = "fake"
     self.integer_data = nnx.data(None)
     self.column_sums = nnx.data(None)
 
+  @property
+  def per_token(self) -> bool:
+    return isinstance(self.act, TokenActQuantizer)
+
   def to_integer(self, kernel: jax.Array):
     if self.act is None:
       raise ValueError("integer execution needs an activation quantizer (act_bits is None)")
+    if self.weight.group_size is not None and not self.per_token:
+      raise ValueError("grouped weight scales run only with per-token activations (act_granularity='token')")
     values = self.weight.integer_values(kernel)
     leaf = make_static_act_weight(values, self.weight.scale[...], 0.0, 0.0, weight_bits=self.weight.bits,
                                   act_bits=self.act.bits)
+    if self.per_token:  # checks the bit widths the W4Ax GEMM takes before anything is switched
+      token_act_leaf(leaf.data, self.weight.scale[...], in_features=kernel.shape[0], weight_bits=self.weight.bits,
+                     act_bits=self.act.bits, group_size=self.weight.group_size)
     self.integer_data = IntegerState(leaf.data)
     self.column_sums = IntegerState(leaf.column_sums)
     self.in_features = kernel.shape[0]
     self.execution = "integer"
 
-  def integer_leaf(self, group) -> StaticActQuantWeight:
+  def integer_leaf(self, group):
+    """The layer's integer weight leaf for `ops.linear` (group: timestep group, for static scales)."""
+    if self.per_token:
+      return token_act_leaf(self.integer_data[...], self.weight.scale[...], in_features=self.in_features,
+                            weight_bits=self.weight.bits, act_bits=self.act.bits, group_size=self.weight.group_size)
     return StaticActQuantWeight(
       data=self.integer_data[...], weight_scale=self.weight.scale[...].reshape(1, -1),
       column_sums=self.column_sums[...], act_step=self.act.step[...][group],
@@ -352,7 +484,12 @@ class MatmulQuantizer(nnx.Module):
       a_int, a_step, a_zero = self.lhs.quantize_int(a, group)
       b_int, b_step, b_zero = self.rhs.quantize_int(b, group)
       return integer_act_matmul(a_int, a_step, a_zero, b_int, b_step, b_zero)
-    return jnp.matmul(self.lhs(a, group), self.rhs(b, group))
+    # Same arithmetic as the integer path: the integer-valued codes multiply exactly in f32 (|sum| < 2**24),
+    # then one scale.  A float product of the dequantized operands would differ by an ulp, and the
+    # result sits on a lattice, so a per-token quantizer downstream would round its exact ties the other way.
+    a_codes, a_step = self.lhs.centered_codes(a, group)
+    b_codes, b_step = self.rhs.centered_codes(b, group)
+    return jnp.matmul(a_codes, b_codes) * (a_step * b_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +557,11 @@ def attach_quantizers(model: nnx.Module, config: DiffusionQuantConfig) -> nnx.Mo
     if layer.edge:
       weight_bits = max(weight_bits, config.edge_weight_bits)
       act_bits = max(act_bits, config.edge_act_bits) if act_bits is not None else None
-    layer.quant = LinearQuantizer(layer.kernel[...], weight_bits, act_bits, config.num_timestep_groups)
+    group_size = config.weight_group_size
+    if group_size is not None and layer.kernel.shape[0] % group_size:
+      group_size = None  # e.g. a 3x3 conv on one channel (K = 9): per-output-channel scales
+    layer.quant = LinearQuantizer(layer.kernel[...], weight_bits, act_bits, config.num_timestep_groups,
+                                  config.act_granularity, group_size)
   if config.quantize_attention_matmuls and config.act_bits is not None:
     for name, matmul in named_modules(model, QuantMatmul):
       if any(p.search(name) for p in keep):

@@ -13,9 +13,12 @@ from flax import nnx
 from cometjax import ops
 from cometjax.diffusion import (cnn_schedule, ddim_sample, ddpm_sample, dit_schedule, image_grid, load_mnist_test,
                                 noise_prediction_loss, write_png)
-from cometjax.quest_quant import (DiffusionQuantConfig, StaticActQuantWeight, fake_quantize_activation,
-                                  integer_act_matmul, make_static_act_weight, pack_int4, quantize_activation_int,
-                                  unpack_int4)
+from cometjax import qtypes
+from cometjax.pallas.quantize_act import quantize_act_reference
+from cometjax.quest_quant import (DiffusionQuantConfig, DynamicActQuantWeight, LinearQuantizer, MatmulQuantizer,
+                                  QuantLinear, StaticActQuantWeight, TokenActQuantizer, WeightQuantizer,
+                                  best_weight_scale, fake_quantize_activation, integer_act_matmul,
+                                  make_static_act_weight, pack_int4, quantize_activation_int, unpack_int4)
 from tests.conftest import require_data
 
 torch = pytest.importorskip("torch")
@@ -239,6 +242,77 @@ def test_integer_act_matmul_matches_fake_quantization():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_token_act_quantizer_codes_are_the_w4ax_activation_codes(bits):
+  rng = np.random.default_rng(bits)
+  x = jnp.asarray(rng.standard_normal((6, 32)) * rng.uniform(0.1, 10, (6, 1)), jnp.float32)
+  x = x.at[2].set(0.0)  # an all-zero token keeps scale 1 and exact zeros
+  fake = TokenActQuantizer(bits)(x)
+  fmt = qtypes.ActivationFormat(32, 1 if bits == 8 else 0, 1)
+  qx = quantize_act_reference(x, None, fmt)
+  if bits == 8:
+    codes = jnp.stack([qx.int8_part[0], qx.int8_part[1]], -1).reshape(6, 32)
+    scale = qx.int8_scale
+  else:
+    codes, scale = unpack_int4(qx.int4_part.T).T, qx.int4_scale
+  np.testing.assert_allclose(np.asarray(fake), np.asarray(codes * scale[:, None]), rtol=1e-6, atol=0)
+  assert np.all(np.asarray(fake[2]) == 0)
+  assert len(np.unique(np.asarray(fake[0]))) <= 2 ** bits - 1  # symmetric: qmax = 2**(bits-1) - 1
+  grad = jax.grad(lambda x: TokenActQuantizer(bits)(x).sum())(x)  # straight-through
+  np.testing.assert_allclose(np.asarray(grad), 1.0)
+
+
+@pytest.mark.parametrize("weight_bits,act_bits,group_size,k", [(4, 4, None, 64), (4, 4, 16, 64), (4, 8, 16, 48),
+                                                               (8, 8, None, 9), (8, 4, 32, 256)])
+def test_token_linear_integer_matches_fake_quantization(weight_bits, act_bits, group_size, k):
+  rng = np.random.default_rng(k)
+  kernel = jnp.asarray(rng.standard_normal((k, 32)) * 0.1, jnp.float32)
+  layer = QuantLinear(kernel, jnp.arange(32, dtype=jnp.float32))
+  layer.quant = LinearQuantizer(kernel, weight_bits, act_bits, 4, "token", group_size)
+  assert layer.quant.weight.scale[...].shape == ((32,) if group_size is None else (k // group_size, 32))
+  x = jnp.asarray(rng.standard_normal((2, 5, k)) + 0.2, jnp.float32)
+  fake = layer(x, 0)
+  layer.quant.to_integer(layer.kernel[...])
+  leaf = layer.quant.integer_leaf(0)
+  inner = leaf.weight if isinstance(leaf, DynamicActQuantWeight) else leaf
+  assert isinstance(inner, qtypes.QuantizedWeight) and inner.group_size == group_size
+  assert inner.activation.int8_channels == (inner.in_features if act_bits == 8 else 0)
+  assert isinstance(leaf, DynamicActQuantWeight) == (k % 2 == 1)  # odd K is zero-padded
+  integer = layer(x, 0)
+  np.testing.assert_allclose(np.asarray(integer), np.asarray(fake), rtol=1e-5, atol=1e-5)
+  if weight_bits == 4:  # the Pallas W4Ax GEMM (interpret mode) computes the same numbers
+    pallas = ops.linear(x, leaf, layer.bias[...], implementation="interpret")
+    np.testing.assert_allclose(np.asarray(pallas), np.asarray(integer), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_weight_scales():
+  rng = np.random.default_rng(0)
+  kernel = jnp.asarray(rng.standard_normal((64, 8)) * np.repeat(rng.uniform(0.01, 1, (4, 1)), 16, 0), jnp.float32)
+  grouped = best_weight_scale(kernel, 4, 16)  # [4, 8]
+  for g in range(4):
+    np.testing.assert_allclose(np.asarray(grouped[g]), np.asarray(best_weight_scale(kernel[16 * g:16 * (g + 1)], 4)))
+  quantizer = WeightQuantizer(kernel, 4, 16)
+  values = np.asarray(quantizer.integer_values(kernel))
+  assert values.min() >= -8 and values.max() <= 7 and np.all(values == np.round(values))
+  grouped_error = float(((quantizer(kernel) - kernel) ** 2).sum())
+  per_channel_error = float(((WeightQuantizer(kernel, 4)(kernel) - kernel) ** 2).sum())
+  assert grouped_error < 0.5 * per_channel_error  # groups with 100x different ranges
+  with pytest.raises(ValueError, match="group_size=24 must divide"):
+    WeightQuantizer(kernel, 4, 24)
+
+
+def test_matmul_quantizer_fake_is_bitwise_integer():
+  rng = np.random.default_rng(3)
+  quantizer = MatmulQuantizer(8, 4, 2)
+  quantizer.lhs.set_range(1, 0.0, 1.0)
+  quantizer.rhs.set_range(1, -2.0, 3.0)
+  a = jnp.asarray(rng.uniform(0, 1, (2, 3, 7, 9)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((2, 3, 9, 5)), jnp.float32)
+  fake = quantizer(a, b, 1)
+  quantizer.execution = "integer"
+  np.testing.assert_array_equal(np.asarray(quantizer(a, b, 1)), np.asarray(fake))
+
+
 def test_config_errors():
   with pytest.raises(ValueError, match="weight_bits"):
     DiffusionQuantConfig(weight_bits=5)
@@ -248,6 +322,14 @@ def test_config_errors():
     DiffusionQuantConfig(act_bits_overrides=(("wq", 16),))
   with pytest.raises(ValueError, match="act_bits_overrides"):
     DiffusionQuantConfig(act_bits_overrides=("wq",))
+  with pytest.raises(ValueError, match="act_granularity must be one of"):
+    DiffusionQuantConfig(act_granularity="channel")
+  with pytest.raises(ValueError, match="weight_group_size must be an even int"):
+    DiffusionQuantConfig(act_granularity="token", weight_group_size=15)
+  with pytest.raises(ValueError, match="needs act_granularity='token'"):
+    DiffusionQuantConfig(weight_group_size=16)
+  with pytest.raises(ValueError, match="act_bits must be 4 or 8"):
+    LinearQuantizer(jnp.ones((8, 4)), 4, 6, 1, "token").to_integer(jnp.ones((8, 4)))
 
 
 def test_png_writer_without_pil(tmp_path, monkeypatch):

@@ -70,9 +70,13 @@ class QuantConv(nnx.Module):
     if self.linear.record:
       self.linear.sow(nnx.Intermediate, "inputs", x)
     quant = self.linear.quant
-    if quant is not None and quant.execution == "integer":
+    if quant is not None and (quant.execution == "integer" or quant.per_token):
+      # Integer execution, and per-token activations (a token is one im2col patch), run as a matmul.
       patches = im2col(x, self.kernel_size)  # [B,H,W,C*k*k]
-      y = ops.linear(patches, quant.integer_leaf(group), self.linear.bias[...])  # [B,H,W,O]
+      if quant.execution == "integer":
+        y = ops.linear(patches, quant.integer_leaf(group), self.linear.bias[...])  # [B,H,W,O]
+      else:
+        y = ops.linear(quant.act(patches, group), quant.weight(self.linear.kernel[...]), self.linear.bias[...])
       return y.transpose(0, 3, 1, 2)
     kernel = self.linear.kernel[...]
     if quant is not None:

@@ -265,20 +265,23 @@ def w4ax_matmul_reference(
   m = qx.int4_part.shape[0]
   k, n = qw.shape
   w_values = qw.int_values()  # int8 [K, N]
-  terms = []  # f32 [segments, M, N] per region
+  y = jnp.zeros((m, n), jnp.float32)
   for x_values, x_scale, first, segment in zip(_int_activation(qx), (qx.int8_scale, qx.int4_scale),
                                                (0, fmt.int8_channels), segment_lengths(qw)):
     channels = x_values.shape[1]
     if not channels:
       continue
     num_segments = channels // segment
-    x_seg = x_values.reshape(m, num_segments, segment)
-    w_seg = w_values[first:first + channels].reshape(num_segments, segment, n)
-    sums = jnp.einsum("msc,scn->smn", x_seg, w_seg, preferred_element_type=jnp.int32)
+    x_seg = x_values.reshape(m, num_segments, segment).transpose(1, 0, 2)  # [S, M, seg]
+    w_seg = w_values[first:first + channels].reshape(num_segments, segment, n)  # [S, seg, N]
     starts = first + segment * jnp.arange(num_segments)
     groups = jnp.zeros_like(starts) if qw.group_size is None else starts // qw.group_size
-    w_scales = qw.scales.astype(jnp.float32)[groups]  # [segments, N]
-    terms.append(sums.astype(jnp.float32) * (x_scale[None, :, None] * w_scales[:, None, :]))
-  terms = jnp.concatenate(terms, axis=0)
-  y, _ = lax.scan(lambda acc, term: (acc + term, None), jnp.zeros((m, n), jnp.float32), terms)
+    w_scales = qw.scales.astype(jnp.float32)[groups]  # [S, N]
+
+    def add_segment(acc, operands, x_scale=x_scale):  # one [M, N] term at a time: no [S, M, N] buffer
+      x_s, w_s, w_scale = operands
+      sums = jnp.dot(x_s, w_s, preferred_element_type=jnp.int32)
+      return acc + sums.astype(jnp.float32) * (x_scale[:, None] * w_scale[None, :]), None
+
+    y, _ = lax.scan(add_segment, y, (x_seg, w_seg, w_scales))
   return y.astype(out_dtype)
