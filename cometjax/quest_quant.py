@@ -143,11 +143,17 @@ def quantize_activation_int(x: jax.Array, step: jax.Array, zero: jax.Array, bits
   return jnp.clip(jnp.round(x / step) + jnp.round(zero), qmin, qmax).astype(jnp.int8)
 
 
-def fake_quantize_activation(x: jax.Array, step: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
-  """Float simulation of `quantize_activation_int` with LSQ-style straight-through gradients."""
+def fake_activation_codes(x: jax.Array, step: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """x_int - zero of `quantize_activation_int` as an integer-valued float with LSQ-style straight-through
+  gradients: x ~ step * codes."""
   qmin, qmax = signed_range(bits)
   zero = round_ste(zero)
-  return (jnp.clip(round_ste(x / step) + zero, qmin, qmax) - zero) * step
+  return jnp.clip(round_ste(x / step) + zero, qmin, qmax) - zero
+
+
+def fake_quantize_activation(x: jax.Array, step: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """Float simulation of `quantize_activation_int` with LSQ-style straight-through gradients."""
+  return fake_activation_codes(x, step, zero, bits) * step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,11 +321,9 @@ class ActQuantizer(nnx.Module):
     return fake_quantize_activation(x, step, zero, self.bits)
 
   def centered_codes(self, x: jax.Array, group) -> tuple[jax.Array, jax.Array]:
-    """(x_int - zero as integer-valued float with straight-through gradients, step): x ~ step * codes."""
+    """(`fake_activation_codes` with this group's step and zero point, step): x ~ step * codes."""
     step, zero = self.params_for(group, x)
-    qmin, qmax = signed_range(self.bits)
-    zero = round_ste(zero)
-    return jnp.clip(round_ste(x / step) + zero, qmin, qmax) - zero, step
+    return fake_activation_codes(x, step, zero, self.bits), step
 
   def quantize_int(self, x: jax.Array, group) -> tuple[jax.Array, jax.Array, jax.Array]:
     step, zero = self.params_for(group, x)
@@ -345,13 +349,9 @@ class TokenActQuantizer(nnx.Module):
     self.bits = bits
 
   def __call__(self, x: jax.Array, group=None) -> jax.Array:  # [..., K]
-    qmax = 2 ** (self.bits - 1) - 1
-    amax = jax.lax.stop_gradient(jnp.abs(x).max(-1, keepdims=True))
-    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    codes, scale = qtypes.quantize_symmetric(jax.lax.stop_gradient(x), self.bits, axis=-1)  # [..., K], [..., 1]
     scaled = x / scale
-    # straight-through: |scaled| <= qmax by construction, so the clip only guards float rounding
-    codes = scaled + jax.lax.stop_gradient(jnp.clip(qtypes.round_half_up(scaled), -qmax, qmax) - scaled)
-    return codes * scale
+    return (scaled + jax.lax.stop_gradient(codes - scaled)) * scale  # straight-through rounding
 
 
 class WeightQuantizer(nnx.Module):
