@@ -278,6 +278,8 @@ def test_token_linear_integer_matches_fake_quantization(weight_bits, act_bits, g
   assert isinstance(inner, qtypes.QuantizedWeight) and inner.group_size == group_size
   assert inner.activation.int8_channels == (inner.in_features if act_bits == 8 else 0)
   assert isinstance(leaf, DynamicActQuantWeight) == (k % 2 == 1)  # odd K is zero-padded
+  with pytest.raises(ValueError, match=f"(in_features={k}|must have {k} channels)"):
+    leaf.quantized_matmul(x[..., :-1])
   integer = layer(x, 0)
   np.testing.assert_allclose(np.asarray(integer), np.asarray(fake), rtol=1e-5, atol=1e-5)
   if weight_bits == 4:  # the Pallas W4Ax GEMM (interpret mode) computes the same numbers
