@@ -197,20 +197,11 @@ class AdaRoundConfig:
   seed: int = 0
 
 
-def _float_output(layer, x):
-  from cometjax.models.cnn_ddpm import QuantConv
-  if isinstance(layer, QuantConv):
-    return layer._conv(x, layer.linear.kernel[...])
-  bias = layer.bias[...] if layer.bias is not None else None
-  out = x @ layer.kernel[...]
-  return out + bias if bias is not None else out
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "optimizer", "reg_weight"))
 def _adaround_step(graphdef, v_state, rest, opt_state, optimizer, reg_weight, x, groups, beta, use_reg):
   def loss_fn(v_state):
     layer = nnx.merge(graphdef, v_state, rest)
-    target = jax.lax.stop_gradient(_float_output(layer, x))
+    target = jax.lax.stop_gradient(layer.float_output(x))
     out = layer(x, groups)
     reconstruction = ((out - target) ** 2).mean() / ((target ** 2).mean() + 1e-12)
     h = rectified_sigmoid(jax.tree.leaves(v_state)[0])
@@ -247,7 +238,7 @@ def adaround_layer(layer, inputs: np.ndarray, groups: np.ndarray, config: AdaRou
   linear.quant.weight.finish_adaround(linear.kernel)
   rows = np.arange(min(64, len(inputs)))
   x = jnp.asarray(inputs[rows])
-  target = _float_output(layer, x)
+  target = layer.float_output(x)
   out = layer(x, jnp.asarray(groups[rows]))
   return float(((out - target) ** 2).mean() / ((target ** 2).mean() + 1e-12))
 

@@ -30,6 +30,15 @@ from cometjax.fmpq import ActivationPlan, InputPlan, input_plan, plan_activation
 from cometjax.qtypes import ActivationFormat, QuantizedWeight, pack_int4
 
 
+def apply_block_rotation(x: jax.Array, blocks: jax.Array) -> jax.Array:
+  """x [..., C * b] -> each consecutive chunk i of b channels times blocks[i] ([C, b, b])."""
+  chunks, b, _ = blocks.shape
+  if x.shape[-1] != chunks * b:
+    raise ValueError(f"x must have {chunks} * {b} = {chunks * b} channels in its last axis, got shape {x.shape}")
+  x = jnp.einsum("...cb,cbd->...cd", x.reshape(*x.shape[:-1], chunks, b), blocks.astype(x.dtype))
+  return x.reshape(*x.shape[:-2], chunks * b)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class InputTransformWeight:
@@ -68,9 +77,7 @@ class InputTransformWeight:
       x = jnp.take(x, self.perm, axis=-1)
     if self.region is not None:
       head, tail = x[..., :self.region_start], x[..., self.region_start:]
-      chunks, b, _ = self.region.shape
-      tail = jnp.einsum("...cb,cbd->...cd", tail.reshape(*tail.shape[:-1], chunks, b), self.region.astype(x.dtype))
-      x = jnp.concatenate([head, tail.reshape(*tail.shape[:-2], chunks * b)], axis=-1)
+      x = jnp.concatenate([head, apply_block_rotation(tail, self.region)], axis=-1)
     return x
 
   def quantized_matmul(self, x: jax.Array, implementation: str = "xla") -> jax.Array:

@@ -8,6 +8,10 @@ input channels), rounding either to nearest or learned with AdaRound. Activation
   - "token": symmetric, one scale per token computed at run time (max |x| / qmax), the format of the W4Ax
     GEMM (`cometjax.qtypes.QuantizedActivation` with a single INT4 or INT8 region).
 Softmax outputs and the inputs of the first and last layer run at 8 bit.
+With `rotation="hadamard"` (token mode) each quantized linear's input is multiplied by a randomized
+Hadamard matrix R (block-diagonal where no Hadamard matrix of order K is built) before it is quantized,
+and the stored kernel becomes R^T W at attach time, so the float function is unchanged (QuaRot's online
+rotation): outlier channels are spread over the block, which per-token scales need.
 
 Every quantized layer has two executions that agree to rounding:
   - "fake": simulated quantization in float with straight-through rounding (used for calibration and
@@ -35,9 +39,12 @@ import numpy as np
 from flax import nnx
 
 from cometjax import ops, qtypes
+from cometjax.quantize import InputTransformWeight, apply_block_rotation
 
 EXECUTIONS = ("fake", "integer")
 ACT_GRANULARITIES = ("tensor", "token")
+ROTATIONS = (None, "hadamard")
+MAX_ROTATION_BLOCK = 256  # the largest dense rotation a layer runs per token
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +73,8 @@ class DiffusionQuantConfig:
   # Input channels per weight scale (None: one scale per output channel); layers whose input width it
   # does not divide keep per-output-channel scales.  Needs act_granularity="token" (the W4Ax GEMM path).
   weight_group_size: int | None = None
+  # None, or "hadamard": rotate every quantized linear's input online (module doc).  Needs "token".
+  rotation: str | None = None
 
   def __post_init__(self):
     if self.weight_bits not in (2, 3, 4, 8):
@@ -91,6 +100,11 @@ class DiffusionQuantConfig:
                          f"W4Ax GEMM, whose activations are per token), got {self.act_granularity!r}")
       if self.act_bits is None:
         raise ValueError("weight_group_size needs act_bits (the W4Ax GEMM path quantizes activations)")
+    if self.rotation not in ROTATIONS:
+      raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+    if self.rotation is not None and (self.act_granularity != "token" or self.act_bits is None):
+      raise ValueError("rotation needs per-token activations (act_granularity='token' and act_bits set), got "
+                       f"act_granularity={self.act_granularity!r}, act_bits={self.act_bits!r}")
 
   def timestep_group(self, t: jax.Array) -> jax.Array:
     """Integer timestep(s) in [0, num_timesteps) -> activation-scale group index."""
@@ -262,6 +276,35 @@ def token_act_leaf(data: jax.Array, weight_scale: jax.Array, *, in_features: int
   return leaf if padded == in_features else DynamicActQuantWeight(leaf, in_features)
 
 
+def rotation_blocks(in_features: int, seed: int = 0) -> np.ndarray | None:
+  """The online input rotation of a layer with K = `in_features` inputs: f32 [K // b, b, b] (every block the
+  same randomized Hadamard matrix), or None when K is odd.
+
+  b = K when a Hadamard matrix of order K is built here and K <= MAX_ROTATION_BLOCK, else the largest
+  power of two <= MAX_ROTATION_BLOCK that divides K (e.g. a 7x7 conv on 16 channels, K = 784: b = 16).
+  """
+  from cometjax import rotation
+  if rotation.hadamard_exists(in_features) and in_features <= MAX_ROTATION_BLOCK:
+    block = in_features
+  else:
+    block = 1
+    while in_features % (2 * block) == 0 and 2 * block <= MAX_ROTATION_BLOCK:
+      block *= 2
+  if block < 2:
+    return None
+  # x @ diag(s) H: the signs flip input channels before H mixes them.  H diag(s) would leave a
+  # non-negative input (after a ReLU) with its whole mean in one output channel, an outlier it created.
+  matrix = rotation.random_hadamard(block, seed).T.astype(np.float32)
+  return np.ascontiguousarray(np.broadcast_to(matrix, (in_features // block, block, block)))
+
+
+def rotate_kernel(kernel: jax.Array, blocks: jax.Array) -> jax.Array:
+  """kernel [K, N] -> R^T kernel for R = blockdiag(blocks), so that (x R) @ (R^T kernel) = x @ kernel."""
+  chunks, b, _ = blocks.shape
+  rotated = jnp.einsum("cbd,cbn->cdn", blocks.astype(kernel.dtype), kernel.reshape(chunks, b, -1))
+  return rotated.reshape(kernel.shape)
+
+
 def integer_act_matmul(a_int: jax.Array, a_step, a_zero, b_int: jax.Array, b_step, b_zero) -> jax.Array:
   """(a_step (a_int - a_zero)) @ (b_step (b_int - b_zero)) with an int32 accumulator.
 
@@ -289,7 +332,7 @@ class AdaRoundParam(nnx.Param):
 
 
 class IntegerState(nnx.Variable):
-  """Frozen integer weights of a converted layer (never trained)."""
+  """Frozen arrays, never trained: a converted layer's integer weights, an input rotation."""
 
 
 ADAROUND_ZETA, ADAROUND_GAMMA = 1.1, -0.1
@@ -425,9 +468,15 @@ class LinearQuantizer(nnx.Module):
   """Quantizer of one linear (or im2col conv) layer: input activations + weights."""
 
   def __init__(self, kernel: jax.Array, weight_bits: int, act_bits: int | None, num_groups: int,
-               act_granularity: str = "tensor", weight_group_size: int | None = None):
+               act_granularity: str = "tensor", weight_group_size: int | None = None,
+               rotation: np.ndarray | None = None):
+    """kernel [K, N]: the kernel the weight quantizer sees (already R^T W when `rotation` is given);
+    rotation: `rotation_blocks` output, applied to the input before it is quantized."""
     if act_granularity not in ACT_GRANULARITIES:
       raise ValueError(f"act_granularity must be one of {ACT_GRANULARITIES}, got {act_granularity!r}")
+    if rotation is not None and (act_granularity != "token" or act_bits is None):
+      raise ValueError("an input rotation needs per-token activations (act_granularity='token', act_bits set)")
+    self.rotation = nnx.data(None) if rotation is None else IntegerState(jnp.asarray(rotation, jnp.float32))
     self.weight = WeightQuantizer(kernel, weight_bits, weight_group_size)
     if act_bits is None:
       self.act = nnx.data(None)
@@ -442,6 +491,18 @@ class LinearQuantizer(nnx.Module):
   @property
   def per_token(self) -> bool:
     return isinstance(self.act, TokenActQuantizer)
+
+  def rotate_input(self, x: jax.Array) -> jax.Array:
+    if self.rotation is None:
+      return x
+    return apply_block_rotation(x, self.rotation[...])
+
+  def fake_linear(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None, group) -> jax.Array:
+    """Simulated quantized x @ kernel + bias (x [..., K])."""
+    x = self.rotate_input(x)
+    if self.act is not None:
+      x = self.act(x, group)
+    return ops.linear(x, self.weight(kernel), bias)
 
   def to_integer(self, kernel: jax.Array):
     if self.act is None:
@@ -462,8 +523,11 @@ class LinearQuantizer(nnx.Module):
   def integer_leaf(self, group):
     """The layer's integer weight leaf for `ops.linear` (group: timestep group, for static scales)."""
     if self.per_token:
-      return token_act_leaf(self.integer_data[...], self.weight.scale[...], in_features=self.in_features,
+      leaf = token_act_leaf(self.integer_data[...], self.weight.scale[...], in_features=self.in_features,
                             weight_bits=self.weight.bits, act_bits=self.act.bits, group_size=self.weight.group_size)
+      if self.rotation is None:
+        return leaf
+      return InputTransformWeight(inner=leaf, rotation=None, in_features=self.in_features, region=self.rotation[...])
     return StaticActQuantWeight(
       data=self.integer_data[...], weight_scale=self.weight.scale[...].reshape(1, -1),
       column_sums=self.column_sums[...], act_step=self.act.step[...][group],
@@ -515,9 +579,14 @@ class QuantLinear(nnx.Module):
       return ops.linear(x, self.kernel[...], bias)
     if quant.execution == "integer":
       return ops.linear(x, quant.integer_leaf(group), bias)
-    if quant.act is not None:
-      x = quant.act(x, group)
-    return ops.linear(x, quant.weight(self.kernel[...]), bias)
+    return quant.fake_linear(x, self.kernel[...], bias, group)
+
+  def float_output(self, x: jax.Array) -> jax.Array:
+    """The unquantized layer: x @ kernel + bias, with the input rotation the kernel was rotated for."""
+    bias = self.bias[...] if self.bias is not None else None
+    if self.quant is not None:
+      x = self.quant.rotate_input(x)
+    return ops.linear(x, self.kernel[...], bias)
 
 
 class QuantMatmul(nnx.Module):
@@ -545,9 +614,16 @@ def named_modules(model: nnx.Module, kind) -> Iterator[tuple[str, nnx.Module]]:
 
 
 def attach_quantizers(model: nnx.Module, config: DiffusionQuantConfig) -> nnx.Module:
-  """Attach fresh (uncalibrated) quantizers to every QuantLinear/QuantMatmul of `model`, in place."""
+  """Attach fresh (uncalibrated) quantizers to every QuantLinear/QuantMatmul of `model`, in place.
+
+  With config.rotation the kernels of the rotated layers become R^T W (their quantizer holds R), so a
+  model whose kernels were rotated cannot take quantizers again: load it afresh.
+  """
   keep = [re.compile(p) for p in config.keep_float]
   for name, layer in named_modules(model, QuantLinear):
+    if layer.quant is not None and layer.quant.rotation is not None:
+      raise ValueError(f"layer {name}: its kernel was rotated by an earlier attach_quantizers(rotation="
+                       "'hadamard'); attach quantizers to a freshly loaded model")
     if any(p.search(name) for p in keep):
       continue
     act_bits, weight_bits = config.act_bits, config.weight_bits
@@ -560,8 +636,13 @@ def attach_quantizers(model: nnx.Module, config: DiffusionQuantConfig) -> nnx.Mo
     group_size = config.weight_group_size
     if group_size is not None and layer.kernel.shape[0] % group_size:
       group_size = None  # e.g. a 3x3 conv on one channel (K = 9): per-output-channel scales
+    blocks = None
+    if config.rotation is not None and act_bits is not None:
+      blocks = rotation_blocks(layer.kernel.shape[0])
+      if blocks is not None:
+        layer.kernel[...] = rotate_kernel(layer.kernel[...], jnp.asarray(blocks))
     layer.quant = LinearQuantizer(layer.kernel[...], weight_bits, act_bits, config.num_timestep_groups,
-                                  config.act_granularity, group_size)
+                                  config.act_granularity, group_size, blocks)
   if config.quantize_attention_matmuls and config.act_bits is not None:
     for name, matmul in named_modules(model, QuantMatmul):
       if any(p.search(name) for p in keep):

@@ -66,6 +66,13 @@ class QuantConv(nnx.Module):
                                      dimension_numbers=("NCHW", "OIHW", "NCHW"))
     return y + self.linear.bias[...][None, :, None, None]
 
+  def float_output(self, x: jax.Array) -> jax.Array:
+    """The unquantized conv (through im2col when the kernel was rotated for an input rotation)."""
+    quant = self.linear.quant
+    if quant is not None and quant.rotation is not None:
+      return self.linear.float_output(im2col(x, self.kernel_size)).transpose(0, 3, 1, 2)
+    return self._conv(x, self.linear.kernel[...])
+
   def __call__(self, x: jax.Array, group=0) -> jax.Array:  # [B,C,H,W] -> [B,O,H,W]
     if self.linear.record:
       self.linear.sow(nnx.Intermediate, "inputs", x)
@@ -76,7 +83,7 @@ class QuantConv(nnx.Module):
       if quant.execution == "integer":
         y = ops.linear(patches, quant.integer_leaf(group), self.linear.bias[...])  # [B,H,W,O]
       else:
-        y = ops.linear(quant.act(patches, group), quant.weight(self.linear.kernel[...]), self.linear.bias[...])
+        y = quant.fake_linear(patches, self.linear.kernel[...], self.linear.bias[...], group)
       return y.transpose(0, 3, 1, 2)
     kernel = self.linear.kernel[...]
     if quant is not None:
