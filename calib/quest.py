@@ -48,6 +48,11 @@ class QuestConfig:
   # eps(x, t, y) - eps(x, t, y') for another class y'.  The class signal in eps is small (the float DiT's
   # L1 loss moves by ~8% when every label is wrong), so the plain global loss barely sees it.
   class_contrast_weight: float = 0.0
+  # Weights of gain terms, mean over samples of (1 - <q, f> / <f, f>)^2: q, f the quantized and the float
+  # model's eps (eps_gain_weight) or class signal eps(x, t, y) - eps(x, t, y') (class_gain_weight).  MSE
+  # alone is minimised by shrinking a signal buried in quantization noise; these keep its gain at 1.
+  eps_gain_weight: float = 0.0
+  class_gain_weight: float = 0.0
   seed: int = 0
 
   def __post_init__(self):
@@ -55,10 +60,16 @@ class QuestConfig:
       raise ValueError(f"steps must be >= 0, got {self.steps}")
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-    if self.class_contrast_weight < 0:
-      raise ValueError(f"class_contrast_weight must be >= 0, got {self.class_contrast_weight}")
+    for name in ("class_contrast_weight", "eps_gain_weight", "class_gain_weight"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
     for pattern in self.time_embedding_layers + self.critical_layers:
       re.compile(pattern)
+
+  @property
+  def needs_other_labels(self) -> bool:
+    """Whether the loss reads eps for another class (CalibrationSet.other_labels / other_eps)."""
+    return bool(self.class_contrast_weight or self.class_gain_weight)
 
 
 DIT_QUEST = QuestConfig(
@@ -112,17 +123,32 @@ def trainable_filters(model, config: QuestConfig):
   return weight_filter, scale_filter, weight_scale_filter
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "quant", "optimizers", "contrast_weight"))
-def _quest_step(graphdef, trained, rest, opt_states, schedule, quant, optimizers, contrast_weight, x, index, labels,
+def gain_penalty(pred: jax.Array, ref: jax.Array) -> jax.Array:
+  """Mean over the leading axis of (1 - <pred_i, ref_i> / <ref_i, ref_i>)^2."""
+  axes = tuple(range(1, ref.ndim))
+  gain = (pred * ref).sum(axes) / ((ref * ref).sum(axes) + 1e-12)
+  return ((1.0 - gain) ** 2).mean()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "quant", "optimizers", "weights"))
+def _quest_step(graphdef, trained, rest, opt_states, schedule, quant, optimizers, weights, x, index, labels,
                 target, other_labels, other_target):
+  contrast_weight, eps_gain_weight, class_gain_weight = weights
+
   def loss_fn(trained):
     model = nnx.merge(graphdef, *trained, rest)
     group = quant.timestep_group(index)
     eps = predict_noise(model, schedule, x, index, labels, group)
     loss = ((eps - target) ** 2).mean()
-    if contrast_weight:
+    if eps_gain_weight:
+      loss = loss + eps_gain_weight * gain_penalty(eps, target)
+    if contrast_weight or class_gain_weight:
       other = predict_noise(model, schedule, x, index, other_labels, group)
-      loss = loss + contrast_weight * (((eps - other) - (target - other_target)) ** 2).mean()
+      signal, float_signal = eps - other, target - other_target
+      if contrast_weight:
+        loss = loss + contrast_weight * ((signal - float_signal) ** 2).mean()
+      if class_gain_weight:
+        loss = loss + class_gain_weight * gain_penalty(signal, float_signal)
     return loss
 
   loss, grads = jax.value_and_grad(loss_fn)(trained)
@@ -191,10 +217,11 @@ def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, 
                 adam(config.weight_scale_learning_rate))
   trained_state = (weights, scales, weight_scales)
   opt_states = tuple(opt.init(state) for opt, state in zip(optimizers, trained_state))
-  contrast = float(config.class_contrast_weight)
+  weights = (float(config.class_contrast_weight), float(config.eps_gain_weight), float(config.class_gain_weight))
+  contrast = config.needs_other_labels
   if contrast and calib.other_eps is None:
-    raise ValueError("class_contrast_weight > 0 needs a calibration set with other_labels/other_eps "
-                     "(calib.adaround.with_other_labels)")
+    raise ValueError("class_contrast_weight or class_gain_weight > 0 needs a calibration set with "
+                     "other_labels/other_eps (calib.adaround.with_other_labels)")
   rng = np.random.default_rng(config.seed)
   bar = tqdm(range(config.steps), desc="quest", disable=not progress, mininterval=2.0)
   running = None
@@ -206,7 +233,7 @@ def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, 
     if contrast:
       other_labels, other_eps = jnp.asarray(part.other_labels), jnp.asarray(part.other_eps)
     trained_state, opt_states, loss = _quest_step(
-      graphdef, trained_state, rest, opt_states, schedule, quant, optimizers, contrast, jnp.asarray(part.x),
+      graphdef, trained_state, rest, opt_states, schedule, quant, optimizers, weights, jnp.asarray(part.x),
       jnp.asarray(part.index), labels, jnp.asarray(part.eps), other_labels, other_eps)
     running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
     bar.set_postfix(loss=f"{running:.5f}")
@@ -242,9 +269,10 @@ class SettingRecipe:
   quest: QuestConfig
   # DiffusionQuantConfig.act_bits_overrides for the settings with 4-bit activations
   act_bits_overrides: tuple[tuple[str, int], ...] = ()
-  # DiffusionQuantConfig.act_granularity / weight_group_size for every quantized setting
+  # DiffusionQuantConfig.act_granularity / weight_group_size / rotation for every quantized setting
   act_granularity: str = "tensor"
   weight_group_size: int | None = None
+  rotation: str | None = None
 
 
 # The DiT's conditioning path (time MLP and the adaLN gamma/beta/alpha layers) runs once per sample, not
@@ -262,10 +290,10 @@ def default_recipe(kind: str) -> SettingRecipe:
     return SettingRecipe(CalibrationConfig(num_trajectories=256, ddim_steps=100, num_samples=4096, record_samples=128,
                                            eta=1.0),
                          AdaRoundConfig(iterations=100, batch_samples=32),
-                         dataclasses.replace(DIT_QUEST, steps=2000, weight_learning_rate=2e-3,
+                         dataclasses.replace(DIT_QUEST, steps=1000, weight_learning_rate=2e-3,
                                              scale_learning_rate=5e-3, weight_scale_learning_rate=2e-5,
-                                             class_contrast_weight=10.0),
-                         act_bits_overrides=DIT_CONDITIONING_A8)
+                                             eps_gain_weight=1.0, class_gain_weight=1.0),
+                         act_bits_overrides=DIT_CONDITIONING_A8, act_granularity="token")
   if kind == "cnn":
     return SettingRecipe(CalibrationConfig(num_trajectories=32, ddim_steps=25, num_samples=384, record_samples=32,
                                            eta=1.0),
@@ -290,11 +318,11 @@ def quantize_for_setting(model, schedule: NoiseSchedule, setting: str, *, recipe
     return model, None, {"setting": "fp"}
   recipe = recipe or default_recipe(schedule.kind)
   quant = dataclasses.replace(preset(setting.split("-")[0]), act_granularity=recipe.act_granularity,
-                              weight_group_size=recipe.weight_group_size)
+                              weight_group_size=recipe.weight_group_size, rotation=recipe.rotation)
   if quant.act_bits is not None and quant.act_bits < 8 and recipe.act_bits_overrides:
     quant = dataclasses.replace(quant, act_bits_overrides=recipe.act_bits_overrides)
   adaround = None if setting == "w8a8" else recipe.adaround
-  if setting == "w4a4-quest" and recipe.quest.class_contrast_weight and calib is None:
+  if setting == "w4a4-quest" and recipe.quest.needs_other_labels and calib is None:
     calib = build_calibration_set(model, schedule, recipe.calibration, progress)  # on the float model
     calib = with_other_labels(model, schedule, calib, seed=recipe.calibration.seed)
   model, calib, report = run_ptq(model, schedule, PTQConfig(quant, recipe.calibration, adaround), calib, progress)

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 from calib.adaround import AdaRoundConfig, CalibrationConfig, PTQConfig, run_ptq
-from calib.quest import (CNN_QUEST, DIT_QUEST, SettingRecipe, format_report, global_loss, quantize_for_setting,
-                         quest_finetune, selected_layers)
+from calib.quest import (CNN_QUEST, DIT_QUEST, SettingRecipe, format_report, gain_penalty, global_loss,
+                         quantize_for_setting, quest_finetune, selected_layers)
 from cometjax.diffusion import schedule_for
 from cometjax.quest_quant import StaticActQuantWeight, named_modules, preset, QuantLinear, to_integer
 from tests.conftest import require_data
@@ -148,23 +148,29 @@ def test_integer_execution_matches_fake_quantization(dit_ptq):
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("kind", ["dit", "cnn"])
-def test_per_token_grouped_integer_execution_matches_fake_quantization(kind):
-  """act_granularity="token": the layers run the W4Ax GEMM path (qtypes.QuantizedWeight leaves).
+@pytest.mark.parametrize("kind,rotation", [("dit", None), ("cnn", None), ("dit", "hadamard"), ("cnn", "hadamard")])
+def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rotation):
+  """act_granularity="token": the layers run the W4Ax GEMM path (qtypes.QuantizedWeight leaves; with the
+  online rotation, inside an InputTransformWeight).  The rotated runs also AdaRound a few steps, whose
+  float target goes through the rotated kernel (QuantConv: im2col).
 
   Attention matmuls stay in float here: a static quantizer there puts the p@v output on a lattice whose
   exact rounding ties the per-token quantizer of the next layer may break differently in the two paths.
   """
   from cometjax import qtypes
+  from cometjax.quantize import InputTransformWeight
   require_data("diffusion", f"mnist_{kind}", "model.safetensors")
   from cometjax.models.cnn_ddpm import load_cnn
   from cometjax.models.dit import load_dit
   model = load_dit() if kind == "dit" else load_cnn()
   schedule = schedule_for(model)
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", weight_group_size=16,
-                              quantize_attention_matmuls=False)
+                              quantize_attention_matmuls=False, rotation=rotation)
   calibration = CalibrationConfig(num_trajectories=4, ddim_steps=3, num_samples=8, record_samples=4)
-  model, calib, report = run_ptq(model, schedule, PTQConfig(quant, calibration, None), progress=False)
+  adaround = AdaRoundConfig(iterations=3, batch_samples=4) if rotation else None
+  model, calib, report = run_ptq(model, schedule, PTQConfig(quant, calibration, adaround), progress=False)
+  if rotation:
+    assert max(report["adaround_relative_error"].values()) < 0.5
   assert report["activation_quantizers"] == 0  # nothing static to calibrate
   x, index = jnp.asarray(calib.x[:4]), jnp.asarray(calib.index[:4])
   if kind == "dit":
@@ -176,6 +182,9 @@ def test_per_token_grouped_integer_execution_matches_fake_quantization(kind):
   layers = dict(named_modules(model, QuantLinear))
   name = "blocks.0.wq" if kind == "dit" else "blocks.1.conv.linear"
   leaf = layers[name].quant.integer_leaf(0)
+  if rotation:
+    assert isinstance(leaf, InputTransformWeight) and leaf.region is not None
+    leaf = leaf.inner
   assert isinstance(leaf, qtypes.QuantizedWeight) and leaf.group_size == 16 and leaf.activation.int8_channels == 0
   got = forward(model, x, index)
   assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-3  # a rare rounding tie may flip
@@ -200,6 +209,21 @@ def test_cnn_quest_smoke():
   got = nnx.jit(lambda m, x, t: m(x, t, 1))(model, x, t)
   assert got.shape == (2, 1, 28, 28)
   assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 2e-3
+
+
+def test_gain_penalty_sees_shrinkage_not_orthogonal_noise():
+  rng = np.random.default_rng(0)
+  ref = jnp.asarray(rng.standard_normal((4, 1, 28, 28)), jnp.float32)
+  noise = jnp.asarray(rng.standard_normal((4, 1, 28, 28)), jnp.float32)
+  noise = noise - ref * ((noise * ref).sum((1, 2, 3), keepdims=True) / (ref * ref).sum((1, 2, 3), keepdims=True))
+  assert float(gain_penalty(ref + 3.0 * noise, ref)) < 1e-10  # MSE 9, gain still 1
+  np.testing.assert_allclose(float(gain_penalty(0.5 * ref, ref)), 0.25, rtol=1e-5)  # MSE 0.25, gain 1/2
+  half = jnp.concatenate([ref[:2], 0.0 * ref[2:]])  # per sample: gains 1, 1, 0, 0
+  np.testing.assert_allclose(float(gain_penalty(half, ref)), 0.5, rtol=1e-5)
+  with pytest.raises(ValueError, match="class_gain_weight must be >= 0"):
+    dataclasses.replace(DIT_QUEST, class_gain_weight=-1.0)
+  assert dataclasses.replace(DIT_QUEST, class_gain_weight=1.0).needs_other_labels
+  assert not dataclasses.replace(DIT_QUEST, eps_gain_weight=1.0).needs_other_labels
 
 
 def test_setting_errors():
