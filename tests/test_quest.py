@@ -91,11 +91,11 @@ def test_quest_finetune_trains_the_selected_subset_and_lowers_the_loss(dit_ptq):
 
 
 @pytest.mark.realdata
-def test_class_contrast_loss_needs_and_uses_other_labels(dit_ptq):
+def test_class_gain_loss_needs_and_uses_other_labels(dit_ptq):
   from calib.adaround import with_other_labels
   from cometjax.models.dit import load_dit
   model, schedule, quant, calib, _ = dit_ptq
-  config = dataclasses.replace(DIT_QUEST, steps=2, batch_size=8, class_contrast_weight=5.0)
+  config = dataclasses.replace(DIT_QUEST, steps=2, batch_size=8, class_gain_weight=1.0, eps_gain_weight=1.0)
   with pytest.raises(ValueError, match="other_labels"):
     quest_finetune(nnx.clone(model), schedule, quant, calib, config, progress=False)
   contrasted = with_other_labels(load_dit(), schedule, calib)
@@ -107,8 +107,8 @@ def test_class_contrast_loss_needs_and_uses_other_labels(dit_ptq):
   assert contrasted.take(np.arange(4)).other_eps.shape == (4, 1, 28, 28)
   report = quest_finetune(nnx.clone(model), schedule, quant, contrasted, config, progress=False)
   assert np.isfinite(report["global_loss_after"])
-  with pytest.raises(ValueError, match="class_contrast_weight"):
-    dataclasses.replace(DIT_QUEST, class_contrast_weight=-1.0)
+  with pytest.raises(ValueError, match="eps_gain_weight must be >= 0"):
+    dataclasses.replace(DIT_QUEST, eps_gain_weight=-1.0)
 
 
 @pytest.mark.realdata
