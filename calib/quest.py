@@ -286,7 +286,7 @@ def default_recipe(kind: str) -> SettingRecipe:
                          AdaRoundConfig(iterations=100, batch_samples=32),
                          dataclasses.replace(DIT_QUEST, steps=1000, weight_learning_rate=2e-3,
                                              scale_learning_rate=5e-3, weight_scale_learning_rate=2e-5,
-                                             eps_gain_weight=1.0, class_gain_weight=1.0),
+                                             eps_gain_weight=0.3, class_gain_weight=0.3),
                          act_bits_overrides=DIT_CONDITIONING_A8, act_granularity="token")
   if kind == "cnn":
     return SettingRecipe(CalibrationConfig(num_trajectories=32, ddim_steps=25, num_samples=384, record_samples=32,
