@@ -323,8 +323,10 @@ def main(argv=None):
     for key in ("reports", "fp_losses"):
       result[key] = {k: v for part in parts for k, v in (part.get(key) or {}).items()}
     result["fp_dit_ddpm1000"] = next((p["fp_dit_ddpm1000"] for p in parts if p.get("fp_dit_ddpm1000")), None)
-    result["protocol"] = {**parts[0]["protocol"], **{k: v for p in parts for k, v in p["protocol"].items()
-                                                     if k.endswith("_samples")}}
+    # "<kind>_samples" comes from the part that sampled that model (a part's default for the others is moot)
+    result["protocol"] = {**parts[0]["protocol"], **{
+      k: v for p in parts for k, v in p["protocol"].items()
+      if k.endswith("_samples") and f"mnist_{k[:-len('_samples')]}" in {r["model"] for r in p["rows"]}}}
     result["seconds"] = sum(p["seconds"] for p in parts)
     result["runs"] = [{"commit": p["commit"], "date": p["date"], "seconds": p["seconds"],
                        "models": sorted({r["model"] for r in p["rows"]})} for p in parts]
