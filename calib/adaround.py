@@ -73,7 +73,8 @@ class CalibrationSet:
 
 def with_other_labels(model, schedule: NoiseSchedule, calib: CalibrationSet, seed: int = 0,
                       batch_size: int = 256) -> CalibrationSet:
-  """Add, per sample, a different random class and the float model's eps for it (the class-signal gain term of calib.quest)."""
+  """Add, per sample, a different random class and the float model's eps for it (for the class-signal gain
+  term of calib.quest)."""
   if calib.labels is None:
     raise ValueError("with_other_labels needs a class-conditional calibration set (labels is None)")
   rng = np.random.default_rng(seed)
