@@ -20,9 +20,9 @@ Every quantized layer has two executions that agree to rounding:
     `cometjax.qtypes.pack_int4`), activations are rounded to int8 with the static step, the matmul is
     `int8 x int8 -> int32` and the float scales are applied once in the epilogue. The leaf type is
     `StaticActQuantWeight`, which `cometjax.ops.linear` dispatches to through `quantized_matmul`.
-    With "token" activations the leaf is the LLM path's `qtypes.QuantizedWeight` (wrapped in
-    `DynamicActQuantWeight` when the input needs zero padding): activations are quantized per token and
-    multiplied by the W4Ax GEMM (`cometjax.pallas.w4ax_matmul`: Pallas on GPU or in interpret mode,
+    With "token" activations the leaf is the LLM path's `qtypes.QuantizedWeight` (wrapped in a
+    `quantize.InputTransformWeight` when the input is zero-padded or rotated): activations are quantized
+    per token and multiplied by the W4Ax GEMM (`cometjax.pallas.w4ax_matmul`: Pallas on GPU or in interpret mode,
     its jnp reference on CPU).
 """
 
@@ -228,37 +228,14 @@ def make_static_act_weight(weight_int: jax.Array, weight_scale: jax.Array, act_s
     act_bits=act_bits)
 
 
-@jax.tree_util.register_dataclass
-@dataclass(frozen=True)
-class DynamicActQuantWeight:
-  """A `qtypes.QuantizedWeight` whose input is zero-padded from `in_features` to the weight's K first.
-
-  4-bit packing and the activation format need an even K (e.g. a 3x3 conv on one channel has K = 9);
-  zero channels leave every per-token scale and every product unchanged.
-  """
-
-  weight: qtypes.QuantizedWeight
-  in_features: int = dataclasses.field(metadata=dict(static=True))
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    return (self.in_features, self.weight.out_features)
-
-  def quantized_matmul(self, x: jax.Array, implementation: str = "xla") -> jax.Array:
-    if x.shape[-1] != self.in_features:
-      raise ValueError(f"x last dim must be in_features={self.in_features}, got shape {x.shape}")
-    pad = self.weight.in_features - self.in_features
-    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return self.weight.quantized_matmul(x, implementation=implementation)
-
-
 def token_act_leaf(data: jax.Array, weight_scale: jax.Array, *, in_features: int, weight_bits: int, act_bits: int,
                    group_size: int | None):
   """A W4Ax GEMM leaf from `make_static_act_weight`'s weight storage (`data`: packed uint8 [ceil(K/2), N]
   for 4 bit, int8 [K, N] for 8 bit) and scales ([K // group_size, N] or [N]).
 
   The activation format is one region: all INT4 (act_bits <= 4) or all INT8, one scale per token.
-  Returns a `qtypes.QuantizedWeight`, wrapped in `DynamicActQuantWeight` when K is odd.
+  Returns a `qtypes.QuantizedWeight`; when K is odd, wrapped in an `InputTransformWeight` that zero-pads the
+  input to the packed even K (zero channels leave every per-token scale and every product unchanged).
   """
   if act_bits not in (4, 8):
     raise ValueError(f"per-token activations run through the W4Ax GEMM: act_bits must be 4 or 8, got {act_bits}")
@@ -273,7 +250,7 @@ def token_act_leaf(data: jax.Array, weight_scale: jax.Array, *, in_features: int
   leaf = qtypes.QuantizedWeight(data=data, scales=weight_scale.reshape(-1, out_features).astype(jnp.float32),
                                 perm=None, bits=weight_bits, group_size=group_size, shape=(padded, out_features),
                                 activation=fmt)
-  return leaf if padded == in_features else DynamicActQuantWeight(leaf, in_features)
+  return leaf if padded == in_features else InputTransformWeight(inner=leaf, rotation=None, in_features=in_features)
 
 
 def rotation_blocks(in_features: int, seed: int = 0) -> np.ndarray | None:

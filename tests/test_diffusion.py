@@ -15,7 +15,8 @@ from cometjax.diffusion import (cnn_schedule, ddim_sample, ddpm_sample, dit_sche
                                 noise_prediction_loss, write_png)
 from cometjax import qtypes
 from cometjax.pallas.quantize_act import quantize_act_reference
-from cometjax.quest_quant import (DiffusionQuantConfig, DynamicActQuantWeight, LinearQuantizer, MatmulQuantizer,
+from cometjax.quantize import InputTransformWeight
+from cometjax.quest_quant import (DiffusionQuantConfig, LinearQuantizer, MatmulQuantizer,
                                   QuantLinear, StaticActQuantWeight, TokenActQuantizer, WeightQuantizer,
                                   best_weight_scale, fake_quantize_activation, integer_act_matmul,
                                   make_static_act_weight, pack_int4, quantize_activation_int, rotate_kernel,
@@ -275,10 +276,10 @@ def test_token_linear_integer_matches_fake_quantization(weight_bits, act_bits, g
   fake = layer(x, 0)
   layer.quant.to_integer(layer.kernel[...])
   leaf = layer.quant.integer_leaf(0)
-  inner = leaf.weight if isinstance(leaf, DynamicActQuantWeight) else leaf
+  inner = leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
   assert isinstance(inner, qtypes.QuantizedWeight) and inner.group_size == group_size
   assert inner.activation.int8_channels == (inner.in_features if act_bits == 8 else 0)
-  assert isinstance(leaf, DynamicActQuantWeight) == (k % 2 == 1)  # odd K is zero-padded
+  assert isinstance(leaf, InputTransformWeight) == (k % 2 == 1)  # odd K is zero-padded
   with pytest.raises(ValueError, match=f"(in_features={k}|must have {k} channels)"):
     leaf.quantized_matmul(x[..., :-1])
   integer = layer(x, 0)
@@ -359,7 +360,6 @@ def test_rotation_blocks(k, block):
 def test_rotated_token_linear(weight_bits, act_bits, k):
   """The online rotation keeps the float layer, runs the same numbers fake and integer (and in the Pallas
   GEMM), and cuts the quantization error of an input with an outlier channel."""
-  from cometjax.quantize import InputTransformWeight
   rng = np.random.default_rng(k)
   kernel = jnp.asarray(rng.standard_normal((k, 32)) * 0.1, jnp.float32)
   bias = jnp.arange(32, dtype=jnp.float32)
