@@ -12,7 +12,8 @@ from calib.adaround import AdaRoundConfig, CalibrationConfig, PTQConfig, run_ptq
 from calib.quest import (CNN_QUEST, DIT_QUEST, SettingRecipe, format_report, gain_penalty, global_loss,
                          quantize_for_setting, quest_finetune, selected_layers)
 from cometjax.diffusion import schedule_for
-from cometjax.quest_quant import StaticActQuantWeight, named_modules, preset, QuantLinear, to_integer
+from cometjax.quest_quant import (StaticActQuantWeight, attach_quantizers, named_modules, preset, QuantLinear,
+                                  to_integer)
 from tests.conftest import require_data
 
 TINY_CALIBRATION = CalibrationConfig(num_trajectories=8, ddim_steps=4, num_samples=32, record_samples=16)
@@ -262,6 +263,8 @@ def test_saved_rotated_token_model_reloads_with_the_same_output(tmp_path):
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", rotation="hadamard")
   calibration = CalibrationConfig(num_trajectories=4, ddim_steps=3, num_samples=8, record_samples=4)
   model, calib, _ = run_ptq(model, schedule, PTQConfig(quant, calibration, None), progress=False)
+  with pytest.raises(ValueError, match="attach quantizers to a freshly loaded model"):
+    attach_quantizers(model, quant)  # its kernels are already R^T W
   to_integer(model)
   forward = nnx.jit(lambda m, x, t: m(x, t, jnp.arange(4) % 10, quant.timestep_group(t)))
   x, index = jnp.asarray(calib.x[:4]), jnp.asarray(calib.index[:4])
