@@ -92,6 +92,27 @@ def test_quest_finetune_trains_the_selected_subset_and_lowers_the_loss(dit_ptq):
 
 
 @pytest.mark.realdata
+def test_quest_iterate_averaging(dit_ptq):
+  model, schedule, quant, calib, _ = dit_ptq
+  config = dataclasses.replace(DIT_QUEST, steps=4, batch_size=8, weight_learning_rate=1e-2)
+
+  def finetuned_kernel(average_fraction):
+    tuned = nnx.clone(model)
+    quest_finetune(tuned, schedule, quant, calib, dataclasses.replace(config, average_fraction=average_fraction),
+                   progress=False)
+    return np.asarray(tuned.blocks[0].wq.kernel[...])
+
+  last = finetuned_kernel(0.0)
+  np.testing.assert_array_equal(finetuned_kernel(0.25), last)  # the mean of the last iterate alone
+  mean_of_two = finetuned_kernel(0.5)
+  assert np.isfinite(mean_of_two).all() and not np.array_equal(mean_of_two, last)
+  # the mean of iterates 3 and 4 is nearer iterate 4 than iterate 2 is (the mean of the last 3)
+  assert np.abs(mean_of_two - last).max() < np.abs(finetuned_kernel(0.75) - last).max()
+  with pytest.raises(ValueError, match="average_fraction must be in"):
+    dataclasses.replace(DIT_QUEST, average_fraction=1.5)
+
+
+@pytest.mark.realdata
 def test_class_gain_loss_needs_and_uses_other_labels(dit_ptq):
   from calib.adaround import with_other_labels
   from cometjax.models.dit import load_dit
@@ -291,3 +312,12 @@ def test_diffusion_quality_bench_smoke(tmp_path):
   assert 0 <= rows["w4a4-quest"]["class_accuracy"] <= 1 and rows["w4a4-quest"]["psnr"] is not None
   assert rows["w4a4-quest"]["quest_trained_values"] > 0 and "DDIM" in rows["fp"]["sampler"]
   assert "| mnist_dit | w4a4-quest |" in out.with_suffix(".md").read_text()
+
+
+def test_recipe_ptq_adaround_per_setting():
+  from calib.quest import default_recipe
+  dit, cnn = default_recipe("dit"), default_recipe("cnn")
+  assert dit.ptq_adaround("w8a8") is None and cnn.ptq_adaround("w8a8") is None
+  assert dit.ptq_adaround("w4a4-ptq") == dit.adaround and dit.ptq_adaround("w4a8") == dit.adaround
+  # the DiT's QuEST finetuning starts from round-to-nearest weights, the CNN's from its AdaRound PTQ model
+  assert dit.ptq_adaround("w4a4-quest") is None and cnn.ptq_adaround("w4a4-quest") == cnn.adaround
