@@ -17,6 +17,7 @@ Writes bench/results/diffusion_quality.json, .md and one PNG grid per model and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
-from calib.quest import SETTINGS, format_report, quantize_for_setting  # noqa: E402
+from calib.quest import SETTINGS, default_recipe, format_report, quantize_for_setting  # noqa: E402
 from cometjax.diffusion import (ddim_sample, ddpm_sample, image_grid, load_mnist_test,  # noqa: E402
                                 noise_prediction_loss, schedule_for, write_png)
 from cometjax.models.cnn_ddpm import load_cnn  # noqa: E402
@@ -132,9 +133,6 @@ def git_commit() -> str:
 
 def smoke_recipe(kind: str):
   """The default recipe shrunk to seconds (CI): same steps, tiny calibration and training budgets."""
-  import dataclasses
-
-  from calib.quest import default_recipe
   recipe = default_recipe(kind)
   return dataclasses.replace(
     recipe, calibration=dataclasses.replace(recipe.calibration, num_trajectories=4, ddim_steps=4, num_samples=16,
@@ -208,11 +206,16 @@ def run(args) -> dict:
     class_labels = jnp.arange(count, dtype=jnp.int32) % 10 if kind == "dit" else None
     sampler = sampler_for(args, kind)
     fp_pixels = None
-    for setting in args.settings:
+    runs = [(setting, None) for setting in args.settings if setting != "w4a4-quest"]
+    if "w4a4-quest" in args.settings:  # the finetuning outcome varies with its seed: one row per seed
+      runs += [("w4a4-quest", seed) for seed in args.quest_seeds]
+    for setting, quest_seed in runs:
       t0 = time.time()
       model = loader()
       schedule = schedule_for(model)
-      recipe = smoke_recipe(kind) if args.smoke else None
+      recipe = smoke_recipe(kind) if args.smoke else default_recipe(kind)
+      if quest_seed is not None:
+        recipe = dataclasses.replace(recipe, quest=dataclasses.replace(recipe.quest, seed=quest_seed))
       model, quant, report = quantize_for_setting(model, schedule, setting, recipe=recipe, progress=args.progress)
       quant_seconds = time.time() - t0
       t1 = time.time()
@@ -238,14 +241,15 @@ def run(args) -> dict:
       }
       if "quest" in report:
         q = report["quest"]
-        row.update(quest_trained_values=q["num_trained_values"], quest_trained_tensors=q["num_trained_tensors"],
+        row.update(quest_seed=quest_seed, quest_trained_values=q["num_trained_values"], quest_trained_tensors=q["num_trained_tensors"],
                    global_loss_before=q["global_loss_before"], global_loss_after=q["global_loss_after"])
         print(format_report(q), flush=True)
       rows.append(row)
-      reports[f"{model_name}/{setting}"] = {k: v for k, v in report.items() if k != "setting"}
+      run_name = setting if quest_seed in (None, args.quest_seeds[0]) else f"{setting}-seed{quest_seed}"
+      reports[f"{model_name}/{run_name}"] = {k: v for k, v in report.items() if k != "setting"}
       grid_pixels = pixels[:min(count, 100)]
-      write_png(Path(args.out).parent / f"diffusion_samples_{model_name}_{setting}.png", image_grid(grid_pixels, columns=10))
-      print(f"{model_name:10s} {setting:11s} acc={row['class_accuracy']} frechet={row['frechet']:.2f} "
+      write_png(Path(args.out).parent / f"diffusion_samples_{model_name}_{run_name}.png", image_grid(grid_pixels, columns=10))
+      print(f"{model_name:10s} {run_name:11s} acc={row['class_accuracy']} frechet={row['frechet']:.2f} "
             f"psnr={row['psnr']} ({quant_seconds:.0f}s quantize, {sample_seconds:.0f}s sample)", flush=True)
 
   return {
@@ -263,6 +267,25 @@ def run(args) -> dict:
   }
 
 
+def quest_seed_summary(rows: list[dict]) -> list[str]:
+  """Markdown lines: per model with several w4a4-quest rows, their mean class accuracy / Frechet against FP."""
+  lines = []
+  for model in sorted({r["model"] for r in rows}):
+    quest = [r for r in rows if r["model"] == model and r["setting"] == "w4a4-quest"]
+    fp = next((r for r in rows if r["model"] == model and r["setting"] == "fp"), None)
+    if len(quest) < 2:
+      continue
+    frechet = np.mean([r["frechet"] for r in quest])
+    line = f"{model} w4a4-quest over {len(quest)} finetuning seeds: mean Frechet {frechet:.2f}"
+    if quest[0]["class_accuracy"] is not None:
+      accuracies = [r["class_accuracy"] for r in quest]
+      line += f", class accuracy mean {np.mean(accuracies):.3f} (min {min(accuracies):.3f}, max {max(accuracies):.3f})"
+      if fp is not None and fp["class_accuracy"]:
+        line += f", {100 * np.mean(accuracies) / fp['class_accuracy']:.1f}% of FP"
+    lines += ["", line + "."]
+  return lines
+
+
 def markdown(result: dict) -> str:
   def fmt(v, digits=3):
     return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
@@ -274,12 +297,14 @@ def markdown(result: dict) -> str:
     f"({result['protocol']['noise']}); {result['protocol']['dit_samples']} DiT samples "
     f"(equal per class), {result['protocol']['cnn_samples']} CNN samples. Classifier held-out accuracy "
     f"{result['classifier']['heldout_accuracy']:.4f} ({result['classifier']['heldout_images']} images).", "",
-    "| model | setting | class accuracy | Frechet (classifier features) | PSNR vs FP (dB) | QuEST trained values |",
-    "|---|---|---:|---:|---:|---:|",
+    "| model | setting | QuEST seed | class accuracy | Frechet (classifier features) | PSNR vs FP (dB) | "
+    "QuEST trained values |",
+    "|---|---|---:|---:|---:|---:|---:|",
   ]
   for r in result["rows"]:
-    lines.append(f"| {r['model']} | {r['setting']} | {fmt(r['class_accuracy'])} | {fmt(r['frechet'], 2)} | "
-                 f"{fmt(r['psnr'], 2)} | {fmt(r.get('quest_trained_values'))} |")
+    lines.append(f"| {r['model']} | {r['setting']} | {fmt(r.get('quest_seed'))} | {fmt(r['class_accuracy'])} | "
+                 f"{fmt(r['frechet'], 2)} | {fmt(r['psnr'], 2)} | {fmt(r.get('quest_trained_values'))} |")
+  lines += quest_seed_summary(result["rows"])
   if result.get("fp_dit_ddpm1000"):
     d = result["fp_dit_ddpm1000"]
     lines += ["", f"Float DiT with its own sampler (ancestral DDPM, 1000 steps, {d['samples']} samples): "
@@ -307,6 +332,8 @@ def main(argv=None):
   parser.add_argument("--cnn-samples", type=int, default=64)
   parser.add_argument("--classifier-epochs", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--quest-seeds", type=int, nargs="+", default=[0],
+                      help="finetuning seeds of w4a4-quest (QuestConfig.seed): one row each")
   parser.add_argument("--loss-seeds", type=int, default=2, help="seeds of the full-test-set FP loss check (0: skip)")
   parser.add_argument("--ddpm-samples", type=int, default=100,
                       help="FP DiT samples with the 1000-step DDPM sampler (0: skip)")

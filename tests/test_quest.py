@@ -304,14 +304,19 @@ def test_diffusion_quality_bench_smoke(tmp_path):
   bench = load_bench_script("diffusion_quality")
   out = tmp_path / "quality"
   bench.main(["--smoke", "--models", "mnist_dit", "--settings", "w4a4-quest", "--dit-samples", "10",
-              "--dit-sampler", "ddim", "--steps", "3", "--classifier-epochs", "1", "--loss-seeds", "0", "--out", str(out)])
+              "--dit-sampler", "ddim", "--steps", "3", "--classifier-epochs", "1", "--loss-seeds", "0",
+              "--quest-seeds", "0", "3", "--out", str(out)])
   import json
   result = json.loads(out.with_suffix(".json").read_text())
-  rows = {row["setting"]: row for row in result["rows"]}
-  assert set(rows) == {"fp", "w4a4-quest"}  # fp is added: PSNR needs it
-  assert 0 <= rows["w4a4-quest"]["class_accuracy"] <= 1 and rows["w4a4-quest"]["psnr"] is not None
-  assert rows["w4a4-quest"]["quest_trained_values"] > 0 and "DDIM" in rows["fp"]["sampler"]
-  assert "| mnist_dit | w4a4-quest |" in out.with_suffix(".md").read_text()
+  rows = {(row["setting"], row.get("quest_seed")): row for row in result["rows"]}
+  assert set(rows) == {("fp", None), ("w4a4-quest", 0), ("w4a4-quest", 3)}  # fp is added: PSNR needs it
+  quest = rows["w4a4-quest", 3]
+  assert 0 <= quest["class_accuracy"] <= 1 and quest["psnr"] is not None
+  assert quest["quest_trained_values"] > 0 and "DDIM" in rows["fp", None]["sampler"]
+  assert set(result["reports"]) == {"mnist_dit/fp", "mnist_dit/w4a4-quest", "mnist_dit/w4a4-quest-seed3"}
+  assert (tmp_path / "diffusion_samples_mnist_dit_w4a4-quest-seed3.png").exists()
+  table = out.with_suffix(".md").read_text()
+  assert "| mnist_dit | w4a4-quest | 3 |" in table and "w4a4-quest over 2 finetuning seeds" in table
 
 
 def test_recipe_ptq_adaround_per_setting():
