@@ -241,8 +241,8 @@ def run(args) -> dict:
       }
       if "quest" in report:
         q = report["quest"]
-        row.update(quest_seed=quest_seed, quest_trained_values=q["num_trained_values"], quest_trained_tensors=q["num_trained_tensors"],
-                   global_loss_before=q["global_loss_before"], global_loss_after=q["global_loss_after"])
+        row.update(quest_seed=quest_seed, quest_trained_values=q["num_trained_values"],
+                   quest_trained_tensors=q["num_trained_tensors"], global_loss_before=q["global_loss_before"], global_loss_after=q["global_loss_after"])
         print(format_report(q), flush=True)
       rows.append(row)
       run_name = setting if quest_seed in (None, args.quest_seeds[0]) else f"{setting}-seed{quest_seed}"
