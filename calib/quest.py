@@ -223,8 +223,8 @@ def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, 
   rng = np.random.default_rng(config.seed)
   bar = tqdm(range(config.steps), desc="quest", disable=not progress, mininterval=2.0)
   running = None
-  average_from = config.steps - int(round(config.average_fraction * config.steps))
-  total, averaged = None, 0
+  num_averaged = int(round(config.average_fraction * config.steps))
+  total = None
   for step in bar:
     rows = rng.choice(len(calib), size=min(config.batch_size, len(calib)), replace=False)
     part = calib.take(rows)
@@ -237,11 +237,10 @@ def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, 
       jnp.asarray(part.index), labels, jnp.asarray(part.eps), other_labels, other_eps)
     running = float(loss) if running is None else 0.9 * running + 0.1 * float(loss)
     bar.set_postfix(loss=f"{running:.5f}")
-    if step >= average_from and config.average_fraction:
+    if step >= config.steps - num_averaged:
       total = trained_state if total is None else jax.tree.map(jnp.add, total, trained_state)
-      averaged += 1
-  if averaged:
-    trained_state = jax.tree.map(lambda v: v / averaged, total)
+  if num_averaged:
+    trained_state = jax.tree.map(lambda v: v / num_averaged, total)
   nnx.update(model, *trained_state)
   report["global_loss_after"] = global_loss(model, schedule, quant, calib)
   report["seconds"] = time.time() - start
