@@ -7,7 +7,7 @@
 
 (a) stories260K: calibrate on the first `--calib-documents` (200) TinyStories validation stories,
     evaluate on the next `--eval-documents` stories (default 200, i.e. stories 200..399; 800 = all the
-    rest) with the perplexity protocol of `cometjax.perplexity` (window 512, concatenated stream).
+    rest) with the perplexity protocol of `cometjax.serving.perplexity` (window 512, concatenated stream).
 (b) synthetic outlier Llama (the LLM.int8() phenomenon of 7B+ models, in small): a random Llama whose
     RMSNorm weights carry a few huge channels (x `--outlier-scale`, the same channels in every layer),
     with a sharpened classifier; calibration and evaluation text are token sequences sampled from the
@@ -36,9 +36,10 @@ from flax import nnx  # noqa: E402
 
 from bench.common import RESULTS, run_metadata, write_json  # noqa: E402
 from calib.stats import calibration_windows, collect_stats  # noqa: E402
-from cometjax import config as qc  # noqa: E402
-from cometjax.perplexity import perplexity_of_ids, split_documents  # noqa: E402
-from cometjax.quantize import quantization_report, quantize  # noqa: E402
+from cometjax.quant import config as qc  # noqa: E402
+from cometjax.serving.perplexity import perplexity_of_ids, split_documents  # noqa: E402
+from cometjax.quant.report import quantization_report  # noqa: E402
+from cometjax.quant.transform import quantize  # noqa: E402
 
 W = qc.WeightQuantConfig
 A = qc.ActivationQuantConfig
@@ -310,7 +311,7 @@ def main(argv=None) -> list[dict]:
   # (a) stories260K
   if not args.smoke and not args.skip_stories:
     from cometjax.data import data_path
-    from cometjax.models.loaders import load
+    from cometjax.checkpoint import load
     model_dir, text_path = data_path("llama", "stories260K", "hf"), data_path("text", "tinystories_val.txt")
     if not model_dir.exists() or not text_path.exists():
       print(f"skipping stories260K: {model_dir} or {text_path} missing (set COMETJAX_DATA)")
@@ -333,14 +334,14 @@ def main(argv=None) -> list[dict]:
       notes.append(f"- stories260K: calibration on TinyStories validation stories 0..{args.calib_documents - 1} "
                    f"({windows.size} tokens in windows of 512), evaluation on stories {args.calib_documents}.."
                    f"{args.calib_documents + len(eval_docs) - 1} ({len(stream)} tokens; the protocol of "
-                   "cometjax.perplexity, window 512).")
+                   "cometjax.serving.perplexity, window 512).")
   notes += [
       "- vs FP: against the float model with a float KV cache. INT4 blocks: share of FMPQ activation blocks "
       "at INT4 over all quantized layers. weight bytes: packed codes + f32 scales + int32 permutations of "
       "the quantized linears (embeddings / lm_head stay float and are not counted); bytes/param over those "
       "layers' parameters. Online rotation matrices (dense here, a fast Hadamard in a kernel) are listed in "
       "the JSON as rotation_bytes.",
-      f"- KV4: {kv4} (cometjax.kvcache).",
+      f"- KV4: {kv4} (cometjax.serving.kvcache).",
   ]
   out = pathlib.Path(args.out)
   if args.smoke and args.out == str(RESULTS / "accuracy.json"):

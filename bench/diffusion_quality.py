@@ -37,10 +37,11 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from calib.quest import SETTINGS, default_recipe, format_report, quantize_for_setting  # noqa: E402
-from cometjax.diffusion import (ddim_sample, ddpm_sample, image_grid, load_mnist_test,  # noqa: E402
-                                noise_prediction_loss, schedule_for, write_png)
-from cometjax.models.cnn_ddpm import load_cnn  # noqa: E402
-from cometjax.models.dit import load_dit  # noqa: E402
+from cometjax.diffusion.sampling import ddim_sample, ddpm_sample, schedule_for  # noqa: E402
+from cometjax.diffusion.images import image_grid, write_png  # noqa: E402
+from cometjax.diffusion.evaluation import load_mnist_test, noise_prediction_loss  # noqa: E402
+from cometjax.checkpoint.diffusion import load_cnn  # noqa: E402
+from cometjax.checkpoint.diffusion import load_dit  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 

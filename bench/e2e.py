@@ -4,10 +4,10 @@
     python bench/e2e.py --smoke          # tiny shapes on CPU, a few seconds: shows the script runs
 
 Models have random weights (throughput does not depend on their values). Quantized presets are built
-directly with `cometjax.qtypes.quantize_weight` (RTN; W4Ax uses 128-channel blocks with 25% of them INT8,
+directly with `cometjax.core.formats.quantize_weight` (RTN; W4Ax uses 128-channel blocks with 25% of them INT8,
 the INT4 fraction COMET reports); calibration changes the values, not the work. Each run: prompts of
 `in_len` random tokens, `out_len` new tokens (EOS ignored), one warm-up call for the shape, then the timed
-call of `cometjax.generate.generate` (prefill + decode). tokens_per_s = batch * out_len / (prefill + decode
+call of `cometjax.serving.generate.generate` (prefill + decode). tokens_per_s = batch * out_len / (prefill + decode
 seconds); peak_mem_gb from the device allocator (jax) or torch.cuda.max_memory_allocated. transformers runs
 its own `generate` in bf16 with the same shapes when torch sees a GPU. Cases whose estimated weight + KV
 bytes exceed 90% of device memory are skipped and listed. Results: `bench/results/e2e_<device>.json` and a
@@ -30,10 +30,10 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, device_tag, run_metadata, write_json  # noqa: E402
-from cometjax.generate import generate  # noqa: E402
-from cometjax.kvcache import KVQuantConfig  # noqa: E402
+from cometjax.serving.generate import generate  # noqa: E402
+from cometjax.core.kv_config import KVQuantConfig  # noqa: E402
 from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama, set_matmul_implementation  # noqa: E402
-from cometjax.qtypes import ActivationFormat, quantize_weight  # noqa: E402
+from cometjax.core.formats import ActivationFormat, quantize_weight  # noqa: E402
 
 SHAPES = {
     "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,

@@ -13,7 +13,7 @@ Every op is timed against baselines in the same run:
   quantize_act  vs xla_reference (the jnp twin, XLA-fused)
   kv4_attention vs pallas_bf16_decode (jax.experimental.pallas.ops.gpu.decode_attention.gqa, bf16 cache)
                 and jax_dpa (jax.nn.dot_product_attention, bf16 cache)
-  kv4_attention_paged (paged KV4Cache: channel-mode K in 32-token pages, scattered page table) vs the same
+  kv4_attention_paged (one layer of a paged KV4 cache: channel-mode K in 32-token pages, scattered page table) vs the same
 GEMM shapes are one layer of Llama-2-7B, Llama-3-8B and Llama-3-70B (qkv, o, fused gate_up, down) at
 M in {1, 4, 16, 64, 256, 1024, 4096} and INT8-block fractions {0, 0.25, 1}; attention uses Llama-3-8B
 heads (32 q, 8 kv, head_dim 128) at context {1k, 8k, 32k} and batch {1, 8, 32}.
@@ -47,13 +47,16 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 from bench.common import device_tag, run_metadata  # noqa: E402
-from cometjax.kvcache import KV4Cache, KVQuantConfig  # noqa: E402
+from cometjax.serving.kvcache import KV4Cache  # noqa: E402
+from cometjax.core.kv_config import KVQuantConfig  # noqa: E402
 from cometjax.pallas.kv4_attention import kv4_decode_attention  # noqa: E402
 from cometjax.pallas.paged_kv4_attention import paged_kv4_attention  # noqa: E402
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference  # noqa: E402
 from cometjax.pallas import w4ax_matmul_sm90 as sm90  # noqa: E402
 from cometjax.pallas.w4ax_matmul import w4ax_matmul  # noqa: E402
-from cometjax.qtypes import ActivationFormat, QuantizedKV, QuantizedWeight  # noqa: E402
+from cometjax.core.formats import ActivationFormat, QuantizedWeight  # noqa: E402
+from cometjax.core.kv import PagedKV4, QuantizedKV  # noqa: E402
+from cometjax.ops import registry  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,7 @@ def random_quantized_weight(key, k: int, n: int, fmt: ActivationFormat) -> Quant
 def bench_gemms(sweep: Sweep, interpret: bool, log, kernels=KERNELS, sm90_variants: bool = False) -> list[dict]:
   rows = []
   key = jax.random.key(0)
-  run_sm90 = "w4ax_matmul_sm90" in kernels and (interpret or sm90.is_hopper())
+  run_sm90 = "w4ax_matmul_sm90" in kernels and (interpret or registry.is_hopper())
   if "w4ax_matmul_sm90" in kernels and not run_sm90:
     print("w4ax_matmul_sm90 skipped: needs a Hopper GPU (compute capability 9.x)")
   sm90_ops = {op: tuning for op, tuning in SM90_VARIANTS.items()
@@ -205,9 +208,10 @@ def _jax_pallas_decode():
     return None
 
 
-def random_paged_cache(key, batch: int, context: int, kv_heads: int, head_dim: int) -> KV4Cache:
-  """One layer of a full KV4Cache (default channel mode, 32-token pages) over a shuffled page pool."""
-  cache = KV4Cache.create(1, batch, context, kv_heads, head_dim, dtype=jnp.bfloat16, config=KVQuantConfig())
+def random_paged_cache(key, batch: int, context: int, kv_heads: int, head_dim: int) -> PagedKV4:
+  """One full layer of a paged INT4 cache (default channel mode, 32-token pages) over a shuffled page pool."""
+  cache = KV4Cache.create(1, batch, context, kv_heads, head_dim, dtype=jnp.bfloat16,
+                          config=KVQuantConfig()).paged_layer(0)
   code_key, recent_key, table_key = jax.random.split(key, 3)
   codes = jax.random.bits(code_key, (2, *cache.k.shape), jnp.uint8)
   table = jax.random.permutation(table_key, cache.num_pages).astype(jnp.int32).reshape(cache.page_table.shape)
@@ -248,7 +252,7 @@ def bench_attention(sweep: Sweep, interpret: bool, log, kernels=KERNELS) -> list
       if "kv4_attention_paged" in kernels:
         paged = [random_paged_cache(jax.random.fold_in(key, 400 + c), batch, context, hkv, d) for c in range(copies)]
         timings["kv4_attention_paged"] = time_ms(
-            jax.jit(lambda q, cache: paged_kv4_attention(q, cache, 0, interpret=interpret)),
+            jax.jit(lambda q, cache: paged_kv4_attention(q, cache, interpret=interpret)),
             list(zip(qs, paged)), sweep.warmup, sweep.iterations)
         del paged
       bf16_caches = [(jax.random.normal(jax.random.fold_in(key, 200 + c), (batch, context, hkv, d), jnp.bfloat16),

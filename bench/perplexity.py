@@ -1,4 +1,4 @@
-"""Perplexity of a checkpoint on a text file (protocol: `cometjax.perplexity`), FP and with an INT4 KV cache.
+"""Perplexity of a checkpoint on a text file (protocol: `cometjax.serving.perplexity`), FP and with an INT4 KV cache.
 
     python bench/perplexity.py                        # stories260K on TinyStories validation (shared data)
     python bench/perplexity.py --model DIR --text FILE --kv none channel token hadamard
@@ -18,9 +18,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from bench.common import RESULTS, run_metadata, write_json  # noqa: E402
 from cometjax.data import data_path  # noqa: E402
-from cometjax.kvcache import K_MODES, KVQuantConfig  # noqa: E402
-from cometjax.models.loaders import load  # noqa: E402
-from cometjax.perplexity import perplexity  # noqa: E402
+from cometjax.core.kv_config import K_MODES, KVQuantConfig  # noqa: E402
+from cometjax.checkpoint import load  # noqa: E402
+from cometjax.serving.perplexity import perplexity  # noqa: E402
 
 
 def main(argv=None) -> list[dict]:

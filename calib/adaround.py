@@ -28,10 +28,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from cometjax.diffusion import NoiseSchedule, ddim_trajectory, predict_noise
-from cometjax.quest_quant import (
-  ActQuantizer, AdaRoundParam, DiffusionQuantConfig, QuantLinear, QuantMatmul, attach_quantizers, named_modules,
-  rectified_sigmoid, set_recording, signed_range)
+from cometjax.core.numerics import signed_range
+from cometjax.diffusion.attach import attach_quantizers, named_modules, set_recording
+from cometjax.diffusion.config import DiffusionQuantConfig
+from cometjax.diffusion.quantizers import ActQuantizer, AdaRoundParam, rectified_sigmoid
+from cometjax.diffusion.sampling import NoiseSchedule, ddim_trajectory, predict_noise
+from cometjax.models.cnn_ddpm import QuantConv
+from cometjax.models.layers import QuantLinear, QuantMatmul
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,8 @@ def mse_range(values: np.ndarray, bits: int, max_values: int = 200_000, seed: in
     for ratio_high in np.linspace(1.0, 0.2, 17):
       lo, hi = low * ratio_low, high * ratio_high
       step = max((hi - lo) / (qmax - qmin), 1e-8)
-      zero = np.round(qmin - lo / step)
-      q = (np.clip(np.round(values / step) + zero, qmin, qmax) - zero) * step
+      zero = np.floor(qmin - lo / step + 0.5)  # round half up, as the quantizers do
+      q = (np.clip(np.floor(values / step + 0.5) + zero, qmin, qmax) - zero) * step
       error = float(((q - values) ** 2).mean())
       if error < best_error:
         best, best_error = (lo, hi), error
@@ -220,7 +223,6 @@ def adaround_layer(layer, inputs: np.ndarray, groups: np.ndarray, config: AdaRou
   inputs: float inputs [N, ...]; groups: int [N] timestep group per sample.  Returns the final relative
   reconstruction error (hard rounding) on up to 64 samples.
   """
-  from cometjax.models.cnn_ddpm import QuantConv
   linear = layer.linear if isinstance(layer, QuantConv) else layer
   linear.quant.weight.start_adaround(linear.kernel[...])
   graphdef, v_state, rest = nnx.split(layer, AdaRoundParam, ...)
@@ -246,7 +248,6 @@ def adaround_layer(layer, inputs: np.ndarray, groups: np.ndarray, config: AdaRou
 
 def quantizable_layers(model) -> list[tuple[str, nnx.Module]]:
   """(name, layer) of every weight layer with a quantizer: QuantConv for convs, else QuantLinear."""
-  from cometjax.models.cnn_ddpm import QuantConv
   convs = {name + ".linear": (name, conv) for name, conv in named_modules(model, QuantConv)}
   layers = []
   for name, linear in named_modules(model, QuantLinear):

@@ -26,9 +26,13 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from calib.adaround import CalibrationSet
-from cometjax.diffusion import NoiseSchedule, predict_noise
-from cometjax.quest_quant import DiffusionQuantConfig, QuantLinear, QuantParam, named_modules
+from calib.adaround import (AdaRoundConfig, CalibrationConfig, CalibrationSet, PTQConfig, build_calibration_set,
+                            run_ptq, with_other_labels)
+from cometjax.diffusion.attach import named_modules, to_integer
+from cometjax.diffusion.config import DiffusionQuantConfig, preset
+from cometjax.diffusion.quantizers import QuantParam
+from cometjax.diffusion.sampling import NoiseSchedule, predict_noise
+from cometjax.models.layers import QuantLinear
 
 
 @dataclass(frozen=True)
@@ -268,8 +272,8 @@ SETTINGS = ("fp", "w8a8", "w4a8", "w4a4-ptq", "w4a4-quest")
 class SettingRecipe:
   """Default calibration budget per model kind (sized for a 2-core CPU)."""
 
-  calibration: "CalibrationConfig"
-  adaround: "AdaRoundConfig"
+  calibration: CalibrationConfig
+  adaround: AdaRoundConfig
   quest: QuestConfig
   # DiffusionQuantConfig.act_bits_overrides for the settings with 4-bit activations
   act_bits_overrides: tuple[tuple[str, int], ...] = ()
@@ -280,7 +284,7 @@ class SettingRecipe:
   # Where w4a4-quest's finetuning starts: the AdaRound PTQ model (w4a4-ptq) or round-to-nearest weights.
   quest_from_adaround: bool = True
 
-  def ptq_adaround(self, setting: str) -> "AdaRoundConfig | None":
+  def ptq_adaround(self, setting: str) -> AdaRoundConfig | None:
     """The AdaRound config a setting's PTQ step runs (None: round to nearest)."""
     if setting == "w8a8" or (setting == "w4a4-quest" and not self.quest_from_adaround):
       return None
@@ -295,7 +299,6 @@ DIT_CONDITIONING_A8 = ((r"^time_mlp\d$|^blocks\.\d+\.(gamma|beta|alpha)[12]$", 8
 
 
 def default_recipe(kind: str) -> SettingRecipe:
-  from calib.adaround import AdaRoundConfig, CalibrationConfig
   if kind == "dit":
     # Calibration states from 100-step ancestral paths, so the time-embedding layers that TLA trains see
     # 100 timesteps (a 25-step grid overfits them to 25 timesteps and hurts the 1000-step sampler).
@@ -325,8 +328,6 @@ def quantize_for_setting(model, schedule: NoiseSchedule, setting: str, *, recipe
   w8a8: round-to-nearest; w4a8, w4a4-ptq: AdaRound PTQ; w4a4-quest: the PTQ model + QuEST finetuning.
   With `integer`, the result runs packed integer weights and int8 activations.
   """
-  from calib.adaround import PTQConfig, build_calibration_set, run_ptq, with_other_labels
-  from cometjax.quest_quant import preset, to_integer
   if setting not in SETTINGS:
     raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
   if setting == "fp":

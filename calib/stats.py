@@ -1,10 +1,11 @@
 """Activation statistics of every quantized linear layer over calibration batches (streamed).
 
 `collect_stats(model, config, windows)` runs the float model (rotated first when config.rotation asks
-for it, exactly as `cometjax.quantize.quantize` will) over batches of token windows. Each linear layer's
-kernel is temporarily swapped for a capturing leaf whose `quantized_matmul` hands its input back as an
-output of the jitted forward pass; the input is transformed as the quantized leaf will transform it
-(zero padding, online rotation; `cometjax.fmpq.InputPlan`) and reduced inside the same jit to
+for it, exactly as `cometjax.quant.transform.quantize` will) over batches of token windows. Each linear
+layer's kernel is temporarily swapped for a capturing leaf (registered with `cometjax.ops`) that hands its
+input back as an output of the jitted forward pass; the input is transformed as the quantized leaf will
+transform it (zero padding, online rotation; `cometjax.quant.fmpq.InputPlan`) and reduced inside the same
+jit to
   absmax  [Kp]      max |x| per input channel
   sumsq   [Kp]      sum x^2 per input channel (RMS ranking)
   hessian [Kp, Kp]  sum x x^T (GPTQ), when asked for
@@ -25,8 +26,11 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from cometjax.config import QuantConfig
-from cometjax.fmpq import InputPlan, input_plan
+from cometjax import ops
+from cometjax.quant.config import QuantConfig
+from cometjax.quant.fmpq import InputPlan, input_plan
+from cometjax.quant.transform import prepare_model
+from cometjax.quant.tree import linear_layers, node_at
 
 
 @dataclasses.dataclass
@@ -87,10 +91,15 @@ class CaptureWeight:
   kernel: jax.Array  # [K, N]
   name: str = dataclasses.field(metadata=dict(static=True))
 
-  def quantized_matmul(self, x, implementation="xla"):
-    if _SINKS:
-      _SINKS[-1].append((self.name, x))
-    return jnp.dot(x, self.kernel.astype(x.dtype))
+
+def _capturing_matmul(x, weight: CaptureWeight, implementation: str):
+  if _SINKS:
+    _SINKS[-1].append((weight.name, x))
+  return jnp.dot(x, weight.kernel.astype(x.dtype))
+
+
+for _implementation in ("xla", "pallas", "interpret"):  # capture whatever backend the model was set to
+  ops.register("linear", CaptureWeight, _implementation, _capturing_matmul)
 
 
 def _batch_stats(graphdef, state, tokens, sample_rows, *, plans: tuple, want_hessian: bool, order: list):
@@ -116,6 +125,36 @@ def _batch_stats(graphdef, state, tokens, sample_rows, *, plans: tuple, want_hes
   return out
 
 
+def _check_windows(windows, vocab: int, batch_size: int) -> np.ndarray:
+  windows = np.asarray(windows)
+  if windows.ndim != 2 or windows.shape[0] == 0 or not np.issubdtype(windows.dtype, np.integer):
+    raise ValueError(f"windows must be a non-empty int array [num_windows, window], got "
+                     f"{windows.dtype} {windows.shape}")
+  if windows.min() < 0 or windows.max() >= vocab:
+    raise ValueError(f"windows hold token ids outside [0, {vocab}): min {windows.min()}, max {windows.max()}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  return windows
+
+
+def _capturing_model(model, config: QuantConfig):
+  """(graphdef, state, input plans): the model quantize() will see, every layer it quantizes capturing."""
+  graphdef, state = nnx.split(prepare_model(model, config))
+  pure = nnx.to_pure_dict(state)
+  plans = {}
+  for name, path in linear_layers(pure).items():
+    if not config.quantizes(name):
+      continue
+    node = node_at(pure, path)
+    kernel = node["kernel"]
+    plans[name] = input_plan(name, kernel.shape[0], config)
+    node["kernel"] = CaptureWeight(kernel=jnp.asarray(kernel), name=name)
+  if not plans:
+    raise ValueError("config quantizes no linear layer of this model (check keep_float)")
+  nnx.replace_by_pure_dict(state, pure)
+  return graphdef, state, plans
+
+
 def collect_stats(model, config: QuantConfig, windows: np.ndarray, *, batch_size: int = 8,
                   hessian: bool | None = None, max_samples: int | None = None, seed: int = 0,
                   progress: bool = True) -> CalibrationStats:
@@ -124,37 +163,13 @@ def collect_stats(model, config: QuantConfig, windows: np.ndarray, *, batch_size
   hessian / max_samples default to what config.weights.method needs (GPTQ: Hessian; learned clipping:
   2048 sampled token rows per layer).
   """
-  from cometjax.quantize import linear_layers, prepare_model
-
-  windows = np.asarray(windows)
-  if windows.ndim != 2 or windows.shape[0] == 0 or not np.issubdtype(windows.dtype, np.integer):
-    raise ValueError(f"windows must be a non-empty int array [num_windows, window], got "
-                     f"{windows.dtype} {windows.shape}")
-  vocab = model.config.vocab_size
-  if windows.min() < 0 or windows.max() >= vocab:
-    raise ValueError(f"windows hold token ids outside [0, {vocab}): min {windows.min()}, max {windows.max()}")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  windows = _check_windows(windows, model.config.vocab_size, batch_size)
   weights = config.weights
   if hessian is None:
     hessian = weights is not None and weights.needs_hessian
   if max_samples is None:
     max_samples = 2048 if weights is not None and weights.needs_samples else 0
-
-  prepared = prepare_model(model, config)
-  graphdef, state = nnx.split(prepared)
-  pure = nnx.to_pure_dict(state)
-  plans = {}
-  for name, path in linear_layers(pure).items():
-    if not config.quantizes(name):
-      continue
-    node = _node(pure, path)
-    kernel = node["kernel"]
-    plans[name] = input_plan(name, kernel.shape[0], config)
-    node["kernel"] = CaptureWeight(kernel=jnp.asarray(kernel), name=name)
-  if not plans:
-    raise ValueError("config quantizes no linear layer of this model (check keep_float)")
-  nnx.replace_by_pure_dict(state, pure)
+  graphdef, state, plans = _capturing_model(model, config)
 
   num_batches = math.ceil(len(windows) / batch_size)
   tokens_per_batch = batch_size * windows.shape[1]
@@ -216,10 +231,3 @@ def _exact_partial(fn, graphdef, state, rows, sample_rows, result, batch_size):
     if "hessian" in d:
       d["hessian"] = np.asarray(d["hessian"], np.float64) - fraction * np.asarray(p["hessian"], np.float64)
   return result
-
-
-def _node(pure, path):
-  node = pure
-  for key in path:
-    node = node[key]
-  return node

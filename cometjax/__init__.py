@@ -1,7 +1,9 @@
 """cometjax: COMET (W4AxKV4 LLM serving) and QuEST (4-bit diffusion) in JAX/Pallas.
 
 The public API, by data path: `load` (checkpoint -> model + tokenizer), `quantize` (model -> quantized
-model), `generate` / `perplexity` (model -> tokens / ppl), with their configs.
+model), `generate` / `perplexity` / `Engine` (model -> tokens / ppl / a serving loop), with their configs.
+Names resolve on first use, so `import cometjax` stays cheap; no submodule shares a name with them.
+Calibration drivers (statistics, `calibrate_and_quantize`, AdaRound, QuEST finetuning) live in `calib`.
 """
 
 import importlib
@@ -9,41 +11,44 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": "cometjax.models.loaders",
-    "LoadedModel": "cometjax.models.loaders",
-    "CheckpointError": "cometjax.models.loaders",
+    "load": "cometjax.checkpoint.loading",
+    "LoadedModel": "cometjax.checkpoint.loaded",
+    "save_quantized": "cometjax.checkpoint.quantized",
+    "load_quantized": "cometjax.checkpoint.quantized",
+    "load_dit": "cometjax.checkpoint.diffusion",
+    "load_cnn": "cometjax.checkpoint.diffusion",
+    "CheckpointError": "cometjax.errors",
+    "ConfigError": "cometjax.errors",
+    "UnsupportedError": "cometjax.errors",
     "Llama": "cometjax.models.llama",
     "LlamaConfig": "cometjax.models.llama",
-    "generate": "cometjax.generate",
-    "SamplingConfig": "cometjax.generate",
-    "perplexity": "cometjax.perplexity",
-    "KVQuantConfig": "cometjax.kvcache",
-    "QuantizedWeight": "cometjax.qtypes",
-    "ActivationFormat": "cometjax.qtypes",
-    "QuantConfig": "cometjax.config",
-    "WeightQuantConfig": "cometjax.config",
-    "ActivationQuantConfig": "cometjax.config",
-    "preset": "cometjax.config",
-    "PRESETS": "cometjax.config",
-    "quantize": "cometjax.quantize",
-    "calibrate_and_quantize": "cometjax.quantize",
-    "save_quantized": "cometjax.quantize",
-    "load_quantized": "cometjax.quantize",
-    "quantization_report": "cometjax.quantize",
-    "Engine": "cometjax.engine",
-    "load_dit": "cometjax.models.dit",
-    "load_cnn": "cometjax.models.cnn_ddpm",
-    "ddim_sample": "cometjax.diffusion",
-    "ddpm_sample": "cometjax.diffusion",
-    "DiffusionQuantConfig": "cometjax.quest_quant",
+    "generate": "cometjax.serving.generate",
+    "SamplingConfig": "cometjax.serving.generate",
+    "perplexity": "cometjax.serving.perplexity",
+    "Engine": "cometjax.serving.engine",
+    "KVQuantConfig": "cometjax.core.kv_config",
+    "QuantizedWeight": "cometjax.core.formats",
+    "ActivationFormat": "cometjax.core.formats",
+    "QuantConfig": "cometjax.quant.config",
+    "WeightQuantConfig": "cometjax.quant.config",
+    "ActivationQuantConfig": "cometjax.quant.config",
+    "preset": "cometjax.quant.config",
+    "PRESETS": "cometjax.quant.config",
+    "quantize": "cometjax.quant.transform",
+    "quantization_report": "cometjax.quant.report",
+    "ddim_sample": "cometjax.diffusion.sampling",
+    "ddpm_sample": "cometjax.diffusion.sampling",
+    "DiffusionQuantConfig": "cometjax.diffusion.config",
 }
 
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):  # imported on first use: `import cometjax` stays cheap and cycle-free
+def __getattr__(name):
   if name in _EXPORTS:
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
   raise AttributeError(f"module 'cometjax' has no attribute {name!r}")
 
 

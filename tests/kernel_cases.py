@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-from cometjax.qtypes import QuantizedActivation, QuantizedWeight, pack_int4
+from cometjax.core.formats import QuantizedActivation, QuantizedWeight
+from cometjax.core.numerics import pack_int4
 
 
 def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = False):

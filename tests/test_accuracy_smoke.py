@@ -2,11 +2,14 @@
 
 import json
 
+import pytest
+
 from bench import accuracy
 
 REQUIRED = {"model", "preset", "calibration", "ppl", "fp_ppl", "int4_block_fraction", "weight_bytes"}
 
 
+@pytest.mark.slow
 def test_accuracy_smoke(tmp_path):
   out = tmp_path / "accuracy.json"
   rows = accuracy.main(["--smoke", "--out", str(out)])

@@ -1,8 +1,11 @@
 import json
 
+import pytest
+
 from conftest import load_bench_script
 
 
+@pytest.mark.slow
 def test_e2e_benchmark_smoke(tmp_path):
   bench = load_bench_script("e2e")
   out = tmp_path / "e2e.json"

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import load_bench_script
 
 
+@pytest.mark.slow
 def test_kernel_benchmark_smoke(tmp_path):
   bench = load_bench_script("kernels")
   out = tmp_path / "kernels_smoke.json"

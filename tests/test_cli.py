@@ -5,6 +5,7 @@ import pytest
 from cometjax.cli import main
 
 
+@pytest.mark.slow
 def test_default_main_job_runs(capsys):
   assert main(["generate", "--max-new-tokens", "8", "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -12,6 +13,7 @@ def test_default_main_job_runs(capsys):
   assert len(set(out["token_ids"])) > 1  # the builtin random model's untied head gives varied tokens
 
 
+@pytest.mark.slow
 def test_generate_with_kv4(capsys):
   assert main(["generate", "--max-new-tokens", "8", "--kv", "channel", "--json"]) == 0
   assert len(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]) == 8
@@ -32,3 +34,16 @@ def test_eval_ppl_help_states_the_protocol(capsys):
     main(["eval-ppl", "--help"])
   help_text = capsys.readouterr().out
   assert "<|endoftext|>" in help_text and "[BOS]" in help_text and "512" in help_text
+
+
+def test_module_entry_point_prints_help_without_jax():
+  """`python -m cometjax.cli --help` builds every subcommand's parser and never imports jax."""
+  import subprocess
+  import sys
+  code = ("import runpy, sys; sys.argv = ['cometjax', '--help']\n"
+          "try:\n  runpy.run_module('cometjax.cli', run_name='__main__')\n"
+          "except SystemExit as e:\n  assert e.code == 0, e.code\n"
+          "assert 'jax' not in sys.modules, sorted(m for m in sys.modules if m.startswith('jax'))[:5]")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr
+  assert "generate" in proc.stdout and "eval-ppl" in proc.stdout and "sample" in proc.stdout

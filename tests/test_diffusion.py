@@ -11,16 +11,19 @@ import pytest
 from flax import nnx
 
 from cometjax import ops
-from cometjax.diffusion import (cnn_schedule, ddim_sample, ddpm_sample, dit_schedule, image_grid, load_mnist_test,
-                                noise_prediction_loss, write_png)
-from cometjax import qtypes
+from cometjax.core import formats
+from cometjax.core.formats import (InputTransformWeight, StaticActQuantWeight,
+                                   pack_static_weight as make_static_act_weight)
+from cometjax.core.numerics import quantize_static as quantize_activation_int, unpack_int4
+from cometjax.core.rotations import rotate_rows as rotate_kernel
+from cometjax.diffusion.config import DiffusionQuantConfig
+from cometjax.diffusion.evaluation import load_mnist_test, noise_prediction_loss
+from cometjax.diffusion.images import image_grid, write_png
+from cometjax.diffusion.quantizers import (LinearQuantizer, MatmulQuantizer, TokenActQuantizer, WeightQuantizer,
+                                           best_weight_scale, fake_static_codes, integer_act_matmul, rotation_blocks)
+from cometjax.diffusion.sampling import cnn_schedule, ddim_sample, ddpm_sample, dit_schedule
+from cometjax.models.layers import QuantLinear
 from cometjax.pallas.quantize_act import quantize_act_reference
-from cometjax.quantize import InputTransformWeight
-from cometjax.quest_quant import (DiffusionQuantConfig, LinearQuantizer, MatmulQuantizer,
-                                  QuantLinear, StaticActQuantWeight, TokenActQuantizer, WeightQuantizer,
-                                  best_weight_scale, fake_quantize_activation, integer_act_matmul,
-                                  make_static_act_weight, pack_int4, quantize_activation_int, rotate_kernel,
-                                  rotation_blocks, unpack_int4)
 from tests.conftest import require_data
 
 torch = pytest.importorskip("torch")
@@ -96,7 +99,7 @@ def _tensors(folder):
 @pytest.mark.realdata
 def test_dit_matches_torch_reference():
   folder = require_data("diffusion", "mnist_dit")
-  from cometjax.models.dit import load_dit
+  from cometjax.checkpoint.diffusion import load_dit
   model = load_dit(folder)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((6, 1, 28, 28)).astype(np.float32)
@@ -111,7 +114,7 @@ def test_dit_matches_torch_reference():
 @pytest.mark.realdata
 def test_cnn_matches_torch_reference():
   folder = require_data("diffusion", "mnist_cnn")
-  from cometjax.models.cnn_ddpm import load_cnn
+  from cometjax.checkpoint.diffusion import load_cnn
   model = load_cnn(folder)
   rng = np.random.default_rng(1)
   x = rng.standard_normal((3, 1, 28, 28)).astype(np.float32)
@@ -122,6 +125,7 @@ def test_cnn_matches_torch_reference():
   assert np.linalg.norm(ours - ref) / np.linalg.norm(ref) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_noise_prediction_losses_match_reference_facts():
   """README facts (DiT L1 0.0686, CNN MSE 0.0169) within 3%, on the first 2000 test images (seed 0).
@@ -129,8 +133,7 @@ def test_noise_prediction_losses_match_reference_facts():
   The full 10,000 images are evaluated by bench/diffusion_quality.py (fp_losses in its JSON).
   """
   require_data("mnist", "t10k-images-idx3-ubyte.gz")
-  from cometjax.models.cnn_ddpm import load_cnn
-  from cometjax.models.dit import load_dit
+  from cometjax.checkpoint.diffusion import load_cnn, load_dit
   images, labels = load_mnist_test()
   images, labels = images[:2000], labels[:2000]
   dit_model = load_dit()
@@ -207,14 +210,9 @@ def test_timestep_groups():
 # Integer layers
 
 
-def test_pack_unpack_int4_roundtrip():
-  values = jnp.asarray(np.random.default_rng(0).integers(-8, 8, (10, 7)), jnp.int8)
-  packed = pack_int4(values)
-  assert packed.shape == (5, 7) and packed.dtype == jnp.uint8
-  assert (int(packed[0, 0]) & 0xF) == (int(values[0, 0]) & 0xF)  # row 0 in the low nibble
-  np.testing.assert_array_equal(np.asarray(unpack_int4(packed)), np.asarray(values))
-  with pytest.raises(ValueError, match="even"):
-    pack_int4(values[:3])
+def fake_quantize_activation(x, step, zero, bits):
+  """The static quantizer's float simulation: what ActQuantizer computes for one group."""
+  return fake_static_codes(x, step, zero, bits) * step
 
 
 @pytest.mark.parametrize("weight_bits,act_bits,k", [(4, 4, 64), (4, 8, 49), (8, 8, 33)])
@@ -226,12 +224,12 @@ def test_integer_linear_matches_fake_quantization(weight_bits, act_bits, k):
   step, zero = jnp.float32(0.21), jnp.float32(-3.0)
   leaf = make_static_act_weight(q, scale, step, zero, weight_bits=weight_bits, act_bits=act_bits)
   bias = jnp.arange(12, dtype=jnp.float32)
-  got = ops.linear(x, leaf, bias)  # dispatches to leaf.quantized_matmul
+  got = ops.linear(x, leaf, bias)  # the XLA int8 path of StaticActQuantWeight
   want = fake_quantize_activation(x, step, zero, act_bits) @ (q * scale) + bias
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   assert isinstance(leaf, StaticActQuantWeight) and leaf.shape == (k, 12)
   with pytest.raises(ValueError, match="in_features"):
-    leaf.quantized_matmul(x[..., :-1])
+    ops.linear(x[..., :-1], leaf)
 
 
 def test_integer_act_matmul_matches_fake_quantization():
@@ -250,13 +248,13 @@ def test_token_act_quantizer_codes_are_the_w4ax_activation_codes(bits):
   x = jnp.asarray(rng.standard_normal((6, 32)) * rng.uniform(0.1, 10, (6, 1)), jnp.float32)
   x = x.at[2].set(0.0)  # an all-zero token keeps scale 1 and exact zeros
   fake = TokenActQuantizer(bits)(x)
-  fmt = qtypes.ActivationFormat(32, 1 if bits == 8 else 0, 1)
+  fmt = formats.ActivationFormat(32, 1 if bits == 8 else 0, 1)
   qx = quantize_act_reference(x, None, fmt)
   if bits == 8:
     codes = jnp.stack([qx.int8_part[0], qx.int8_part[1]], -1).reshape(6, 32)
     scale = qx.int8_scale
   else:
-    codes, scale = unpack_int4(qx.int4_part.T).T, qx.int4_scale
+    codes, scale = unpack_int4(qx.int4_part, axis=-1), qx.int4_scale
   np.testing.assert_allclose(np.asarray(fake), np.asarray(codes * scale[:, None]), rtol=1e-6, atol=0)
   assert np.all(np.asarray(fake[2]) == 0)
   assert len(np.unique(np.asarray(fake[0]))) <= 2 ** bits - 1  # symmetric: qmax = 2**(bits-1) - 1
@@ -264,6 +262,7 @@ def test_token_act_quantizer_codes_are_the_w4ax_activation_codes(bits):
   np.testing.assert_allclose(np.asarray(grad), 1.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_bits,act_bits,group_size,k", [(4, 4, None, 64), (4, 4, 16, 64), (4, 8, 16, 48),
                                                                (8, 8, None, 9), (8, 4, 32, 256)])
 def test_token_linear_integer_matches_fake_quantization(weight_bits, act_bits, group_size, k):
@@ -277,11 +276,11 @@ def test_token_linear_integer_matches_fake_quantization(weight_bits, act_bits, g
   layer.quant.to_integer(layer.kernel[...])
   leaf = layer.quant.integer_leaf(0)
   inner = leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
-  assert isinstance(inner, qtypes.QuantizedWeight) and inner.group_size == group_size
+  assert isinstance(inner, formats.QuantizedWeight) and inner.group_size == group_size
   assert inner.activation.int8_channels == (inner.in_features if act_bits == 8 else 0)
   assert isinstance(leaf, InputTransformWeight) == (k % 2 == 1)  # odd K is zero-padded
   with pytest.raises(ValueError, match=f"(in_features={k}|must have {k} channels)"):
-    leaf.quantized_matmul(x[..., :-1])
+    ops.linear(x[..., :-1], leaf)
   integer = layer(x, 0)
   np.testing.assert_allclose(np.asarray(integer), np.asarray(fake), rtol=1e-5, atol=1e-5)
   if weight_bits == 4:  # the Pallas W4Ax GEMM (interpret mode) computes the same numbers

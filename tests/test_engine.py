@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
-from conftest import require_data
 
-from cometjax.engine import TRACE_COUNTS, Engine
-from cometjax.generate import generate
-from cometjax.kvcache import KVQuantConfig
+from cometjax.core.kv_config import KVQuantConfig
 from cometjax.models.llama import LlamaConfig, init_llama
+from cometjax.serving.engine import TRACE_COUNTS, Engine
+from cometjax.serving.generate import generate
+
+from conftest import require_data
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=None)
@@ -17,6 +18,7 @@ def model():
   return init_llama(CONFIG, seed=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv", [None, KVQuantConfig(k_mode="channel", group_tokens=8), KVQuantConfig(k_mode="token")])
 def test_engine_equals_generate_with_fewer_slots_than_requests(model, kv):
   expected = [generate(model, [p], 12, stop_at_eos=False, kv=kv).tokens[0] for p in PROMPTS]
@@ -24,6 +26,7 @@ def test_engine_equals_generate_with_fewer_slots_than_requests(model, kv):
   assert engine.run(PROMPTS, 12) == expected
 
 
+@pytest.mark.slow
 def test_paged_pool_smaller_than_slots_times_max_len(model):
   kv = KVQuantConfig(k_mode="channel", group_tokens=8)
   expected = [generate(model, [p], 12, stop_at_eos=False, kv=kv).tokens[0] for p in PROMPTS]
@@ -80,9 +83,10 @@ def test_bad_requests(model):
     engine.submit([1] * 30, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_engine_matches_generate_on_stories260k():
-  from cometjax.models.loaders import load
+  from cometjax.checkpoint import load
 
   loaded = load(require_data("llama", "stories260K", "hf"))
   prompts = [[1], loaded.tokenizer.encode("Once upon a time, there was a dog"), loaded.tokenizer.encode("Tom and Sue")]

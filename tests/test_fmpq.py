@@ -5,8 +5,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from calib.stats import LayerStats
-from cometjax import config as qc
-from cometjax import fmpq, rotation
+from cometjax.core import rotations
+from cometjax.quant import config as qc, fmpq
 
 
 def _stats(absmax):
@@ -82,19 +82,19 @@ def test_online_rotation_pads_to_a_hadamard_size():
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 200))
 def test_hadamard_matrices_are_orthogonal(n):
-  if not rotation.hadamard_exists(n):
+  if not rotations.hadamard_exists(n):
     with pytest.raises(ValueError, match="no Hadamard matrix"):
-      rotation.hadamard_matrix(n)
-    n = rotation.hadamard_size_at_least(n)
-  h = rotation.hadamard_matrix(n)
+      rotations.hadamard_pm1(n)
+    n = rotations.hadamard_size_at_least(n)
+  h = rotations.hadamard_pm1(n)
   assert set(np.unique(h)) <= {-1.0, 1.0}
   np.testing.assert_array_equal(h @ h.T, n * np.eye(n))
-  r = rotation.random_hadamard(n, seed=3)
+  r = rotations.random_hadamard(n, seed=3)
   np.testing.assert_allclose(r @ r.T, np.eye(n), atol=1e-12)
 
 
 def test_hadamard_sizes():
-  assert rotation.hadamard_size_at_least(172) == 176
-  assert rotation.hadamard_size_at_least(172, multiple_of=32) == 192
+  assert rotations.hadamard_size_at_least(172) == 176
+  assert rotations.hadamard_size_at_least(172, multiple_of=32) == 192
   with pytest.raises(ValueError, match="positive"):
-    rotation.hadamard_size_at_least(0)
+    rotations.hadamard_size_at_least(0)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cometjax.generate import TRACE_COUNTS, SamplingConfig, bucket, generate, sample_logits
 from cometjax.models.llama import LlamaConfig, init_llama
+from cometjax.serving.generate import TRACE_COUNTS, SamplingConfig, bucket, generate, sample_logits
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=5)

@@ -6,8 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cometjax.generate import generate  # noqa: E402
-from cometjax.models.loaders import load  # noqa: E402
+from cometjax.checkpoint import load  # noqa: E402
+from cometjax.serving.generate import generate  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
               max_position_embeddings=256, initializer_range=0.1, rms_norm_eps=1e-6, bos_token_id=1,

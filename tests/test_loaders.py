@@ -10,8 +10,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
+from cometjax.checkpoint import load
+from cometjax.checkpoint.hf import config_from_hf, hf_tensor_names
+from cometjax.checkpoint.llama2c import read_llama2c
+from cometjax.errors import CheckpointError
 from cometjax.models.llama import LlamaConfig, init_llama
-from cometjax.models.loaders import CheckpointError, config_from_hf, hf_tensor_names, load, read_llama2c
 
 HF_CONFIG = dict(model_type="llama", vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -135,6 +138,7 @@ def test_unknown_path_errors(tmp_path):
     load(tmp_path)
 
 
+@pytest.mark.slow
 def test_bfloat16_model_runs_and_stays_close():
   config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
   f32 = init_llama(config, seed=0)

@@ -1,4 +1,4 @@
-"""Paged KV4 decode attention (interpret mode on CPU) against its jnp reference and `KV4Cache.read_*`.
+"""Paged KV4 decode attention (interpret mode on CPU) against its jnp reference and `PagedKV4.read_*`.
 
 The caches are random pools (codes, scales, zeros, k_recent all garbage-filled), scattered page tables
 with unallocated (-1) entries past each row's length and spare pages nobody owns, so a kernel that reads
@@ -15,24 +15,25 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cometjax import ops
-from cometjax.generate import generate
-from cometjax.kvcache import KV4Cache, KVQuantConfig
+from cometjax.core.kv import PagedKV4
+from cometjax.core.kv_config import KVQuantConfig
+from cometjax.errors import UnsupportedError
 from cometjax.models.llama import TINY_CONFIG, grouped_query_attention, init_llama, set_matmul_implementation
-from cometjax.pallas.paged_kv4_attention import (kernel_supported, paged_kv4_attention,
-                                                 paged_kv4_attention_reference)
+from cometjax.pallas.paged_kv4_attention import kernel_supported, paged_kv4_attention, paged_kv4_attention_reference
+from cometjax.serving.generate import generate
+from cometjax.serving.kvcache import KV4Cache
 
-LAYER = 1
 
-
-def random_cache(mode, lengths, *, max_len=32, page=8, kv_heads=2, head_dim=16, head_group=None, layers=2,
-                 spare_pages=3, seed=0) -> KV4Cache:
-  """A KV4Cache with random pool contents; row b owns random pages covering lengths[b] tokens."""
+def random_cache(mode, lengths, *, max_len=32, page=8, kv_heads=2, head_dim=16, head_group=None,
+                 spare_pages=3, seed=0) -> PagedKV4:
+  """One layer of a paged INT4 cache with random pool contents; row b owns random pages covering lengths[b]
+  tokens."""
   rng = np.random.default_rng(seed)
   batch, n = len(lengths), max_len // page
   num_pages = batch * n + spare_pages
   config = KVQuantConfig(k_mode=mode, group_tokens=page, head_group=head_group)
-  cache = KV4Cache.create(layers, batch, max_len, kv_heads, head_dim, config=config,
-                          page_size=None if mode == "channel" else page, num_pages=num_pages)
+  layer = KV4Cache.create(1, batch, max_len, kv_heads, head_dim, config=config,
+                          page_size=None if mode == "channel" else page, num_pages=num_pages).paged_layer(0)
   table = rng.permutation(num_pages)[:batch * n].reshape(batch, n).astype(np.int32)
   needed = -(-np.asarray(lengths) // page)
   table = np.where(np.arange(n)[None, :] < needed[:, None], table, -1)
@@ -40,14 +41,14 @@ def random_cache(mode, lengths, *, max_len=32, page=8, kv_heads=2, head_dim=16, 
   scales = lambda x: jnp.asarray(rng.uniform(0.05, 0.4, x.shape), jnp.float32)
   zeros = lambda x: jnp.asarray(rng.uniform(0.0, 15.0, x.shape), jnp.float32)
   return dataclasses.replace(
-      cache, k=codes(cache.k), v=codes(cache.v), k_scale=scales(cache.k_scale), k_zero=zeros(cache.k_zero),
-      v_scale=scales(cache.v_scale), v_zero=zeros(cache.v_zero),
-      k_recent=jnp.asarray(rng.normal(size=cache.k_recent.shape), jnp.float32),
-      length=cache.length.at[LAYER].set(jnp.asarray(lengths, jnp.int32)), page_table=jnp.asarray(table))
+      layer, k=codes(layer.k), v=codes(layer.v), k_scale=scales(layer.k_scale), k_zero=zeros(layer.k_zero),
+      v_scale=scales(layer.v_scale), v_zero=zeros(layer.v_zero),
+      k_recent=jnp.asarray(rng.normal(size=layer.k_recent.shape), jnp.float32),
+      length=jnp.asarray(lengths, jnp.int32), page_table=jnp.asarray(table))
 
 
 def random_q(cache, group_heads, seed=1, dtype=jnp.float32):
-  batch, kv_heads, head_dim = cache.page_table.shape[0], cache.k.shape[3], 2 * cache.k.shape[-1]
+  batch, kv_heads, head_dim = cache.page_table.shape[0], cache.k.shape[2], cache.head_dim
   return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, kv_heads * group_heads, head_dim)), dtype)
 
 
@@ -59,11 +60,11 @@ LENGTHS = (0, 1, 5, 8, 19, 24, 32)
 def test_reference_equals_attention_over_read_keys(mode):
   cache = random_cache(mode, LENGTHS, head_group=8 if mode != "channel" else None)
   q = random_q(cache, group_heads=4)
-  keys, values = cache.read_keys(LAYER), cache.read_values(LAYER)
+  keys, values = cache.read_keys(), cache.read_values()
   positions = jnp.arange(cache.max_len)
   mask = (positions[None, :] < jnp.asarray(LENGTHS)[:, None])[:, None, :]  # [B, 1, S]
   want = grouped_query_attention(q[:, None], keys, values, mask)[:, 0]
-  np.testing.assert_allclose(paged_kv4_attention_reference(q, cache, LAYER), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(paged_kv4_attention_reference(q, cache), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode,head_dim,group_heads,head_group,max_len,tuning", [
@@ -76,9 +77,9 @@ def test_kernel_matches_reference(mode, head_dim, group_heads, head_group, max_l
   lengths = LENGTHS + ((40, 33) if max_len == 40 else ())
   cache = random_cache(mode, lengths, max_len=max_len, head_dim=head_dim, head_group=head_group, seed=head_dim)
   q = random_q(cache, group_heads)
-  got = paged_kv4_attention(q, cache, LAYER, interpret=True, **tuning)
+  got = paged_kv4_attention(q, cache, interpret=True, **tuning)
   assert not np.any(np.isnan(got)), "an unwritten partial (interpret mode poisons outputs with NaN)"
-  np.testing.assert_allclose(got, paged_kv4_attention_reference(q, cache, LAYER), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(got, paged_kv4_attention_reference(q, cache), rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(got[0], 0.0)  # length 0: no key, zeros
 
 
@@ -86,12 +87,13 @@ def test_explicit_lengths_and_bf16():
   cache = random_cache("channel", (32, 32, 32), head_dim=16)
   lengths = jnp.array([3, 16, 29], jnp.int32)  # the open group follows lengths, not cache.length
   q = random_q(cache, 2, dtype=jnp.bfloat16)
-  got = paged_kv4_attention(q, cache, LAYER, lengths, interpret=True, num_splits=2)
+  got = paged_kv4_attention(q, cache, lengths, interpret=True, num_splits=2)
   assert got.dtype == jnp.bfloat16
-  want = paged_kv4_attention_reference(q, cache, LAYER, lengths)
+  want = paged_kv4_attention_reference(q, cache, lengths)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.slow
 @settings(max_examples=3, deadline=None)
 @given(mode=st.sampled_from(["token", "hadamard", "channel"]), pages=st.integers(1, 5),
        page=st.sampled_from([2, 4, 8]), batch=st.integers(1, 3), kv_heads=st.integers(1, 2),
@@ -101,18 +103,20 @@ def test_paged_kv4_attention_fuzz(mode, pages, page, batch, kv_heads, group_head
   lengths = tuple(np.random.default_rng(seed).integers(0, max_len + 1, batch))
   cache = random_cache(mode, lengths, max_len=max_len, page=page, kv_heads=kv_heads, head_dim=8, seed=seed)
   q = random_q(cache, group_heads, seed=seed)
-  got = paged_kv4_attention(q, cache, LAYER, interpret=True, num_splits=num_splits, pages_per_block=1)
-  np.testing.assert_allclose(got, paged_kv4_attention_reference(q, cache, LAYER), rtol=2e-5, atol=2e-5)
+  got = paged_kv4_attention(q, cache, interpret=True, num_splits=num_splits, pages_per_block=1)
+  np.testing.assert_allclose(got, paged_kv4_attention_reference(q, cache), rtol=2e-5, atol=2e-5)
 
 
 def test_attention_paged_kv4_dispatch():
   cache = random_cache("token", LENGTHS, head_dim=8)
   q = random_q(cache, 2)
-  want = ops.attention_paged_kv4(q, cache, LAYER, implementation="xla")
-  np.testing.assert_allclose(ops.attention_paged_kv4(q, cache, LAYER, implementation="interpret"), want,
+  want = ops.attention_paged_kv4(q, cache, implementation="xla")
+  np.testing.assert_allclose(ops.attention_paged_kv4(q, cache, implementation="interpret"), want,
                              rtol=2e-5, atol=2e-5)
-  assert not kernel_supported(cache)  # head_dim 8: the compiled kernel cannot tile it ...
-  np.testing.assert_array_equal(ops.attention_paged_kv4(q, cache, LAYER, implementation="pallas"), want)  # -> XLA
+  np.testing.assert_array_equal(ops.attention_paged_kv4(q, cache, implementation="auto"), want)  # CPU: XLA
+  assert not kernel_supported(cache)  # head_dim 8: the compiled kernel cannot tile it, so asking for it fails
+  with pytest.raises(UnsupportedError, match="attention_paged_kv4: implementation='pallas' cannot serve.*head_dim=8"):
+    ops.attention_paged_kv4(q, cache, implementation="pallas")
 
 
 def test_write_is_update_without_the_read():
@@ -129,25 +133,23 @@ def test_errors():
   cache = random_cache("token", (4, 9), head_dim=8)
   q = random_q(cache, 2)
   with pytest.raises(ValueError, match="q must be"):
-    paged_kv4_attention(q[:, None], cache, LAYER, interpret=True)
+    paged_kv4_attention(q[:, None], cache, interpret=True)
   with pytest.raises(ValueError, match="q must be"):
-    paged_kv4_attention(q[:1], cache, LAYER, interpret=True)
+    paged_kv4_attention(q[:1], cache, interpret=True)
   with pytest.raises(ValueError, match="q must be"):
-    paged_kv4_attention(q[..., :4], cache, LAYER, interpret=True)
+    paged_kv4_attention(q[..., :4], cache, interpret=True)
   with pytest.raises(ValueError, match="q's heads"):
-    paged_kv4_attention(q[:, :3], cache, LAYER, interpret=True)
+    paged_kv4_attention(q[:, :3], cache, interpret=True)
   with pytest.raises(ValueError, match="lengths"):
-    paged_kv4_attention(q, cache, LAYER, jnp.array([3]), interpret=True)
-  with pytest.raises(ValueError, match="layer"):
-    paged_kv4_attention(q, cache, 2, interpret=True)
-  with pytest.raises(ValueError, match="cache"):
-    paged_kv4_attention_reference(q, (cache.k, cache.v), LAYER)
+    paged_kv4_attention(q, cache, jnp.array([3]), interpret=True)
+  with pytest.raises(ValueError, match="kv must be a PagedKV4"):
+    paged_kv4_attention_reference(q, (cache.k, cache.v))
   with pytest.raises(ValueError, match="block_h"):
-    paged_kv4_attention(q, cache, LAYER, block_h=3, interpret=True)
+    paged_kv4_attention(q, cache, block_h=3, interpret=True)
   with pytest.raises(ValueError, match="num_splits"):
-    paged_kv4_attention(q, cache, LAYER, num_splits=0, interpret=True)
+    paged_kv4_attention(q, cache, num_splits=0, interpret=True)
   with pytest.raises(ValueError, match="compiled kernel"):
-    paged_kv4_attention(q, cache, LAYER)  # head_dim 8 cannot be tiled for Triton
+    paged_kv4_attention(q, cache)  # head_dim 8 cannot be tiled for Triton
 
 
 @pytest.mark.parametrize("mode", ["token", "channel"])
@@ -158,14 +160,15 @@ def test_lowers_to_triton(mode):
 
   spec = jax.ShapeDtypeStruct
   cache = jax.eval_shape(lambda: KV4Cache.create(2, 4, 256, 2, 128, dtype=jnp.bfloat16, num_pages=40,
-                                                 config=KVQuantConfig(k_mode=mode, group_tokens=32)))
+                                                 config=KVQuantConfig(k_mode=mode, group_tokens=32)).paged_layer(1))
   exported = export.export(
-      jax.jit(lambda q, cache: paged_kv4_attention(q, cache, 1)), platforms=["cuda"],
+      jax.jit(lambda q, cache: paged_kv4_attention(q, cache)), platforms=["cuda"],
       disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
           spec((4, 8, 128), jnp.bfloat16), cache)
   assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 1
 
 
+@pytest.mark.slow
 def test_llama_decode_with_kernel_matches_xla():
   """Greedy generation over a KV4 cache (default channel mode): Attention's kernel path ("interpret")
   gives the tokens of the dequantize-the-layer path ("xla")."""

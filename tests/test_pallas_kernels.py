@@ -6,18 +6,20 @@ tile shows up as NaN / -128 / a mismatch. The int8 codes never reach -128 (they 
 """
 
 import jax
-from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
+from jax.experimental import pallas as pl
 
 from cometjax import ops
+from cometjax.core.formats import ActivationFormat, QuantizedActivation, QuantizedWeight, quantize_weight
+from cometjax.core.kv import QuantizedKV, quantize_kv
+from cometjax.errors import UnsupportedError
 from cometjax.pallas.kv4_attention import kv4_attention, kv4_attention_reference, kv4_decode_attention
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference
 from cometjax.pallas.w4ax_matmul import w4ax_matmul, w4ax_matmul_reference
-from cometjax.qtypes import (ActivationFormat, QuantizedActivation, QuantizedKV, QuantizedWeight, quantize_kv,
-                             quantize_weight)
+
 from kernel_cases import integer_gemm_case
 
 FUZZ = settings(max_examples=5, deadline=None)
@@ -126,6 +128,7 @@ def test_w4ax_matmul_bf16_output_and_linear_dispatch():
   np.testing.assert_array_equal(np.asarray(y_interpret, np.float32), np.asarray(y_xla, np.float32))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(m=st.integers(1, 9), block_size=st.sampled_from([16, 32]), num_blocks=st.integers(1, 3),
        int8_share=st.floats(0, 1), n=st.sampled_from([16, 48]), grouped=st.booleans(),
@@ -192,6 +195,7 @@ def test_kv4_decode_empty_row_gives_zeros():
   np.testing.assert_array_equal(kv4_attention_reference(q[:, None], kv, jnp.array([0, 32]))[0], 0.0)
 
 
+@pytest.mark.slow
 @settings(max_examples=3, deadline=None)
 @given(batch=st.integers(1, 3), seq_tiles=st.integers(1, 4), kv_heads=st.sampled_from([1, 2]),
        group_heads=st.sampled_from([1, 4]), num_queries=st.sampled_from([1, 3]), k_splits=st.sampled_from([1, 2, 4]),
@@ -265,14 +269,15 @@ def test_w4ax_linear_lowers_to_triton(group_size):
   assert calls == 2  # quantize_act + w4ax_matmul
 
 
-def test_small_blocks_fall_back_to_xla_gemm_when_compiled():
+def test_explicit_pallas_refuses_what_the_compiled_gemm_cannot_tile():
   k, n = 64, 32
-  spec = jax.ShapeDtypeStruct
-  qw = QuantizedWeight(spec((k // 2, n), jnp.uint8), spec((1, n), jnp.float32), None, bits=4, group_size=None,
-                       shape=(k, n), activation=ActivationFormat(32, 1, 2))
-  calls = _triton_calls_when_lowered_for_cuda(lambda x, qw: ops.linear(x, qw, implementation="pallas"),
-                                              spec((3, k), jnp.float32), qw)
-  assert calls == 1  # quantize_act only; the GEMM takes the XLA int8 path
+  rng = np.random.default_rng(0)
+  qw = quantize_weight(rng.normal(size=(k, n)).astype(np.float32), 4, activation=ActivationFormat(32, 1, 2))
+  x = jnp.asarray(rng.normal(size=(3, k)), jnp.float32)
+  with pytest.raises(UnsupportedError, match="linear: implementation='pallas' cannot serve this QuantizedWeight"
+                                             ".*cannot tile it"):
+    ops.linear(x, qw, implementation="pallas")  # 32-channel blocks: the compiled GEMM needs multiples of 64
+  np.testing.assert_array_equal(ops.linear(x, qw, implementation="auto"), ops.linear(x, qw, implementation="xla"))
 
 
 def test_kv4_attention_lowers_to_triton():

@@ -1,4 +1,4 @@
-"""Shared quantized formats: INT4 packing, quantizers, QuantizedWeight / QuantizedKV pytrees."""
+"""Formats and numerics (`cometjax.core`): INT4 packing, quantizers, QuantizedWeight / QuantizedKV pytrees."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +7,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cometjax import ops
-from cometjax.qtypes import (ActivationFormat, QuantizedWeight, dequantize_asymmetric, dequantize_kv,
-                             dequantize_symmetric, dequantize_weight, pack_int4, quantize_asymmetric,
-                             quantize_kv, quantize_symmetric, quantize_weight, unpack_int4)
+from cometjax.core.formats import ActivationFormat, QuantizedWeight, dequantize_weight, quantize_weight
+from cometjax.core.kv import dequantize_kv, quantize_kv
+from cometjax.core.numerics import (dequantize_asymmetric, dequantize_symmetric, pack_int4, quantize_asymmetric,
+                                    quantize_symmetric, unpack_int4)
+from cometjax.errors import UnsupportedError
 
 FUZZ = settings(max_examples=25, deadline=None)
 
@@ -114,6 +116,16 @@ def test_quantize_weight_layout_and_dequantize(group_size):
   np.testing.assert_allclose(values * scales, permuted, rtol=1e-6)
 
 
+def test_pack_int4_along_rows():
+  values = jnp.asarray(np.random.default_rng(0).integers(-8, 8, (10, 7)), jnp.int8)
+  packed = pack_int4(values, axis=0)
+  assert packed.shape == (5, 7) and packed.dtype == jnp.uint8
+  assert (int(packed[0, 0]) & 0xF) == (int(values[0, 0]) & 0xF)  # row 0 in the low nibble
+  np.testing.assert_array_equal(np.asarray(unpack_int4(packed, axis=0)), np.asarray(values))
+  with pytest.raises(ValueError, match="even"):
+    pack_int4(values[:3], axis=0)
+
+
 def test_quantize_weight_errors():
   w = np.zeros((64, 8), np.float32)
   with pytest.raises(ValueError, match="group_size"):
@@ -128,9 +140,9 @@ def test_quantize_weight_errors():
   bad = QuantizedWeight(data=qw.data, scales=jnp.ones((2, 8)), perm=None, bits=4, group_size=None,
                         shape=(64, 8))
   with pytest.raises(ValueError, match="scales must have shape"):
-    bad.quantized_matmul(jnp.zeros((1, 64)), "xla")
+    ops.linear(jnp.zeros((1, 64)), bad, implementation="xla")
   with pytest.raises(ValueError, match="channels"):
-    qw.quantized_matmul(jnp.zeros((1, 32)), "xla")
+    ops.linear(jnp.zeros((1, 32)), qw, implementation="xla")
 
 
 @pytest.mark.parametrize("bits,int8_fraction", [(4, None), (4, 0.0), (4, 0.5), (8, 1.0), (8, None)])
@@ -142,9 +154,13 @@ def test_linear_quantized_paths_agree(bits, int8_fraction):
   fmt = None if int8_fraction is None else ActivationFormat.for_features(k, 32, int8_fraction)
   qw = quantize_weight(w, bits=bits, activation=fmt, perm=rng.permutation(k).astype(np.int32))
   y_xla = ops.linear(x, qw, implementation="xla")
-  y_interpret = ops.linear(x, qw, implementation="interpret")
   assert y_xla.shape == (2, 3, n) and y_xla.dtype == jnp.float32
-  np.testing.assert_allclose(y_interpret, y_xla, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(ops.linear(x, qw, implementation="auto"), y_xla)  # CPU: auto is XLA
+  if bits == 4 and fmt is not None:  # the Pallas kernels serve W4Ax
+    np.testing.assert_allclose(ops.linear(x, qw, implementation="interpret"), y_xla, rtol=1e-5, atol=1e-5)
+  else:  # no Pallas kernel serves A16 or 8-bit weights: an explicit request says so
+    with pytest.raises(UnsupportedError, match="A16|4-bit weights"):
+      ops.linear(x, qw, implementation="interpret")
   exact = x @ w
   tolerance = 0.25 if bits == 4 else 0.05  # 4-bit RTN on Gaussian data is coarse
   assert float(jnp.max(jnp.abs(y_xla - exact)) / jnp.max(jnp.abs(exact))) < tolerance
@@ -155,7 +171,7 @@ def test_w8a8_uses_int8_dot():
   w = np.random.default_rng(3).normal(size=(k, n)).astype(np.float32)
   qw = quantize_weight(w, bits=8, activation=ActivationFormat(16, 2, 2))
   assert qw.data.dtype == jnp.int8 and qw.data.shape == (k, n)
-  jaxpr = str(jax.make_jaxpr(lambda x: qw.quantized_matmul(x, "xla"))(jnp.ones((2, k))))
+  jaxpr = str(jax.make_jaxpr(lambda x: ops.linear(x, qw, implementation="xla"))(jnp.ones((2, k))))
   assert "preferred_element_type=int32" in jaxpr
 
 
@@ -169,7 +185,7 @@ def test_quantized_weight_is_a_pytree_through_jit_and_nnx():
   assert len(leaves) == 3  # data, scales, perm; the rest is static
   x = jnp.ones((2, k))
   y = jax.jit(lambda qw, x: ops.linear(x, qw, implementation="xla"))(qw, x)
-  np.testing.assert_allclose(y, qw.quantized_matmul(x, "xla"), rtol=1e-6)
+  np.testing.assert_allclose(y, ops.linear(x, qw, implementation="xla"), rtol=1e-6)
 
   class Layer(nnx.Module):
     def __init__(self):

@@ -1,6 +1,5 @@
 """quantize(): configs and presets, per-layer formats, padding, rotation, save/load, bad input."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,14 +7,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from calib.pipeline import calibrate_and_quantize
 from calib.stats import collect_stats
-from cometjax import config as qc
-from cometjax import rotation
-from cometjax.kvcache import KVQuantConfig
+from cometjax import ops
+from cometjax.checkpoint.quantized import load_quantized, save_quantized
+from cometjax.core.formats import InputTransformWeight, QuantizedWeight
+from cometjax.core.kv_config import KVQuantConfig
 from cometjax.models.llama import LlamaConfig, init_llama
-from cometjax.qtypes import QuantizedWeight
-from cometjax.quantize import (InputTransformWeight, calibrate_and_quantize, linear_layers, load_quantized,
-                               quantization_report, quantize, quantize_layer, save_quantized)
+from cometjax.quant import config as qc, rotation
+from cometjax.quant.layer import quantize_layer
+from cometjax.quant.report import quantization_report
+from cometjax.quant.transform import quantize
+from cometjax.quant.tree import linear_layers
 
 # 44 = intermediate width that is not a multiple of the FMPQ block (16 auto): exercises padding
 SMALL = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=44, num_layers=2, num_heads=4,
@@ -112,6 +115,7 @@ def test_auto_block_size():
 # quantize
 
 
+@pytest.mark.slow
 def test_w4a16_rtn_leaves_bytes_and_accuracy(model):
   q = quantize(model, qc.preset("w4a16").replace(weights=qc.WeightQuantConfig(method="rtn")), progress=False)
   _, state = nnx.split(q)
@@ -127,6 +131,7 @@ def test_w4a16_rtn_leaves_bytes_and_accuracy(model):
   assert rel_err(logits(q), logits(model)) < 0.3
 
 
+@pytest.mark.slow
 def test_w8a8_is_close_to_float(model):
   q = quantize(model, qc.preset("w8a8"), progress=False)
   assert rel_err(logits(q), logits(model)) < 0.02
@@ -172,9 +177,9 @@ def test_group_size_that_does_not_divide_pads_to_a_common_multiple():
   leaf = quantize_layer("l", w, config)
   assert isinstance(leaf, InputTransformWeight) and leaf.inner.in_features == 48
   x = jnp.asarray(np.random.default_rng(1).standard_normal((5, 40)), jnp.float32)
-  np.testing.assert_allclose(leaf.quantized_matmul(x), x @ w, rtol=0.02, atol=0.05)
+  np.testing.assert_allclose(ops.linear(x, leaf, implementation="xla"), x @ w, rtol=0.02, atol=0.05)
   with pytest.raises(ValueError, match="x must have 40 channels"):
-    leaf.quantized_matmul(x[:, :32])
+    ops.linear(x[:, :32], leaf, implementation="xla")
 
 
 FMPQ_RTN = qc.QuantConfig(weights=qc.WeightQuantConfig(method="rtn"),
@@ -183,8 +188,8 @@ FMPQ_RTN = qc.QuantConfig(weights=qc.WeightQuantConfig(method="rtn"),
 
 def test_padded_fmpq_layer_equals_unpadded_math(model, windows):
   """down_proj has K=44, auto block 8, padded to 48 with zeros; equals fake-quant math on the real 44."""
-  from calib.clipping import fake_quantize_activation
-  from cometjax.qtypes import dequantize_weight
+  from cometjax.core.formats import dequantize_weight
+  from cometjax.quant.clipping import fake_quantize_fmpq as fake_quantize_activation
   config = FMPQ_RTN
   stats = collect_stats(model, config, windows, batch_size=4, progress=False)
   q = quantize(model, config, stats, progress=False)
@@ -197,7 +202,7 @@ def test_padded_fmpq_layer_equals_unpadded_math(model, windows):
   xp = jnp.pad(x, ((0, 0), (0, 4)))
   expected = fake_quantize_activation(xp[:, np.asarray(inner.perm)] if inner.perm is not None else xp,
                                       inner.activation) @ dequantize_weight(inner)
-  np.testing.assert_allclose(leaf.quantized_matmul(x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ops.linear(x, leaf, implementation="xla"), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_fmpq_int4_fraction_and_permuted_outliers(model, windows):
@@ -213,8 +218,8 @@ def test_fmpq_int4_fraction_and_permuted_outliers(model, windows):
 
 
 def test_int4_region_rotation_keeps_int8_channels_and_matches_its_math(model, windows):
-  from calib.clipping import fake_quantize_activation
-  from cometjax.qtypes import dequantize_weight
+  from cometjax.core.formats import dequantize_weight
+  from cometjax.quant.clipping import fake_quantize_fmpq as fake_quantize_activation
   config = qc.preset("w4ax").replace(weights=qc.WeightQuantConfig(method="rtn"))
   assert config.activations.rotate_int4
   stats = collect_stats(model, config, windows, batch_size=4, progress=False)
@@ -230,12 +235,12 @@ def test_int4_region_rotation_keeps_int8_channels_and_matches_its_math(model, wi
   np.testing.assert_array_equal(xt[:, :8], x[:, np.asarray(leaf.perm)[:8]])  # INT8 channels untouched
   np.testing.assert_allclose(np.linalg.norm(xt, axis=1), np.linalg.norm(x, axis=1), rtol=1e-5)
   expected = fake_quantize_activation(xt, leaf.inner.activation) @ dequantize_weight(leaf.inner)
-  np.testing.assert_allclose(leaf.quantized_matmul(x), expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ops.linear(x, leaf, implementation="xla"), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_large_int4_regions_use_shared_hadamard_chunks():
-  from cometjax.qtypes import ActivationFormat
-  from cometjax.quantize import int4_region_blocks
+  from cometjax.core.formats import ActivationFormat
+  from cometjax.quant.layer import int4_region_blocks
   blocks = int4_region_blocks(ActivationFormat(128, 8, 32))  # K4 = 3072 > 1024
   assert blocks.shape == (3, 1024, 1024)
   np.testing.assert_allclose(blocks[0] @ blocks[0].T, np.eye(1024), atol=1e-10)
@@ -254,6 +259,7 @@ def test_rotation_with_w8a8_stays_close(model):
   assert rel_err(logits(q), logits(model)) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset_name", ["w4ax-kv4", "w4a16"])
 def test_save_load_is_bit_exact(model, windows, tmp_path, preset_name):
   config = qc.preset(preset_name).replace(rotation="hadamard") if preset_name == "w4ax-kv4" else qc.preset(preset_name)

@@ -13,14 +13,15 @@ pytestmark = pytest.mark.realdata
 
 
 def _parser():
-  from cometjax.cli_quantize import add_quantize_command
+  from cometjax.cli.quantize import add_command as add_quantize_command
   parser = argparse.ArgumentParser()
   add_quantize_command(parser.add_subparsers(dest="command", required=True))
   return parser
 
 
+@pytest.mark.slow
 def test_quantize_cli_w4ax_kv4_saves_a_loadable_model(tmp_path, capsys):
-  from cometjax.models.loaders import load
+  from cometjax.checkpoint import load
   model = require_data("llama", "stories260K", "hf")
   text = require_data("text", "tinystories_val.txt")
   out = tmp_path / "q"

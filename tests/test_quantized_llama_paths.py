@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cometjax.generate import generate
+from cometjax.core.formats import ActivationFormat, is_quantized_leaf, quantize_weight
 from cometjax.models.llama import LlamaConfig, init_llama, set_matmul_implementation
-from cometjax.qtypes import ActivationFormat, quantize_weight
+from cometjax.serving.generate import generate
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
                      tie_word_embeddings=False, eos_token_id=None)
@@ -32,10 +32,11 @@ def test_every_projection_is_quantized():
   layer = model.layers[0]
   projections = [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-  assert all(hasattr(p.kernel.get_value(), "quantized_matmul") for p in projections)
-  assert not hasattr(model.lm_head.kernel.get_value(), "quantized_matmul")  # the head stays float
+  assert all(is_quantized_leaf(p.kernel.get_value()) for p in projections)
+  assert not is_quantized_leaf(model.lm_head.kernel.get_value())  # the head stays float
 
 
+@pytest.mark.slow
 def test_xla_and_interpret_paths_agree():
   tokens = np.random.default_rng(1).integers(0, 64, (2, 8))
   outputs = {}

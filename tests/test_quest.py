@@ -2,18 +2,19 @@
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from calib.adaround import AdaRoundConfig, CalibrationConfig, PTQConfig, run_ptq
-from calib.quest import (CNN_QUEST, DIT_QUEST, SettingRecipe, format_report, gain_penalty, global_loss,
-                         quantize_for_setting, quest_finetune, selected_layers)
-from cometjax.diffusion import schedule_for
-from cometjax.quest_quant import (StaticActQuantWeight, attach_quantizers, named_modules, preset, QuantLinear,
-                                  to_integer)
+from calib.quest import (CNN_QUEST, DIT_QUEST, format_report, gain_penalty, quantize_for_setting, quest_finetune,
+                         selected_layers)
+from cometjax.core.formats import StaticActQuantWeight
+from cometjax.diffusion.attach import attach_quantizers, named_modules, to_integer
+from cometjax.diffusion.config import preset
+from cometjax.diffusion.sampling import schedule_for
+from cometjax.models.layers import QuantLinear
 from tests.conftest import require_data
 
 TINY_CALIBRATION = CalibrationConfig(num_trajectories=8, ddim_steps=4, num_samples=32, record_samples=16)
@@ -23,7 +24,7 @@ TINY_ADAROUND = AdaRoundConfig(iterations=4, batch_samples=4)
 @pytest.fixture(scope="module")
 def dit_ptq():
   require_data("diffusion", "mnist_dit", "model.safetensors")
-  from cometjax.models.dit import load_dit
+  from cometjax.checkpoint.diffusion import load_dit
   model = load_dit()
   schedule = schedule_for(model)
   quant = preset("w4a4")
@@ -48,13 +49,13 @@ def test_ptq_report_and_edge_layers(dit_ptq):
 @pytest.mark.realdata
 def test_adaround_one_layer(dit_ptq):
   from calib.adaround import adaround_layer, record_layer_inputs
-  from cometjax.models.dit import load_dit
+  from cometjax.checkpoint.diffusion import load_dit
   _, schedule, quant, calib, _ = dit_ptq
   small = calib.take(np.arange(8))
   records = record_layer_inputs(load_dit(), schedule, small)
   model = load_dit()
-  from cometjax.quest_quant import attach_quantizers
   from calib.adaround import calibrate_activations
+  from cometjax.diffusion.attach import attach_quantizers
   attach_quantizers(model, quant)
   groups = np.asarray(quant.timestep_group(small.index))
   calibrate_activations(model, records, groups, quant.num_timestep_groups)
@@ -71,6 +72,7 @@ def test_adaround_one_layer(dit_ptq):
   assert layer.quant.weight.rounding == "nearest"
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_quest_finetune_trains_the_selected_subset_and_lowers_the_loss(dit_ptq):
   model, schedule, quant, calib, _ = dit_ptq
@@ -91,6 +93,7 @@ def test_quest_finetune_trains_the_selected_subset_and_lowers_the_loss(dit_ptq):
   assert "TLA" in format_report(report)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_quest_iterate_averaging(dit_ptq):
   model, schedule, quant, calib, _ = dit_ptq
@@ -112,10 +115,11 @@ def test_quest_iterate_averaging(dit_ptq):
     dataclasses.replace(DIT_QUEST, average_fraction=1.5)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_class_gain_loss_needs_and_uses_other_labels(dit_ptq):
   from calib.adaround import with_other_labels
-  from cometjax.models.dit import load_dit
+  from cometjax.checkpoint.diffusion import load_dit
   model, schedule, quant, calib, _ = dit_ptq
   config = dataclasses.replace(DIT_QUEST, steps=2, batch_size=8, class_gain_weight=1.0, eps_gain_weight=1.0)
   with pytest.raises(ValueError, match="other_labels"):
@@ -136,8 +140,8 @@ def test_class_gain_loss_needs_and_uses_other_labels(dit_ptq):
 @pytest.mark.realdata
 def test_act_bits_overrides_pick_the_input_bits_of_matching_layers():
   require_data("diffusion", "mnist_dit", "model.safetensors")
-  from cometjax.models.dit import load_dit
-  from cometjax.quest_quant import attach_quantizers
+  from cometjax.checkpoint.diffusion import load_dit
+  from cometjax.diffusion.attach import attach_quantizers
   quant = dataclasses.replace(preset("w4a4"), act_bits_overrides=((r"gamma|beta|alpha|time_mlp", 8),))
   layers = dict(named_modules(attach_quantizers(load_dit(), quant), QuantLinear))
   assert layers["blocks.1.gamma2"].quant.act.bits == 8 and layers["time_mlp1"].quant.act.bits == 8
@@ -150,6 +154,7 @@ def _forward(model, x, t, y, group):
   return model(x, t, y, group)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_integer_execution_matches_fake_quantization(dit_ptq):
   model, schedule, quant, calib, _ = dit_ptq
@@ -169,21 +174,21 @@ def test_integer_execution_matches_fake_quantization(dit_ptq):
   assert fake.shape == (8, 1, 28, 28)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.parametrize("kind,rotation", [("dit", None), ("cnn", None), ("dit", "hadamard"), ("cnn", "hadamard")])
 def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rotation):
-  """act_granularity="token": the layers run the W4Ax GEMM path (qtypes.QuantizedWeight leaves; with the
+  """act_granularity="token": the layers run the W4Ax GEMM path (formats.QuantizedWeight leaves; with the
   online rotation, inside an InputTransformWeight).  The rotated runs also AdaRound a few steps, whose
   float target goes through the rotated kernel (QuantConv: im2col).
 
   Attention matmuls stay in float here: a static quantizer there puts the p@v output on a lattice whose
   exact rounding ties the per-token quantizer of the next layer may break differently in the two paths.
   """
-  from cometjax import qtypes
-  from cometjax.quantize import InputTransformWeight
+  from cometjax.core import formats
+  from cometjax.core.formats import InputTransformWeight
   require_data("diffusion", f"mnist_{kind}", "model.safetensors")
-  from cometjax.models.cnn_ddpm import load_cnn
-  from cometjax.models.dit import load_dit
+  from cometjax.checkpoint.diffusion import load_cnn, load_dit
   model = load_dit() if kind == "dit" else load_cnn()
   schedule = schedule_for(model)
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", weight_group_size=16,
@@ -207,15 +212,16 @@ def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rot
   if rotation:
     assert isinstance(leaf, InputTransformWeight) and leaf.region is not None
     leaf = leaf.inner
-  assert isinstance(leaf, qtypes.QuantizedWeight) and leaf.group_size == 16 and leaf.activation.int8_channels == 0
+  assert isinstance(leaf, formats.QuantizedWeight) and leaf.group_size == 16 and leaf.activation.int8_channels == 0
   got = forward(model, x, index)
   assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-3  # a rare rounding tie may flip
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_cnn_quest_smoke():
   require_data("diffusion", "mnist_cnn", "model.safetensors")
-  from cometjax.models.cnn_ddpm import load_cnn
+  from cometjax.checkpoint.diffusion import load_cnn
   model = load_cnn()
   schedule = schedule_for(model)
   quant = preset("w4a4")
@@ -260,7 +266,7 @@ def test_cli_sample_fp_and_saved_quantized(tmp_path):
   require_data("diffusion", "mnist_dit", "model.safetensors")
   import argparse
 
-  from cometjax.cli_sample import add_sample_command
+  from cometjax.cli.sample import add_command as add_sample_command
   parser = argparse.ArgumentParser()
   add_sample_command(parser.add_subparsers())
   out = tmp_path / "s.png"
@@ -273,12 +279,13 @@ def test_cli_sample_fp_and_saved_quantized(tmp_path):
     bad.func(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_saved_rotated_token_model_reloads_with_the_same_output(tmp_path):
   """The kernels of a rotated model are R^T W: the saved state must rebuild the same integer model."""
   require_data("diffusion", "mnist_dit", "model.safetensors")
-  from cometjax.cli_sample import load_quantized, save_quantized
-  from cometjax.models.dit import load_dit
+  from cometjax.checkpoint.diffusion import (load_dit, load_quantized_diffusion as load_quantized,
+                                             save_quantized_diffusion as save_quantized)
   model = load_dit()
   schedule = schedule_for(model)
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", rotation="hadamard")
@@ -296,6 +303,7 @@ def test_saved_rotated_token_model_reloads_with_the_same_output(tmp_path):
   np.testing.assert_array_equal(np.asarray(forward(loaded, x, index)), np.asarray(want))
 
 
+@pytest.mark.slow
 @pytest.mark.realdata
 def test_diffusion_quality_bench_smoke(tmp_path):
   require_data("diffusion", "mnist_dit", "model.safetensors")

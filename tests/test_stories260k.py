@@ -7,11 +7,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import require_data
 
-from cometjax.generate import generate
-from cometjax.models.loaders import Llama2cTokenizer, SentencePieceTokenizer, load
-from cometjax.perplexity import perplexity
+from cometjax.checkpoint import load
+from cometjax.checkpoint.tokenizers import Llama2cTokenizer, SentencePieceTokenizer
+from cometjax.serving.generate import generate
+from cometjax.serving.perplexity import perplexity
+
+from conftest import require_data
 
 pytestmark = pytest.mark.realdata
 
@@ -36,6 +38,7 @@ def llama2c():
   return load(require_data("llama", "stories260K", "llama2c", "stories260K.bin"))
 
 
+@pytest.mark.slow
 def test_both_formats_give_the_same_logits(hf, llama2c):
   tokens = np.array([[1, 403, 407, 261, 378, 432, 383, 286, 261]])
   a, _ = hf.model(tokens)
@@ -63,6 +66,7 @@ def test_tokenizers_agree_on_a_story(hf, llama2c):
   assert bin_tok.decode(ids) == text == hf.tokenizer.decode(ids)
 
 
+@pytest.mark.slow
 def test_perplexity_matches_reference(hf):
   text = require_data("text", "tinystories_val.txt").read_text(encoding="utf-8")
   result = perplexity(hf.model, hf.tokenizer, text, batch_size=16, progress=False)
@@ -85,6 +89,7 @@ def _cli(*args):
   return proc.stdout.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_cli_generate_json_on_both_formats():
   for model in (require_data("llama", "stories260K", "hf"),
                 require_data("llama", "stories260K", "llama2c", "stories260K.bin")):
@@ -94,6 +99,7 @@ def test_cli_generate_json_on_both_formats():
     assert out["decode_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_installed_console_script():
   """The `cometjax` entry point that `pip install` puts beside the interpreter."""
   import pathlib
@@ -110,6 +116,7 @@ def test_installed_console_script():
   assert json.loads(proc.stdout.strip().splitlines()[-1])["token_ids"] == REFERENCE_IDS[:16]
 
 
+@pytest.mark.slow
 def test_cli_eval_ppl_subset():
   lines = _cli("eval-ppl", "--model", str(require_data("llama", "stories260K", "hf")),
                "--text", str(require_data("text", "tinystories_val.txt")), "--max-documents", "30", "--json")

@@ -13,20 +13,22 @@ Poisoning: the interpreter fills unwritten output memory with NaN (pinned down b
 """
 
 import jax
-from jax import export
-from jax.experimental.pallas import mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from cometjax import ops
+from cometjax.core.formats import ActivationFormat, QuantizedActivation, QuantizedWeight, quantize_weight
+from cometjax.ops import registry
 from cometjax.pallas import w4ax_matmul_sm90 as sm90
 from cometjax.pallas.quantize_act import quantize_act_reference
 from cometjax.pallas.w4ax_matmul import w4ax_matmul_reference
-from cometjax.qtypes import ActivationFormat, QuantizedActivation, QuantizedWeight, quantize_weight
+
 from kernel_cases import integer_gemm_case
 
-on_hopper = pytest.mark.skipif(not sm90.is_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
+on_hopper = pytest.mark.skipif(not registry.is_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
 
 
 def _problem(m, k, n, block_size, num_int8_blocks, group_size=None, seed=0, dtype=np.float32):
@@ -158,7 +160,6 @@ def test_support_predicates():
   assert not sm90.shape_supported(weight(512, 256, 32))  # 32-channel blocks
   assert not sm90.shape_supported(weight(512, 256, 128, group_size=32))
   assert not sm90.shape_supported(weight(512, 256, 128, bits=8))
-  assert sm90.supported(weight(4096, 4096, 128), 16) == sm90.is_hopper()
   assert sm90.W4AxSm90Tuning().resolve(3, 4096, 128).block_m == 64
   assert sm90.W4AxSm90Tuning(block_m=128).resolve(300, 4096, 128).block_m == 128
   assert sm90.W4AxSm90Tuning(block_n=256, block_k=256).resolve(1, 192, 64) == sm90.W4AxSm90Tuning(
@@ -201,9 +202,10 @@ def test_lowers_for_cuda(num_int8_blocks, group_size, schedule, out_dtype, tiles
   assert calls >= 1
 
 
-def test_linear_dispatches_to_sm90_on_hopper(monkeypatch):
-  """The qtypes hook: with `supported` true (as on Hopper), "pallas" lowers to the Mosaic GPU GEMM."""
-  monkeypatch.setattr(sm90, "supported", lambda qw, m: sm90.shape_supported(qw))
+def test_linear_dispatches_to_sm90_where_the_validation_table_prefers_it(monkeypatch):
+  """With the device's validation table preferring it (as a validated Hopper run would write), "pallas"
+  lowers to the Mosaic GPU GEMM."""
+  monkeypatch.setattr(registry, "preferred_kernel", lambda kernel, kind=None: "w4ax_matmul_sm90")
   _, qw = _abstract(3, 256, 128, 128, 1)
   spec = jax.ShapeDtypeStruct
   exported = export.export(

@@ -4,10 +4,11 @@ Matches `shared/data/diffusion/mnist_cnn`: blocks Conv7x7 -> LayerNorm((C,28,28)
 1->16->32->32->16, then Conv3x3 16->1; a time MLP (32->128->128->128->16, GELU) of
 [sin(t f), cos(t f) - 1] with t = i/1000 is added after block 0.
 
-Convolutions: `QuantConv` runs a float or fake-quantized conv through `lax.conv_general_dilated`; with
-integer weights attached it runs im2col (`lax.conv_general_dilated_patches`, features in (c, kh, kw)
-order, i.e. torch's weight flattening) followed by `ops.linear` on the integer leaf. Both compute the
-same sum: a zero-padded pixel quantizes to the zero point and so contributes exactly 0.
+Convolutions: `QuantConv` runs a float or fake-quantized conv through `lax.conv_general_dilated`; when
+its quantizer says so (integer weights, per-token activations) it runs im2col
+(`lax.conv_general_dilated_patches`, features in (c, kh, kw) order, i.e. torch's weight flattening)
+followed by the quantized linear. Both compute the same sum: a zero-padded pixel quantizes to the zero
+point and so contributes exactly 0. `cometjax.checkpoint.diffusion.load_cnn` loads the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cometjax import ops
-from cometjax.quest_quant import QuantLinear
+from cometjax.models.layers import QuantLinear
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class QuantConv(nnx.Module):
   def float_output(self, x: jax.Array) -> jax.Array:
     """The unquantized conv (through im2col when the kernel was rotated for an input rotation)."""
     quant = self.linear.quant
-    if quant is not None and quant.rotation is not None:
+    if quant is not None and quant.rotates_input:
       return self.linear.float_output(im2col(x, self.kernel_size)).transpose(0, 3, 1, 2)
     return self._conv(x, self.linear.kernel[...])
 
@@ -77,19 +77,13 @@ class QuantConv(nnx.Module):
     if self.linear.record:
       self.linear.sow(nnx.Intermediate, "inputs", x)
     quant = self.linear.quant
-    if quant is not None and (quant.execution == "integer" or quant.per_token):
-      # Integer execution, and per-token activations (a token is one im2col patch), run as a matmul.
+    if quant is not None and quant.runs_as_matmul:
       patches = im2col(x, self.kernel_size)  # [B,H,W,C*k*k]
-      if quant.execution == "integer":
-        y = ops.linear(patches, quant.integer_leaf(group), self.linear.bias[...])  # [B,H,W,O]
-      else:
-        y = quant.fake_linear(patches, self.linear.kernel[...], self.linear.bias[...], group)
-      return y.transpose(0, 3, 1, 2)
+      return quant.linear(patches, self.linear.kernel[...], self.linear.bias_value(), group).transpose(0, 3, 1, 2)
     kernel = self.linear.kernel[...]
     if quant is not None:
-      if quant.act is not None:
-        x = quant.act(x, group)
-      kernel = quant.weight(kernel)
+      x = quant.quantize_input(x, group)
+      kernel = quant.quantize_kernel(kernel)
     return self._conv(x, kernel)
 
 
@@ -139,13 +133,3 @@ class CNNDenoiser(nnx.Module):
     for block in self.blocks[1:]:
       h = block(h, group)
     return self.final(h, group)
-
-
-def load_cnn(path=None) -> CNNDenoiser:
-  """Load the MNIST CNN DDPM from a folder with config.json + model.safetensors (default: shared)."""
-  from cometjax.data import data_path
-  from cometjax.models.loaders import read_float_checkpoint
-
-  folder = Path(path) if path is not None else data_path("diffusion", "mnist_cnn")
-  config, tensors = read_float_checkpoint(folder, CNNConfig, "CNN")
-  return CNNDenoiser(tensors, config)

@@ -3,7 +3,8 @@
 Matches `shared/data/diffusion/mnist_dit` (config.json there): patchify conv 4x4/4 (run as a linear on
 non-overlapping patches, which is exact), width 64, 3 blocks with adaLN-style modulation from
 cond = label_emb(y) + MLP(sinusoid(t)), 4 heads of width 64, attention scaled by 1/sqrt(49).
-Every linear goes through `QuantLinear` -> `cometjax.ops.linear`, so quantizers attach without edits.
+Every linear goes through `QuantLinear` -> `cometjax.ops.linear`, so quantizers attach without edits
+(`cometjax.models.layers`). `cometjax.checkpoint.diffusion.load_dit` loads the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from cometjax.quest_quant import QuantLinear, QuantMatmul
+from cometjax.models.layers import QuantLinear, QuantMatmul
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,3 @@ class DiT(nnx.Module):
     for block in self.blocks:
       h = block(h, cond, group)
     return self.unpatchify(self.final(self.final_ln(h), group))
-
-
-def load_dit(path=None) -> DiT:
-  """Load the MNIST DiT from a folder with config.json + model.safetensors (default: shared data)."""
-  from cometjax.data import data_path
-  from cometjax.models.loaders import read_float_checkpoint
-
-  folder = Path(path) if path is not None else data_path("diffusion", "mnist_dit")
-  config, tensors = read_float_checkpoint(folder, DiTConfig, "DiT")
-  return DiT(tensors, config)

@@ -2,7 +2,15 @@
 
 Every projection goes through `cometjax.ops.linear`, so a weight leaf may be a float array
 `[in, out]` or a quantized-weight pytree and this file never changes for quantization.
-Attention reads and writes a KV cache object (`cometjax.kvcache`), passed in and returned.
+
+Attention reads and writes a KV cache object, passed in and returned (`cometjax.serving.kvcache` has the
+float and the paged INT4 ones). The model needs only this of a cache:
+  update(layer, k, v, positions) -> (cache, keys [B, S, Hkv, D], values [B, S, Hkv, D])
+                                     writes the new keys/values (positions >= max_len are dropped) and
+                                     returns the whole layer as attention sees it;
+  write(layer, k, v, positions) -> cache  the same without the read;
+  paged_layer(layer) -> cometjax.core.kv.PagedKV4 | None  the layer as the paged decode kernel reads it;
+  max_len, prefill_chunk.
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cometjax import ops
-from cometjax.kvcache import KV4Cache
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -176,14 +183,16 @@ class Attention(nnx.Module):
     q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_heads, hd), positions, inv_freq)
     k = apply_rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, hd), positions, inv_freq)
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, hd)
-    # One token per row over an INT4 cache on a Pallas backend ("auto" on GPU): write only, then attend
-    # through the page table (no dequantized layer). The query is the row's newest token (position ==
-    # cache length - 1, as in generate / Engine decode); sliding windows and key_valid masks keep XLA.
-    implementation = ops.resolve_implementation(self.implementation)
-    if (isinstance(cache, KV4Cache) and t == 1 and implementation in ("pallas", "interpret")
-        and key_valid is None and cfg.sliding_window is None):
+    # One token per row over a paged INT4 cache on a Pallas backend: write only, then attend through the
+    # page table (no dequantized layer). The query is the row's newest token (position == cache length - 1,
+    # as in generate / Engine decode); sliding windows and key_valid masks keep XLA.
+    paged = None
+    if cache is not None and t == 1 and key_valid is None and cfg.sliding_window is None:
+      paged = cache.paged_layer(self.layer_index)
+    if paged is not None and ops.resolve("attention_paged_kv4", paged, self.implementation) != "xla":
       cache = cache.write(self.layer_index, k, v, positions)
-      out = ops.attention_paged_kv4(q[:, 0], cache, self.layer_index, implementation=implementation)
+      out = ops.attention_paged_kv4(q[:, 0], cache.paged_layer(self.layer_index),
+                                    implementation=self.implementation)
       return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
     if cache is None:
       keys, values, key_positions = k, v, positions

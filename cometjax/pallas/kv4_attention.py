@@ -2,7 +2,7 @@
 
 T query tokens per sequence (T = 1: decode; T > 1: prefill / chunked prefill, causal), grouped-query
 heads, a `QuantizedKV` cache (asymmetric INT4 per token, per KV head, per head_dim group; layout in
-`cometjax.qtypes`) and a valid length per batch row. The queries are the last T positions of each row:
+`cometjax.core.kv`) and a valid length per batch row. The queries are the last T positions of each row:
 query t of row b sits at position lengths[b] - T + t and sees keys at positions <= its own.
 
 Grid: (batch, kv_head, row_block, k_split). The T x G query rows of one KV head (G = query heads per
@@ -28,13 +28,13 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-import jax.numpy as jnp
 
+from cometjax.core.kv import QuantizedKV, dequantize_kv
 from cometjax.pallas.online_softmax import accumulate_values, merge_splits, online_softmax_step
-from cometjax.qtypes import QuantizedKV, dequantize_kv
 
 MIN_BLOCK_K = 16  # Triton dots need >= 16 along every dimension
 

@@ -1,7 +1,7 @@
-"""Decode attention over the paged INT4 cache (`cometjax.kvcache.KV4Cache`), Pallas Triton backend.
+"""Decode attention over one layer of a paged INT4 cache (`cometjax.core.kv.PagedKV4`), Pallas Triton backend.
 
-One query token per batch row (decode), grouped-query heads, read straight from one layer of the
-cache's page pool through its page table (no dequantized copy of the layer is ever built). The query
+One query token per batch row (decode), grouped-query heads, read straight from the layer's page pool
+through its page table (no dequantized copy of the layer is ever built). The query
 of row b sits at position lengths[b] - 1 and sees keys at positions < lengths[b].
 
 Grid: (batch, kv_head, row_block, split). The G query heads of one KV head (padded to block_h rows) are
@@ -11,7 +11,7 @@ physical page ids from the page table, gathers those pages' codes and scales, un
 by shifts, dequantizes in registers (value = (code - zero) * scale) and runs an online softmax. It
 writes an unnormalized partial output with its running max and sum; the wrapper merges the splits.
 
-The cache layouts (see `cometjax.kvcache`):
+The cache layouts (see `cometjax.core.kv`):
 - V, and K in "token" / "hadamard" mode: asymmetric per token, per KV head, per group of head_group
   channels; scales [P, page, groups]. Byte j holds channels 2j (low nibble) and 2j+1 (high nibble), so
   the wrapper splits q into even / odd channels once and every group is two dots.
@@ -22,8 +22,7 @@ The cache layouts (see `cometjax.kvcache`):
   [B, page, Hkv, D] f32. Channel mode has one extra split (the last) that attends to that open group:
   keys from `k_recent`, values from the open page of the pool. The other splits stop before it.
 
-The pool arrays are passed whole ([L, P, ...]) and the layer is picked by the BlockSpec index maps
-(a static int), so no per-layer slice is copied before the kernel.
+Each layer's pool is its own array, so no per-layer slice is copied before the kernel.
 
 The compiled kernel needs a power-of-two page size and head_dim, and head_dim groups of >= 32
 channels (`kernel_supported`); interpret mode takes any cache.
@@ -38,21 +37,18 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-import jax.numpy as jnp
 
-from cometjax.kvcache import KV4Cache, hadamard_matrix
+from cometjax.core.kv import PagedKV4
+from cometjax.core.rotations import hadamard_orthonormal
+from cometjax.pallas.common import is_power_of_two
 from cometjax.pallas.online_softmax import accumulate_values, merge_splits, online_softmax_step
-from cometjax.qtypes import dequantize_kv_tensor, unpack_int4
 
 MIN_DOT = 16  # Triton dots need >= 16 along every dimension
 DEFAULT_BLOCK_TOKENS = 64  # tokens per tile when pages_per_block is None
-
-
-def _is_pow2(n: int) -> bool:
-  return n > 0 and not n & (n - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +66,7 @@ class PagedKV4AttentionTuning:
     """-> (tuning with every field set, pages per split); the splits cover >= pages_per_row pages."""
     for name in ("block_h", "pages_per_block"):
       value = getattr(self, name)
-      if value is not None and not _is_pow2(value):
+      if value is not None and not is_power_of_two(value):
         raise ValueError(f"{name} must be a positive power of two, got {value}")
     if self.num_splits < 1:
       raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
@@ -86,12 +82,11 @@ class PagedKV4AttentionTuning:
     return tuning, pages_per_split
 
 
-def kernel_supported(cache: KV4Cache) -> bool:
+def kernel_supported(kv: PagedKV4) -> bool:
   """Whether the compiled kernel can tile this cache: power-of-two page size and head_dim, and head_dim
   groups of >= 32 channels (power of two)."""
-  head_dim = 2 * cache.k.shape[-1]
-  return (_is_pow2(cache.page_size) and _is_pow2(head_dim) and _is_pow2(cache.head_group)
-          and cache.head_group // 2 >= MIN_DOT)
+  return (is_power_of_two(kv.page_size) and is_power_of_two(kv.head_dim) and is_power_of_two(kv.head_group)
+          and kv.head_group // 2 >= MIN_DOT)
 
 
 def _paged_kv4_attention_kernel(
@@ -203,13 +198,12 @@ def _paged_kv4_attention_kernel(
   sum_ref[...] = sum_i
 
 
-def _check_inputs(q, cache: KV4Cache, layer: int, lengths) -> None:
-  if not isinstance(cache, KV4Cache):
-    raise ValueError(f"cache must be a KV4Cache, got {type(cache).__name__}")
-  num_layers, _, _, kv_heads, half = cache.k.shape
-  batch = cache.page_table.shape[0]
-  if not isinstance(layer, int) or not 0 <= layer < num_layers:
-    raise ValueError(f"layer must be an int in [0, {num_layers}), got {layer!r}")
+
+def _check_inputs(q, kv: PagedKV4, lengths) -> None:
+  if not isinstance(kv, PagedKV4):
+    raise ValueError(f"kv must be a PagedKV4 (one layer of a paged INT4 cache), got {type(kv).__name__}")
+  _, _, kv_heads, half = kv.k.shape
+  batch = kv.page_table.shape[0]
   if q.ndim != 3:
     raise ValueError(f"q must be [B, Hq, D] (one token per row), got shape {q.shape}")
   if q.shape[0] != batch or q.shape[2] != 2 * half:
@@ -222,22 +216,43 @@ def _check_inputs(q, cache: KV4Cache, layer: int, lengths) -> None:
     raise ValueError(f"lengths must be int32 [B={batch}], got shape {list(lengths.shape)}")
 
 
-def _lengths(cache: KV4Cache, layer: int, lengths) -> jax.Array:
-  """lengths [B] int32 clipped to [0, max_len]; None: the cache's own written length of the layer."""
-  lengths = cache.length[layer] if lengths is None else jnp.asarray(lengths)
-  return jnp.clip(lengths.astype(jnp.int32), 0, cache.max_len)
+def _lengths(kv: PagedKV4, lengths) -> jax.Array:
+  """lengths [B] int32 clipped to [0, max_len]; None: the layer's own written length."""
+  lengths = kv.length if lengths is None else jnp.asarray(lengths)
+  return jnp.clip(lengths.astype(jnp.int32), 0, kv.max_len)
+
+
+def _pool_operands(kv: PagedKV4, channel: bool) -> tuple[list, list]:
+  """(arrays, BlockSpecs) of the pool, in the kernel's argument order after the page table and length."""
+  num_pages, page_size, _, half = kv.k.shape
+  num_groups = kv.v_scale.shape[-1]
+  codes_spec = pl.BlockSpec((num_pages, page_size, None, half), lambda b, h, r, s: (0, 0, h, 0))
+  token_scale_spec = pl.BlockSpec((num_pages, page_size, None, num_groups), lambda b, h, r, s: (0, 0, h, 0))
+  inputs, specs = [kv.k], [codes_spec]
+  if channel:  # [P, Hkv, D] viewed as [P, Hkv, D // 2, 2]: a free reshape, (even, odd) last
+    channel_view = lambda x: x.reshape(*x.shape[:-1], half, 2)
+    inputs += [channel_view(kv.k_scale), channel_view(kv.k_zero)]
+    specs += 2 * [pl.BlockSpec((num_pages, None, half, 2), lambda b, h, r, s: (0, h, 0, 0))]
+  else:
+    inputs += [kv.k_scale, kv.k_zero]
+    specs += [token_scale_spec, token_scale_spec]
+  inputs += [kv.v, kv.v_scale, kv.v_zero]
+  specs += [codes_spec, token_scale_spec, token_scale_spec]
+  if channel:
+    inputs.append(kv.k_recent.reshape(*kv.k_recent.shape[:-1], half, 2))  # [B, page, Hkv, D // 2, 2]
+    specs.append(pl.BlockSpec((None, page_size, None, half, 2), lambda b, h, r, s: (b, 0, h, 0, 0)))
+  return inputs, specs
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=["layer", "sm_scale", "block_h", "pages_per_block", "num_splits", "num_warps",
-                     "num_stages", "interpret"],
+    static_argnames=["sm_scale", "block_h", "pages_per_block", "num_splits", "num_warps", "num_stages",
+                     "interpret"],
 )
 def paged_kv4_attention(
     q,  # [B, Hq, D] bf16/f32: the newest token of each row
-    cache: KV4Cache,  # pools [L, P, page, Hkv, ...]; the query's own key/value already written
-    layer: int,
-    lengths=None,  # [B] int32: visible keys per row (query at lengths - 1); None: cache.length[layer]
+    kv: PagedKV4,  # pool [P, page, Hkv, ...]; the query's own key/value already written
+    lengths=None,  # [B] int32: visible keys per row (query at lengths - 1); None: kv.length
     *,
     sm_scale: float | None = None,
     block_h: int | None = PagedKV4AttentionTuning.block_h,
@@ -248,18 +263,17 @@ def paged_kv4_attention(
     interpret: bool = False,
 ) -> jax.Array:  # [B, Hq, D] q.dtype
   """GQA decode attention over one layer of a paged INT4 cache; a row with length 0 gives zeros."""
-  _check_inputs(q, cache, layer, lengths)
-  if not interpret and not kernel_supported(cache):
+  _check_inputs(q, kv, lengths)
+  if not interpret and not kernel_supported(kv):
     raise ValueError("the compiled kernel needs a power-of-two page_size and head_dim and head_group >= 32 "
-                     f"(page_size={cache.page_size}, head_dim={2 * cache.k.shape[-1]}, "
-                     f"head_group={cache.head_group}); use interpret=True or the reference")
-  lengths = _lengths(cache, layer, lengths)
+                     f"(page_size={kv.page_size}, head_dim={kv.head_dim}, head_group={kv.head_group}); use "
+                     "interpret=True or the reference")
+  lengths = _lengths(kv, lengths)
   batch, q_heads, head_dim = q.shape
-  _, num_pages, page_size, kv_heads, half = cache.k.shape
-  num_groups = cache.v_scale.shape[-1]
-  pages_per_row = cache.page_table.shape[1]
+  _, page_size, kv_heads, half = kv.k.shape
+  pages_per_row = kv.page_table.shape[1]
   group_heads = q_heads // kv_heads
-  channel = cache.config.k_mode == "channel"
+  channel = kv.config.k_mode == "channel"
   sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
   tuning, pages_per_split = PagedKV4AttentionTuning(block_h, pages_per_block, num_splits, num_warps,
                                                     num_stages).resolve(pages_per_row, page_size, group_heads,
@@ -269,35 +283,17 @@ def paged_kv4_attention(
   grid_splits = splits + int(channel)  # channel mode: one more program for the open group
   compute_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
 
-  if cache.config.k_mode == "hadamard":
-    q = (q.astype(jnp.float32) @ hadamard_matrix(head_dim)).astype(q.dtype)
+  if kv.config.k_mode == "hadamard":
+    q = (q.astype(jnp.float32) @ hadamard_orthonormal(head_dim)).astype(q.dtype)
   q_rows = q.reshape(batch, kv_heads, group_heads, head_dim)  # head = kv_head * G + g
   q_rows = jnp.pad(q_rows, ((0, 0), (0, 0), (0, padded_rows - group_heads), (0, 0)))
   q_even, q_odd = q_rows[..., 0::2], q_rows[..., 1::2]  # [B, Hkv, rows, D // 2]
-  table = jnp.pad(cache.page_table, ((0, 0), (0, splits * pages_per_split - pages_per_row)))
+  table = jnp.pad(kv.page_table, ((0, 0), (0, splits * pages_per_split - pages_per_row)))
 
   q_spec = pl.BlockSpec((None, None, bh, half), lambda b, h, r, s: (b, h, r, 0))
   table_spec = pl.BlockSpec((None, table.shape[1]), lambda b, h, r, s: (b, 0))
   length_spec = pl.BlockSpec((None,), lambda b, h, r, s: (b,))
-  codes_spec = pl.BlockSpec((None, num_pages, page_size, None, half), lambda b, h, r, s: (layer, 0, 0, h, 0))
-  token_scale_spec = pl.BlockSpec((None, num_pages, page_size, None, num_groups),
-                                  lambda b, h, r, s: (layer, 0, 0, h, 0))
-  inputs = [q_even, q_odd, table, lengths, cache.k]
-  in_specs = [q_spec, q_spec, table_spec, length_spec, codes_spec]
-  if channel:  # [L, P, Hkv, D] viewed as [L, P, Hkv, D // 2, 2]: a free reshape, (even, odd) last
-    channel_view = lambda x: x.reshape(*x.shape[:-1], half, 2)
-    inputs += [channel_view(cache.k_scale), channel_view(cache.k_zero)]
-    in_specs += 2 * [pl.BlockSpec((None, num_pages, None, half, 2), lambda b, h, r, s: (layer, 0, h, 0, 0))]
-  else:
-    inputs += [cache.k_scale, cache.k_zero]
-    in_specs += [token_scale_spec, token_scale_spec]
-  inputs += [cache.v, cache.v_scale, cache.v_zero]
-  in_specs += [codes_spec, token_scale_spec, token_scale_spec]
-  if channel:
-    inputs.append(cache.k_recent.reshape(*cache.k_recent.shape[:-1], half, 2))  # [L, B, page, Hkv, D//2, 2]
-    in_specs.append(pl.BlockSpec((None, None, page_size, None, half, 2),
-                                 lambda b, h, r, s: (layer, b, 0, h, 0, 0)))
-
+  pool_inputs, pool_specs = _pool_operands(kv, channel)
   out_spec = pl.BlockSpec((None, None, None, bh, half), lambda b, h, r, s: (b, h, s, r, 0))
   stat_spec = pl.BlockSpec((None, None, None, bh), lambda b, h, r, s: (b, h, s, r))
   partial_shape = jax.ShapeDtypeStruct((batch, kv_heads, grid_splits, padded_rows, half), jnp.float32)
@@ -308,58 +304,36 @@ def paged_kv4_attention(
   out_even, out_odd, maxes, sums = pl.pallas_call(
       kernel,
       grid=(batch, kv_heads, padded_rows // bh, grid_splits),
-      in_specs=in_specs,
+      in_specs=[q_spec, q_spec, table_spec, length_spec] + pool_specs,
       out_specs=[out_spec, out_spec, stat_spec, stat_spec],
       out_shape=[partial_shape, partial_shape, stat_shape, stat_shape],
       compiler_params=plgpu.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages),
       interpret=interpret,
       name="paged_kv4_attention",
-  )(*inputs)
+  )(q_even, q_odd, table, lengths, *pool_inputs)
 
   # Merge the splits (flash-decoding's final reduction).
   out = merge_splits(maxes, sums, out_even, out_odd)  # [B, Hkv, padded_rows, D]
   return out[:, :, :group_heads].reshape(batch, q_heads, head_dim).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=["layer", "sm_scale"])
+@functools.partial(jax.jit, static_argnames=["sm_scale"])
 def paged_kv4_attention_reference(
     q,  # [B, Hq, D]: the newest token of each row
-    cache: KV4Cache,
-    layer: int,
-    lengths=None,  # [B] int32: visible keys per row (query at lengths - 1); None: cache.length[layer]
+    kv: PagedKV4,
+    lengths=None,  # [B] int32: visible keys per row (query at lengths - 1); None: kv.length
     *,
     sm_scale: float | None = None,
 ) -> jax.Array:  # [B, Hq, D] q.dtype
-  """Gathers the row's pages through the page table, dequantizes (channel mode: the group of position
-  lengths - 1 exact from k_recent) and attends in f32; equals attention over `cache.read_keys/values`
-  when lengths is the cache's length."""
-  _check_inputs(q, cache, layer, lengths)
-  lengths = _lengths(cache, layer, lengths)
+  """Reads the row's pages through the page table (`PagedKV4.read_keys` / `read_values`: channel mode takes
+  the group of position lengths - 1 exact from k_recent) and attends in f32."""
+  _check_inputs(q, kv, lengths)
+  lengths = _lengths(kv, lengths)
   batch, q_heads, head_dim = q.shape
-  kv_heads, page_size = cache.k.shape[3], cache.page_size
-  seq_len = cache.max_len
+  kv_heads = kv.k.shape[2]
   sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-  table = jnp.maximum(cache.page_table, 0)  # [B, n]; unallocated pages lie past every length
-
-  def gather(pool):  # [P, page, ...] -> [B, S, ...]
-    pages = pool[table]
-    return pages.reshape(batch, seq_len, *pages.shape[3:])
-
-  values = dequantize_kv_tensor(gather(cache.v[layer]), gather(cache.v_scale[layer]), gather(cache.v_zero[layer]))
-  positions = jnp.arange(seq_len)
-  if cache.config.k_mode == "channel":
-    codes = unpack_int4(gather(cache.k[layer]), axis=-1, signed=False).astype(jnp.float32)  # [B, S, Hkv, D]
-    scale = jnp.repeat(cache.k_scale[layer][table], page_size, axis=1)  # [B, n, Hkv, D] -> [B, S, Hkv, D]
-    zero = jnp.repeat(cache.k_zero[layer][table], page_size, axis=1)
-    open_page = (lengths - 1) // page_size  # [B]
-    in_open = positions[None, :] // page_size == open_page[:, None]  # [B, S]
-    recent = cache.k_recent[layer][:, positions % page_size]  # [B, S, Hkv, D]
-    keys = jnp.where(in_open[..., None, None], recent, (codes - zero) * scale)
-  else:
-    keys = dequantize_kv_tensor(gather(cache.k[layer]), gather(cache.k_scale[layer]), gather(cache.k_zero[layer]))
-    if cache.config.k_mode == "hadamard":
-      keys = keys @ hadamard_matrix(head_dim)
-
+  keys, values = kv.read_keys(lengths), kv.read_values()  # f32 [B, S, Hkv, D]
+  positions = jnp.arange(kv.max_len)
   q_grouped = q.astype(jnp.float32).reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
   logits = jnp.einsum("bkgd,bskd->bkgs", q_grouped, keys) * sm_scale
   visible = (positions[None, :] < lengths[:, None])[:, None, None]  # [B, 1, 1, S]

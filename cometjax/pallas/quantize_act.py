@@ -1,6 +1,6 @@
 """Fused channel permutation + per-token FMPQ quantization of activations (Pallas Triton backend).
 
-x [M, K] (bf16/f32) -> `QuantizedActivation` (layout in `cometjax.qtypes`): the permuted INT8 region
+x [M, K] (bf16/f32) -> `QuantizedActivation` (layout in `cometjax.core.formats`): the permuted INT8 region
 as int8 [2, M, K8 // 2] (even / odd channels), the INT4 region as packed uint8 [M, K4 // 2], and one
 symmetric per-token scale per precision group.
 
@@ -16,12 +16,13 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-import jax.numpy as jnp
 
-from cometjax.qtypes import ActivationFormat, QuantizedActivation, pack_int4, round_half_up
+from cometjax.core.formats import ActivationFormat, QuantizedActivation
+from cometjax.core.numerics import pack_int4, round_half_up
 
 INT8_MAX = 127
 INT4_MAX = 7

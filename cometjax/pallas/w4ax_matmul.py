@@ -21,7 +21,7 @@ accumulator. The reference below uses the same segments and the same order.
 Grid: (M / block_m, N / block_n); each program walks all of K (Triton has no sequential grid axis to
 accumulate over). M is padded inside the wrapper. The compiled kernel needs N % 16 == 0 and scale
 segments (block_size, group_size) that are multiples of 64; `pallas_supported` says whether a weight
-qualifies, and `QuantizedWeight.quantized_matmul` takes the XLA path when it does not.
+qualifies (`cometjax.ops` raises for an explicit "pallas" and falls back to XLA under "auto" when not).
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-import jax.numpy as jnp
 
-from cometjax.qtypes import QuantizedActivation, QuantizedWeight, unpack_int4
+from cometjax.core.formats import QuantizedActivation, QuantizedWeight, check_activation
+from cometjax.pallas.common import unpack_int4_x16
 
 MAX_EXACT_K = 131072  # 2**31 / (128 * 128): the int32 accumulator of x16 operands cannot overflow
 MIN_COMPILED_TILE = 16  # Triton MMA: every dot dimension >= 16
@@ -99,13 +100,6 @@ def segment_lengths(qw: QuantizedWeight) -> tuple[int, int]:
   return shared, shared
 
 
-def _unpack_x16(packed):  # uint8 [r, c] -> (low * 16, high * 16) int8 [r, c] each
-  as_int = packed.astype(jnp.int32)
-  low16 = (as_int << 28) >> 24  # arithmetic shift: signed nibble in bits 4..7
-  high16 = ((as_int >> 4) << 28) >> 24
-  return low16.astype(jnp.int8), high16.astype(jnp.int8)
-
-
 def _w4ax_kernel(
     *refs,  # [int8_part [2, bm, K8 // 2]] [int4_part [bm, K4 // 2]] int8_scale [bm], int4_scale [bm],
             # w [K // 2, bn] uint8, w_scales [G, bn] f32, out [bm, bn]
@@ -132,7 +126,7 @@ def _w4ax_kernel(
         offset = s * segment + t * block_k  # channel offset inside the region
         x_even, x_odd = load_x_tile(offset // 2)  # int8 [bm, half_k] each
         w_rows = pl.ds((segment_start + t * block_k) // 2, half_k)
-        w_even16, w_odd16 = _unpack_x16(w_ref[w_rows, :])  # int8 [half_k, bn] each
+        w_even16, w_odd16 = unpack_int4_x16(w_ref[w_rows, :])  # int8 [half_k, bn] each
         acc_int += jnp.dot(x_even, w_even16, preferred_element_type=jnp.int32)
         acc_int += jnp.dot(x_odd, w_odd16, preferred_element_type=jnp.int32)
         return acc_int
@@ -157,16 +151,16 @@ def _w4ax_kernel(
     acc = region(acc, 0, int8_channels, segments[0], load_int8_tile, int8_scale_ref[...], 1.0 / 16)
   if int4_channels:
     def load_int4_tile(pair_offset):
-      return _unpack_x16(int4_ref[:, pl.ds(pair_offset, half_k)])
+      return unpack_int4_x16(int4_ref[:, pl.ds(pair_offset, half_k)])
 
     acc = region(acc, int8_channels, int4_channels, segments[1], load_int4_tile, int4_scale_ref[...],
                  1.0 / 256)
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _check_operands(qx: QuantizedActivation, qw: QuantizedWeight):
-  if not isinstance(qx, QuantizedActivation):
-    raise ValueError(f"qx must be a QuantizedActivation, got {type(qx).__name__}")
+def check_operands(qx: QuantizedActivation, qw: QuantizedWeight):
+  """Raises ValueError unless qx and qw are a consistent activation / weight pair of one GEMM."""
+  check_activation(qx)
   if not isinstance(qw, QuantizedWeight):
     raise ValueError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
   qw.check_arrays()
@@ -174,13 +168,6 @@ def _check_operands(qx: QuantizedActivation, qw: QuantizedWeight):
     raise ValueError("qw.activation is None (weight-only); use dequantize_weight for A16 layers")
   if qx.format != qw.activation:
     raise ValueError(f"activation format mismatch: qx.format={qx.format} but qw.activation={qw.activation}")
-  fmt = qx.format
-  m = qx.int4_part.shape[0]
-  expected = {"int8_part": (2, m, fmt.int8_channels // 2), "int4_part": (m, fmt.int4_channels // 2),
-              "int8_scale": (m,), "int4_scale": (m,)}
-  for name, shape in expected.items():
-    if tuple(getattr(qx, name).shape) != shape:
-      raise ValueError(f"qx.{name} must have shape {list(shape)}, got {list(getattr(qx, name).shape)}")
   if qw.in_features >= MAX_EXACT_K:
     raise ValueError(f"in_features must be < {MAX_EXACT_K} for exact int32 accumulation, got {qw.in_features}")
 
@@ -202,7 +189,7 @@ def w4ax_matmul(
     interpret: bool = False,
 ) -> jax.Array:  # [M, N] out_dtype
   """The W4Ax GEMM as one Pallas kernel; tiles shrink to fit the problem (see W4AxMatmulTuning)."""
-  _check_operands(qx, qw)
+  check_operands(qx, qw)
   if qw.bits != 4:
     raise ValueError(f"w4ax_matmul needs a 4-bit weight (bits=4), got bits={qw.bits}; "
                      "use w4ax_matmul_reference for 8-bit weights")
@@ -247,12 +234,6 @@ def w4ax_matmul(
   return out[:m]
 
 
-def _int_activation(qx: QuantizedActivation):  # -> (int8 values [M, K8], int8 values [M, K4])
-  even, odd = qx.int8_part[0], qx.int8_part[1]
-  int8_values = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], 2 * even.shape[1])
-  return int8_values, unpack_int4(qx.int4_part, axis=-1)
-
-
 @functools.partial(jax.jit, static_argnames=["out_dtype"])
 def w4ax_matmul_reference(
     qx: QuantizedActivation,
@@ -260,13 +241,13 @@ def w4ax_matmul_reference(
     out_dtype=jnp.float32,
 ) -> jax.Array:  # [M, N]
   """Plain-jnp W4Ax / W8Ax GEMM with the kernel's segments: exact int32 sums, f32 scaling in K order."""
-  _check_operands(qx, qw)
+  check_operands(qx, qw)
   fmt = qx.format
   m = qx.int4_part.shape[0]
   k, n = qw.shape
   w_values = qw.int_values()  # int8 [K, N]
   y = jnp.zeros((m, n), jnp.float32)
-  for x_values, x_scale, first, segment in zip(_int_activation(qx), (qx.int8_scale, qx.int4_scale),
+  for x_values, x_scale, first, segment in zip(qx.int_values(), (qx.int8_scale, qx.int4_scale),
                                                (0, fmt.int8_channels), segment_lengths(qw)):
     channels = x_values.shape[1]
     if not channels:

@@ -7,21 +7,20 @@ for both. What differs is how the tensor cores are driven:
 - int8 `wgmma` with an int32 accumulator (`plgpu.ACC(..., jnp.int32)`), one warpgroup per output tile
   of block_m (64 or 128) tokens x block_n (64..256) output channels. Each pipeline step covers
   block_k channels = two wgmmas of K = block_k // 2 (the even and the odd channel planes).
-- INT4 -> INT8 unpack in registers (COMET's x16 trick): a packed byte b gives the even channel as
-  (b << 12 >> 8) in 16-bit lanes (low nibble in the high half of an int8, sign included) and the
-  odd channel as bitcast(b & 0xF0); each is value * 16, and the 1/16 per 4-bit operand is folded into
-  the f32 scale. Unpacked tiles are stored to shared memory (`commit_smem` fences them for the async
+- INT4 -> INT8 unpack in registers (COMET's x16 trick, `pallas.common.unpack_int4_x16` in 16-bit lanes:
+  Mosaic GPU has no 8-bit shifts): each nibble lands in the high half of an int8 (value * 16, sign
+  included) and the 1/16 per 4-bit operand is folded into the f32 scale. Unpacked tiles are stored to shared memory (`commit_smem` fences them for the async
   proxy) and fed to the wgmma from there.
 - Operands arrive by TMA through a multi-stage `plgpu.emit_pipeline` (max_concurrent_steps stages):
   the INT8 region reads the even/odd planes of `int8_part` and the INT4 region `int4_part`, each with
   the matching rows of the packed weight. One pipeline per scale segment: per-output-channel weights
   have two segments (the INT8 and the INT4 region), group-wise weights one per gcd(group, block)
-  channels (those pipelines are short; see "Not done yet").
+  channels (short pipelines).
 - Epilogue: int32 -> f32 at every segment end times (x_scale[row] * w_scale[col]) / 16 or / 256, then
   the f32 tile goes to shared memory and back to HBM by TMA, in out_dtype.
 - warp_specialized=True (`plgpu.emit_pipeline_warp_specialized`): a producer warpgroup issues the
   TMA copies while the consumer warpgroup unpacks and multiplies; the f32 accumulator tile then lives in
-  shared memory between segments. Off by default until timed.
+  shared memory between segments. Off by default: not timed yet.
 - Schedule (COMET's load balancing, `W4AxSm90Tuning.schedule`): "persistent" launches one program
   per SM and walks output tiles with stride num_programs, tiles ordered M-fastest within each block_n
   column band (consecutive programs read the same weight tile: L2 reuse); "grid" launches one program
@@ -41,27 +40,6 @@ it); `w4ax_matmul_sm90` raises ValueError for the other interpreted combinations
 `tests/test_w4ax_matmul_sm90.py` runs the interpreter against the reference and lowers the hardware
 variant to Mosaic GPU MLIR for CUDA without a GPU (Pallas's lowering with its wgmma, layout and
 shared-memory checks; not ptxas).
-
-Status: correct in the interpreter and lowers for sm_90 on CPU; never compiled by ptxas or run on a
-GPU, never timed. The "pallas" implementation picks this kernel on Hopper (compute capability 9.x,
-`supported`) over the Triton kernel without a measurement behind that choice. A GPU session must first
-run, from the repository root:
-
-    python -m pytest -q tests/test_w4ax_matmul_sm90.py && \
-    PYTHONPATH=. python bench/kernels.py --kernels w4ax_matmul w4ax_matmul_sm90 --sm90-variants --skip-attention
-
-(the tests compare the compiled kernel, both schedules, with and without warp specialization, with the
-reference on the GPU; the bench times the Triton and the sm90 kernels side by side against XLA bf16 /
-int8, and the sm90 variants: persistent vs grid, plain vs warp-specialized pipeline) and flip
-`PREFER_ON_HOPPER` below if the Triton kernel wins, or change the tuning defaults to the fastest variant.
-
-Not done yet (measure first): decode occupancy: with M <= 64 there are only N / block_n tiles (32
-for N=4096), fewer than the 132 SMs, so a memory-bound GEMV leaves most SMs idle; split-K over the
-precision regions (COMET-style INT8 and INT4 tasks) or block_n=64 are the first things to try; swap-AB
-for decode (tokens as the wgmma N dimension instead of padding M to 64); two consumer warpgroups (and
-`set_max_registers` tuning) in the warp-specialized variant; a K-major weight layout stored once at
-quantize time instead of the per-call transpose; one pipeline across group-wise segments instead of
-one per segment.
 """
 
 from __future__ import annotations
@@ -71,19 +49,17 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
-import jax.numpy as jnp
 
-from cometjax.pallas.w4ax_matmul import (MAX_EXACT_K, _check_operands, segment_lengths,
-                                         w4ax_matmul_reference)
-from cometjax.qtypes import QuantizedActivation, QuantizedWeight
+from cometjax.core.formats import QuantizedActivation, QuantizedWeight
+from cometjax.pallas.common import is_power_of_two, unpack_int4_x16
+from cometjax.pallas.w4ax_matmul import MAX_EXACT_K, check_operands, segment_lengths, w4ax_matmul_reference
 
-__all__ = ["W4AxSm90Tuning", "w4ax_matmul_sm90", "w4ax_matmul_reference", "supported", "is_hopper",
-           "PREFER_ON_HOPPER"]
+__all__ = ["W4AxSm90Tuning", "w4ax_matmul_sm90", "w4ax_matmul_reference", "shape_supported"]
 
-PREFER_ON_HOPPER = True  # unmeasured: see the module docstring
 SCHEDULES = ("persistent", "grid")
 WGMMA_M = 64  # Hopper wgmma: M is a multiple of 64 per warpgroup
 MIN_BLOCK_N = 64
@@ -92,10 +68,6 @@ MIN_BLOCK_K = 64  # 32-byte planes: the smallest swizzle the int8 wgmma path tak
 MAX_BLOCK_K = 256  # 128-byte planes: the largest swizzle
 H100_SMS = 132
 MAX_SMEM_BYTES = 232448  # Hopper: 227 KiB of dynamic shared memory per block
-
-
-def _is_power_of_two(value: int) -> bool:
-  return isinstance(value, int) and value > 0 and not value & (value - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +86,7 @@ class W4AxSm90Tuning:
     if self.block_m not in (64, 128):
       raise ValueError(f"block_m must be 64 or 128 (wgmma M per warpgroup), got {self.block_m}")
     for name in ("block_n", "block_k"):
-      if not _is_power_of_two(getattr(self, name)):
+      if not is_power_of_two(getattr(self, name)):
         raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
     if not MIN_BLOCK_N <= self.block_n <= MAX_BLOCK_N:
       raise ValueError(f"block_n must be in [{MIN_BLOCK_N}, {MAX_BLOCK_N}], got {self.block_n}")
@@ -139,22 +111,6 @@ class W4AxSm90Tuning:
       raise ValueError(f"block_size and group_size must be multiples of {MIN_BLOCK_K} for the sm90 kernel "
                        f"(scale segment of {segment} channels)")
     return dataclasses.replace(self, block_m=block_m, block_n=block_n, block_k=block_k)
-
-
-def is_hopper(device=None) -> bool:
-  """Whether `device` (default: the first jax device) is an NVIDIA GPU of compute capability 9.x."""
-  device = jax.devices()[0] if device is None else device
-  if device.platform != "gpu":
-    return False
-  capability = str(getattr(device, "compute_capability", ""))
-  return capability.split(".")[0] == "9"
-
-
-def supported(qw: QuantizedWeight, m: int) -> bool:
-  """Whether "pallas" should run this kernel: a Hopper device and a weight/M the kernel can tile."""
-  if not PREFER_ON_HOPPER or m < 1 or not is_hopper():
-    return False
-  return shape_supported(qw)
 
 
 def shape_supported(qw: QuantizedWeight) -> bool:
@@ -183,13 +139,6 @@ def _smem_transforms(row_bytes: int):
 def _out_transforms(block_n: int, dtype):
   swizzle = plgpu.find_swizzle(block_n * jnp.dtype(dtype).itemsize * 8)
   return (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
-def _unpack_x16(packed):  # uint8 [r, c] -> (low * 16, high * 16) int8 [r, c] each
-  wide = packed.astype(jnp.int16)  # Mosaic GPU has no 8-bit shifts
-  low16 = ((wide << 12) >> 8).astype(jnp.int8)  # arithmetic shift: signed nibble in bits 4..7
-  high16 = lax.bitcast_convert_type(packed & 0xF0, jnp.int8)
-  return low16, high16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +214,7 @@ def _w4ax_sm90_kernel(*refs, plan: _Plan):
     return plgpu.transpose_ref(plane, (1, 0)) if kmajor else plane
 
   def store_weight(w_tile):  # uint8 [bn, hk] (kmajor) or [hk, bn]: unpacked in place, no transpose
-    low16, high16 = _unpack_x16(w_tile)
+    low16, high16 = unpack_int4_x16(w_tile, jnp.int16)
     b_smem[0] = low16
     b_smem[1] = high16
 
@@ -285,7 +234,7 @@ def _w4ax_sm90_kernel(*refs, plan: _Plan):
     if region == "int8":  # x_tile int8 [2, bm, hk]
       a_even, a_odd = x_tile.at[0], x_tile.at[1]
     else:  # x_tile uint8 [bm, hk]: unpack the INT4 activations next to the weight
-      low16, high16 = _unpack_x16(x_tile[...])
+      low16, high16 = unpack_int4_x16(x_tile[...], jnp.int16)
       a_smem[0] = low16
       a_smem[1] = high16
       a_even, a_odd = a_smem.at[0], a_smem.at[1]
@@ -419,6 +368,40 @@ def _num_sms() -> int:
   return int(getattr(device, "core_count", 0) or H100_SMS) if device.platform == "gpu" else H100_SMS
 
 
+def _check_plan(plan: _Plan, interpret: bool, out_itemsize: int) -> None:
+  pipelines_per_tile = sum(channels // segment for channels, segment in zip(
+      (plan.int8_channels, plan.int4_channels), plan.segments) if channels)
+  if interpret and plan.warp_specialized and (pipelines_per_tile > 1 or plan.schedule != "grid"):
+    raise ValueError("warp_specialized=True with interpret=True needs schedule='grid' and one pipeline per tile "
+                     "(a single precision region with per-output-channel weight scales): the Mosaic GPU "
+                     "interpreter of jax 0.10.2 fails on a second warp-specialized pipeline in one kernel "
+                     "(a tracer leaks out of the pipeline's compute context); compiled kernels take any format")
+  smem = plan.smem_bytes(out_itemsize)
+  if smem > MAX_SMEM_BYTES:
+    raise ValueError(f"tiles block_m={plan.block_m}, block_n={plan.block_n}, block_k={plan.block_k} with "
+                     f"max_concurrent_steps={plan.stages} need ~{smem} bytes of shared memory > {MAX_SMEM_BYTES}; "
+                     "lower max_concurrent_steps or a block size")
+
+
+def _scratch_types(plan: _Plan, out_dtype) -> list:
+  """Shared memory of one program, in the kernel's scratch argument order."""
+  bm, bn, hk = plan.block_m, plan.block_n, plan.half_k
+  b_shape = (2, bn, hk) if plan.kmajor_weight else (2, hk, bn)
+  b_row_bytes = hk if plan.kmajor_weight else bn
+  scratch = [
+      plgpu.SMEM(b_shape, jnp.int8, transforms=_smem_transforms(b_row_bytes)),
+      plgpu.SMEM((bm, bn), out_dtype, transforms=_out_transforms(bn, out_dtype)),
+      plgpu.SMEM((bm,), jnp.float32),
+      plgpu.SMEM((bn,), jnp.float32),
+      plgpu.Barrier(),
+  ]
+  if plan.int4_channels:
+    scratch.append(plgpu.SMEM((2, bm, hk), jnp.int8, transforms=_smem_transforms(hk)))
+  if plan.warp_specialized:
+    scratch.append(plgpu.SMEM((bm, bn), jnp.float32, transforms=_out_transforms(bn, jnp.float32)))
+  return scratch
+
+
 @functools.partial(
     jax.jit,
     static_argnames=["out_dtype", "block_m", "block_n", "block_k", "max_concurrent_steps", "schedule",
@@ -439,7 +422,7 @@ def w4ax_matmul_sm90(
     interpret: bool = False,
 ) -> jax.Array:  # [M, N] out_dtype
   """The W4Ax GEMM as one Mosaic GPU kernel (Hopper); interpret=True runs the Mosaic GPU interpreter."""
-  _check_operands(qx, qw)
+  check_operands(qx, qw)
   if qw.bits != 4:
     raise ValueError(f"w4ax_matmul_sm90 needs a 4-bit weight (bits=4), got bits={qw.bits}; "
                      "use w4ax_matmul_reference for 8-bit weights")
@@ -466,18 +449,7 @@ def w4ax_matmul_sm90(
                stages=tuning.max_concurrent_steps, schedule=tuning.schedule, num_programs=programs,
                int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels, segments=segments,
                group_size=qw.group_size, kmajor_weight=not interpret, warp_specialized=tuning.warp_specialized)
-  pipelines_per_tile = sum(channels // segment for channels, segment in zip(
-      (fmt.int8_channels, fmt.int4_channels), segments) if channels)
-  if interpret and plan.warp_specialized and (pipelines_per_tile > 1 or plan.schedule != "grid"):
-    raise ValueError("warp_specialized=True with interpret=True needs schedule='grid' and one pipeline per tile "
-                     "(a single precision region with per-output-channel weight scales): the Mosaic GPU "
-                     "interpreter of jax 0.10.2 fails on a second warp-specialized pipeline in one kernel "
-                     "(a tracer leaks out of the pipeline's compute context); compiled kernels take any format")
-  smem = plan.smem_bytes(jnp.dtype(out_dtype).itemsize)
-  if smem > MAX_SMEM_BYTES:
-    raise ValueError(f"tiles block_m={bm}, block_n={bn}, block_k={tuning.block_k} with max_concurrent_steps="
-                     f"{tuning.max_concurrent_steps} need ~{smem} bytes of shared memory > {MAX_SMEM_BYTES}; "
-                     "lower max_concurrent_steps or a block size")
+  _check_plan(plan, interpret, jnp.dtype(out_dtype).itemsize)
 
   operands = []
   if fmt.int8_channels:
@@ -488,23 +460,9 @@ def w4ax_matmul_sm90(
   operands += [jnp.pad(qx.int8_scale.astype(jnp.float32), (0, pad_rows)),
                jnp.pad(qx.int4_scale.astype(jnp.float32), (0, pad_rows)), weight, qw.scales.astype(jnp.float32)]
 
-  hk = tuning.block_k // 2
-  b_shape = (2, bn, hk) if plan.kmajor_weight else (2, hk, bn)
-  b_row_bytes = hk if plan.kmajor_weight else bn
-  scratch = [
-      plgpu.SMEM(b_shape, jnp.int8, transforms=_smem_transforms(b_row_bytes)),
-      plgpu.SMEM((bm, bn), out_dtype, transforms=_out_transforms(bn, out_dtype)),
-      plgpu.SMEM((bm,), jnp.float32),
-      plgpu.SMEM((bn,), jnp.float32),
-      plgpu.Barrier(),
-  ]
-  if fmt.int4_channels:
-    scratch.append(plgpu.SMEM((2, bm, hk), jnp.int8, transforms=_smem_transforms(hk)))
-  if plan.warp_specialized:
-    scratch.append(plgpu.SMEM((bm, bn), jnp.float32, transforms=_out_transforms(bn, jnp.float32)))
-    mesh_threads = dict(num_threads=2, thread_name="wg")  # consumer warpgroup 0, producer 1
-  else:
-    mesh_threads = {}
+  scratch = _scratch_types(plan, out_dtype)
+  # warp-specialized: consumer warpgroup 0, producer 1
+  mesh_threads = dict(num_threads=2, thread_name="wg") if plan.warp_specialized else {}
   if plan.schedule == "grid":
     mesh = dict(grid=(m_tiles, n_tiles), grid_names=("m", "n"))
   else:

@@ -1,0 +1,123 @@
+"""The MNIST diffusion checkpoints (DiT, CNN) and quantized diffusion folders written by
+`cometjax sample --save-quantized`.
+
+A quantized folder holds quantized.safetensors (the model's whole NNX state after `to_integer`) and
+quantized.json (format name and version, the model kind, the setting, the `DiffusionQuantConfig`); it
+rebuilds on top of the float checkpoint (quantizers attached, switched to integer, state restored).
+Folders written before the format field existed read as version 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from cometjax.checkpoint.io import read_safetensors, write_safetensors
+from cometjax.data import data_path
+from cometjax.diffusion.attach import attach_quantizers, to_integer
+from cometjax.diffusion.config import DiffusionQuantConfig
+from cometjax.errors import CheckpointError
+from cometjax.models.cnn_ddpm import CNNConfig, CNNDenoiser
+from cometjax.models.dit import DiT, DiTConfig
+
+MODEL_KINDS = ("dit", "cnn")
+FORMAT = "cometjax-quantized-diffusion"
+FORMAT_VERSION = 1
+METADATA_FILE = "quantized.json"
+WEIGHTS_FILE = "quantized.safetensors"
+
+
+def read_float_checkpoint(folder: Path, config_cls, what: str):
+  """(config, float32 numpy tensors) from a folder holding model.safetensors and, optionally, config.json
+  (read with `config_cls.from_json`; else `config_cls()`)."""
+  weights = Path(folder) / "model.safetensors"
+  if not weights.exists():
+    raise FileNotFoundError(f"{what} checkpoint not found: {weights} (set COMETJAX_DATA or pass path)")
+  config_path = Path(folder) / "config.json"
+  config = config_cls.from_json(config_path) if config_path.exists() else config_cls()
+  return config, {k: np.asarray(v, np.float32) for k, v in read_safetensors(weights).items()}
+
+
+def load_dit(path=None) -> DiT:
+  """The MNIST DiT from a folder with config.json + model.safetensors (default: the shared data)."""
+  folder = Path(path) if path is not None else data_path("diffusion", "mnist_dit")
+  config, tensors = read_float_checkpoint(folder, DiTConfig, "DiT")
+  return DiT(tensors, config)
+
+
+def load_cnn(path=None) -> CNNDenoiser:
+  """The MNIST CNN DDPM from a folder with config.json + model.safetensors (default: the shared data)."""
+  folder = Path(path) if path is not None else data_path("diffusion", "mnist_cnn")
+  config, tensors = read_float_checkpoint(folder, CNNConfig, "CNN")
+  return CNNDenoiser(tensors, config)
+
+
+def load_diffusion(spec: str):
+  """(model, kind) for "dit", "cnn" or a checkpoint folder (its tensor names tell the kind)."""
+  if spec == "dit":
+    return load_dit(), "dit"
+  if spec == "cnn":
+    return load_cnn(), "cnn"
+  path = Path(spec)
+  if not (path / "model.safetensors").exists():
+    raise CheckpointError(f"model must be 'dit', 'cnn' or a folder with model.safetensors + config.json, "
+                          f"got {spec!r}")
+  names = set(read_safetensors(path / "model.safetensors"))
+  if "label_emb.weight" in names:
+    return load_dit(path), "dit"
+  if "gt.frequencies" in names:
+    return load_cnn(path), "cnn"
+  raise CheckpointError(f"{path}: not a known diffusion checkpoint (no label_emb.weight / gt.frequencies)")
+
+
+def save_quantized_diffusion(model, quant: DiffusionQuantConfig, kind: str, setting: str, folder) -> None:
+  """Writes the quantized model's full NNX state and the settings that rebuild its graph (module docstring)."""
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tensors = {".".join(str(p) for p in path): np.asarray(v.get_value())
+             for path, v in nnx.to_flat_state(nnx.state(model))}
+  write_safetensors(folder / WEIGHTS_FILE, tensors)
+  (folder / METADATA_FILE).write_text(json.dumps(
+      {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": kind, "setting": setting,
+       "quant": dataclasses.asdict(quant)}, indent=2))
+
+
+def _quant_config(raw: dict) -> DiffusionQuantConfig:
+  raw = dict(raw)
+  raw["keep_float"] = tuple(raw.get("keep_float", ()))
+  raw["act_bits_overrides"] = tuple((pattern, bits) for pattern, bits in raw.get("act_bits_overrides", ()))
+  return DiffusionQuantConfig(**raw)
+
+
+def load_quantized_diffusion(folder, model_spec: str | None = None):
+  """(model, kind, quant config) from a folder written by `save_quantized_diffusion`; the float checkpoint
+  comes from `model_spec` ("dit", "cnn", a folder) or, when None, the shared data of the saved kind."""
+  folder = Path(folder)
+  meta_path = folder / METADATA_FILE
+  if not meta_path.exists():
+    raise CheckpointError(f"{folder} has no {METADATA_FILE} (not a folder written by --save-quantized)")
+  meta = json.loads(meta_path.read_text())
+  version = meta.get("format_version", 1)
+  if meta.get("format", FORMAT) != FORMAT or version != FORMAT_VERSION:
+    raise CheckpointError(f"{meta_path}: expected format {FORMAT} version {FORMAT_VERSION}, got "
+                          f"{meta.get('format')!r} version {version!r}")
+  quant = _quant_config(meta["quant"])
+  model, kind = load_diffusion(model_spec if model_spec is not None else meta["kind"])
+  if kind != meta["kind"]:
+    raise CheckpointError(f"{folder} holds a quantized {meta['kind']!r} model, but the model given is {kind!r}")
+  attach_quantizers(model, quant)
+  to_integer(model)
+  tensors = read_safetensors(folder / WEIGHTS_FILE)
+  flat = []
+  for path, variable in nnx.to_flat_state(nnx.state(model)):
+    name = ".".join(str(p) for p in path)
+    if name not in tensors:
+      raise CheckpointError(f"{folder / WEIGHTS_FILE}: tensor {name} is missing")
+    variable.set_value(tensors[name])
+    flat.append((path, variable))
+  nnx.update(model, nnx.from_flat_state(flat))
+  return model, kind, quant

@@ -1,0 +1,174 @@
+"""Quantized LLM directories written by `cometjax quantize`: they load without the original checkpoint.
+
+DIR/model.safetensors holds every array (packed weights, scales, permutations, input rotations, float
+leaves); DIR/quantization.json holds the format name and version, the Llama config, the QuantConfig, the
+per-layer formats, the dtype of every tensor and how the tokenizer was copied. Format version 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+from flax import nnx
+
+from cometjax.checkpoint.io import from_storable, read_safetensors, to_storable, write_safetensors
+from cometjax.checkpoint.loaded import LoadedModel
+from cometjax.checkpoint.tokenizers import HFTokenizer, load_tokenizer
+from cometjax.core.formats import ActivationFormat, InputTransformWeight, QuantizedWeight, is_quantized_leaf
+from cometjax.errors import CheckpointError
+from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama
+from cometjax.quant.config import QuantConfig, config_from_dict
+from cometjax.quant.tree import float_leaves, linear_layers, node_at
+
+FORMAT = "cometjax-quantized"
+FORMAT_VERSION = 2
+METADATA_FILE = "quantization.json"
+WEIGHTS_FILE = "model.safetensors"
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def llama_config_to_dict(config: LlamaConfig) -> dict:
+  d = dataclasses.asdict(config)
+  d["dtype"] = jnp.dtype(config.dtype).name
+  if isinstance(d.get("eos_token_id"), tuple):
+    d["eos_token_id"] = list(d["eos_token_id"])
+  return d
+
+
+def llama_config_from_dict(d: dict) -> LlamaConfig:
+  d = dict(d)
+  d["dtype"] = jnp.dtype(d["dtype"])
+  if d.get("rope_scaling") is not None:
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+  if isinstance(d.get("eos_token_id"), list):
+    d["eos_token_id"] = tuple(d["eos_token_id"])
+  return LlamaConfig(**d)
+
+
+def _copy_tokenizer(source, directory: Path) -> dict | None:
+  if source is None:
+    return None
+  source = Path(source)
+  if source.is_dir():
+    copied = [f for f in HF_TOKENIZER_FILES if (source / f).exists()]
+    if not copied:
+      raise ValueError(f"tokenizer_source {source} holds none of {HF_TOKENIZER_FILES}")
+    for f in copied:
+      shutil.copyfile(source / f, directory / f)
+    return dict(kind="hf", files=copied)
+  if source.is_file() and source.suffix in (".model", ".bin"):
+    shutil.copyfile(source, directory / source.name)
+    return dict(kind="file", files=[source.name])
+  raise ValueError(f"tokenizer_source must be a HF tokenizer directory or a .model/.bin file, got {source}")
+
+
+def _layer_metadata(leaf) -> dict:
+  outer = leaf if isinstance(leaf, InputTransformWeight) else None
+  qw = leaf.inner if outer is not None else leaf
+  fmt = qw.activation
+  return dict(
+      bits=qw.bits, group_size=qw.group_size, shape=list(qw.shape), in_features=leaf.in_features,
+      transformed=outer is not None, has_perm=qw.perm is not None,
+      transform=None if outer is None else dict(
+          rotation=outer.rotation is not None, perm=outer.perm is not None, region=outer.region is not None,
+          region_start=outer.region_start),
+      activation=None if fmt is None else dict(block_size=fmt.block_size, num_int8_blocks=fmt.num_int8_blocks,
+                                               num_blocks=fmt.num_blocks))
+
+
+def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source=None) -> None:
+  """Writes DIR/model.safetensors and DIR/quantization.json (module docstring) and copies the tokenizer
+  files from `tokenizer_source` (a HF dir or a .model/.bin)."""
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  _, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state)
+  tensors, dtypes, layers = {}, {}, {}
+
+  def put(key, value):
+    tensors[key], dtypes[key] = to_storable(value)
+
+  for name, path in linear_layers(pure).items():
+    node = node_at(pure, path)
+    leaf = node["kernel"]
+    if not is_quantized_leaf(leaf):
+      continue
+    layers[name] = _layer_metadata(leaf)
+    qw = leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
+    put(f"{name}.kernel.data", qw.data)
+    put(f"{name}.kernel.scales", qw.scales)
+    if qw.perm is not None:
+      put(f"{name}.kernel.perm", qw.perm)
+    for part in ("rotation", "perm", "region"):
+      if isinstance(leaf, InputTransformWeight) and getattr(leaf, part) is not None:
+        put(f"{name}.kernel.input_{part}", getattr(leaf, part))
+    node["kernel"] = None
+  for key, path in float_leaves(pure).items():
+    put(key, node_at(pure, path))
+  tokenizer = _copy_tokenizer(tokenizer_source, directory)
+  write_safetensors(directory / WEIGHTS_FILE, tensors)
+  metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, model_config=llama_config_to_dict(model.config),
+                  quant_config=quant_config.to_dict(), layers=layers, dtypes=dtypes, tokenizer=tokenizer)
+  (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+
+
+def _quantized_leaf(name: str, info: dict, get):
+  act = info["activation"]
+  qw = QuantizedWeight(
+      data=get(f"{name}.kernel.data"), scales=get(f"{name}.kernel.scales"),
+      perm=get(f"{name}.kernel.perm") if info["has_perm"] else None, bits=info["bits"],
+      group_size=info["group_size"], shape=tuple(info["shape"]),
+      activation=None if act is None else ActivationFormat(**act))
+  qw.check_arrays()
+  if not info["transformed"]:
+    return qw
+  t = info["transform"]
+  return InputTransformWeight(
+      inner=qw, in_features=info["in_features"], region_start=t["region_start"],
+      rotation=get(f"{name}.kernel.input_rotation") if t["rotation"] else None,
+      perm=get(f"{name}.kernel.input_perm") if t["perm"] else None,
+      region=get(f"{name}.kernel.input_region") if t["region"] else None)
+
+
+def load_quantized(directory) -> LoadedModel:
+  """`LoadedModel` (with `.quant_config`) from a directory written by `save_quantized`; needs no original
+  checkpoint. `cometjax.load(DIR)` dispatches here when DIR holds quantization.json."""
+  directory = Path(directory)
+  meta_path = directory / METADATA_FILE
+  if not meta_path.exists():
+    raise CheckpointError(f"{directory} has no {METADATA_FILE} (not a cometjax quantized model directory)")
+  meta = json.loads(meta_path.read_text())
+  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    raise CheckpointError(f"{meta_path}: expected format {FORMAT} version {FORMAT_VERSION}, got "
+                          f"{meta.get('format')!r} version {meta.get('format_version')!r}")
+  config = llama_config_from_dict(meta["model_config"])
+  quant_config = config_from_dict(meta["quant_config"])
+  tensors = read_safetensors(directory / WEIGHTS_FILE)
+  dtypes = meta["dtypes"]
+
+  def get(key):
+    if key not in tensors:
+      raise CheckpointError(f"{directory / WEIGHTS_FILE} lacks tensor {key!r}")
+    return from_storable(tensors[key], dtypes[key])
+
+  graphdef, state = nnx.split(abstract_llama(config))
+  pure = nnx.to_pure_dict(state)
+  for name, path in linear_layers(pure).items():
+    node = node_at(pure, path)
+    info = meta["layers"].get(name)
+    node["kernel"] = get(f"{name}.kernel") if info is None else _quantized_leaf(name, info, get)
+  for key, path in float_leaves(pure).items():
+    node_at(pure, path[:-1])[path[-1]] = get(key)
+  nnx.replace_by_pure_dict(state, pure)
+  model = nnx.merge(graphdef, state)
+  tokenizer = None
+  tok = meta.get("tokenizer")
+  if tok is not None:
+    tokenizer = (HFTokenizer(directory) if tok["kind"] == "hf"
+                 else load_tokenizer(directory / tok["files"][0], config.vocab_size))
+  return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(directory),
+                     quant_config=quant_config)

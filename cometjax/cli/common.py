@@ -1,0 +1,50 @@
+"""Arguments and model loading shared by the LLM subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+from cometjax.core.kv_config import K_MODES, KVQuantConfig
+
+BUILTIN_MODEL = "builtin:tiny"
+DTYPES = ("float32", "bfloat16")
+
+
+def add_model_args(p: argparse.ArgumentParser, default_model: str | None):
+  p.add_argument("--model", default=default_model, required=default_model is None,
+                 help="Hugging Face model directory, llama2.c .bin file, or a directory written by "
+                      "`cometjax quantize`" + (f", or {BUILTIN_MODEL} (a small random Llama; the default)"
+                                                if default_model else ""))
+  p.add_argument("--tokenizer", default=None,
+                 help="tokenizer (HF dir, SentencePiece .model or llama2.c .bin); default: found beside the model")
+  p.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
+def kv_config(name: str | None) -> KVQuantConfig | None:
+  return None if name in (None, "none") else KVQuantConfig(k_mode=name)
+
+
+def add_kv_arg(p: argparse.ArgumentParser):
+  p.add_argument("--kv", default=None, choices=("none",) + K_MODES,
+                 help="KV cache: none (float) or INT4 with this K layout (channel: K per channel over 32-token "
+                      "groups, the most accurate). Default: a quantized model's own setting, else none")
+
+
+def load_model(args):
+  """(model, tokenizer or None, KV setting) for --model: a HF dir, a llama2.c .bin, a quantized dir, or
+  the builtin random model. The KV setting is --kv, else the quantized dir's own, else float."""
+  import jax.numpy as jnp
+
+  dtype = jnp.dtype(args.dtype)
+  if args.model == BUILTIN_MODEL:
+    from cometjax.models.llama import TINY_CONFIG, init_llama
+
+    # stories260K's shape with an untied random head, so the random model's tokens vary
+    config = TINY_CONFIG.replace(dtype=dtype, tie_word_embeddings=False)
+    return init_llama(config, seed=args.seed), None, kv_config(args.kv)
+  from cometjax.checkpoint import load
+  loaded = load(args.model, tokenizer=args.tokenizer, dtype=dtype)
+  kv = kv_config(args.kv)
+  if args.kv is None and loaded.quant_config is not None:
+    kv = loaded.quant_config.kv
+  return loaded.model, loaded.tokenizer, kv

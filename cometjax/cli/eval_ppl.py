@@ -1,0 +1,61 @@
+"""`cometjax eval-ppl`: perplexity of a text file under the protocol of `cometjax.serving.perplexity`."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import textwrap
+from pathlib import Path
+
+from cometjax.cli.common import add_kv_arg, add_model_args, load_model
+
+DEFAULT_SEPARATOR = "<|endoftext|>"
+
+
+def _protocol_text() -> str:
+  """The perplexity module's docstring (the protocol), read from its source without importing jax."""
+  source = Path(importlib.util.find_spec("cometjax.serving.perplexity").origin).read_text()
+  return textwrap.dedent(ast.get_docstring(ast.parse(source)) or "")
+
+
+def add_command(sub) -> argparse.ArgumentParser:
+  e = sub.add_parser("eval-ppl", help="perplexity of a text file",
+                     description="Perplexity of a text file.\n\n" + _protocol_text(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_args(e, None)
+  e.add_argument("--text", required=True, help="UTF-8 text file")
+  e.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+  e.add_argument("--separator", default=DEFAULT_SEPARATOR,
+                 help="document separator (default <|endoftext|>; '' = the file is one document)")
+  e.add_argument("--per-document", action="store_true", help="window each document separately")
+  e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+  e.add_argument("--max-documents", type=int, default=None, help="only the first N documents")
+  add_kv_arg(e)
+  e.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+  e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+  e.set_defaults(func=run)
+  return e
+
+
+def run(args) -> int:
+  from cometjax.serving.perplexity import perplexity
+
+  model, tokenizer, kv = load_model(args)
+  if tokenizer is None:
+    raise SystemExit(f"error: eval-ppl needs a tokenizer; none was found for {args.model} (pass --tokenizer)")
+  text_path = Path(args.text)
+  if not text_path.is_file():
+    raise SystemExit(f"error: --text file not found: {text_path}")
+  result = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"), window=args.window,
+                      separator=args.separator or None, per_document=args.per_document,
+                      batch_size=args.batch_size, max_documents=args.max_documents, kv=kv,
+                      progress=not args.json)
+  print(f"perplexity {result.ppl:.4f} over {result.num_tokens} tokens "
+        f"({result.num_windows} windows of {args.window}, {result.num_documents} documents)")
+  if args.json:
+    kv_json = None if kv is None else kv.as_dict()
+    print(json.dumps({"model": args.model, "text": str(text_path), "window": args.window, "kv": kv_json,
+                      "per_document": args.per_document, **result.as_dict()}))
+  return 0

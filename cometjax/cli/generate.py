@@ -1,0 +1,62 @@
+"""`cometjax generate`: jitted prefill + decode from a prompt, printing the text and tokens/s."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from cometjax.cli.common import BUILTIN_MODEL, add_kv_arg, add_model_args, load_model
+
+
+def add_command(sub) -> argparse.ArgumentParser:
+  g = sub.add_parser("generate", help="generate text (jitted prefill + decode) and report tokens/s")
+  add_model_args(g, BUILTIN_MODEL)
+  g.add_argument("--prompt", default="", help="prompt text; empty (default) starts from BOS alone")
+  g.add_argument("--max-new-tokens", type=int, default=128)
+  g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+  g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+  g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0 = off)")
+  g.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (and the builtin model's weights)")
+  g.add_argument("--no-stop", action="store_true", help="do not stop at EOS")
+  add_kv_arg(g)
+  g.add_argument("--no-warmup", dest="warmup", action="store_false",
+                 help="time the first (compiling) call instead of a warmed-up second call")
+  g.add_argument("--json", action="store_true",
+                 help="print one JSON object as the last line: token_ids, text, timings")
+  g.add_argument("--verbose", action="store_true", help="with --json, also print the text")
+  g.set_defaults(func=run)
+  return g
+
+
+def run(args) -> int:
+  import jax
+
+  from cometjax.serving.generate import SamplingConfig, generate
+
+  model, tokenizer, kv = load_model(args)
+  bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
+  if args.prompt:
+    if tokenizer is None:
+      raise SystemExit("error: --prompt text needs a tokenizer (this model has none); leave --prompt empty "
+                       "to start from BOS, or pass --tokenizer")
+    prompt = tokenizer.encode(args.prompt, bos=True)
+  else:
+    prompt = [bos]
+  sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+  key = jax.random.key(args.seed)
+  kwargs = dict(sampling=sampling, key=key, stop_at_eos=not args.no_stop, kv=kv)
+  if args.warmup:
+    generate(model, [prompt], args.max_new_tokens, **kwargs)  # compiles this shape bucket
+  result = generate(model, [prompt], args.max_new_tokens, **kwargs)
+  ids = result.tokens[0]
+  text = tokenizer.decode(ids) if tokenizer is not None else None
+  t = result.timings()
+  if not args.json or args.verbose:
+    print(text if text is not None else f"(no tokenizer) token ids: {ids}")
+  print(f"prefill: {t['prompt_tokens']} tokens in {t['prefill_s'] * 1e3:.1f} ms "
+        f"({t['prefill_tokens_per_s']:.1f} tokens/s); decode: {len(ids)} tokens in {t['decode_s'] * 1e3:.1f} ms "
+        f"({t['decode_tokens_per_s']:.1f} tokens/s)", file=sys.stderr if args.json else sys.stdout)
+  if args.json:
+    print(json.dumps({"model": args.model, "prompt_ids": prompt, "token_ids": ids, "text": text, **t}))
+  return 0

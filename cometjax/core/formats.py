@@ -1,0 +1,362 @@
+"""The quantized linear-weight leaves and the FMPQ activation layout. Kernels in `cometjax.pallas` read
+exactly these layouts; `cometjax.ops.linear` dispatches on the leaf type.
+
+FMPQ activations (`ActivationFormat`, `QuantizedActivation`)
+  The K input channels of a linear layer, after the channel permutation `perm` (x_perm = x[..., perm]),
+  are split into `num_blocks` blocks of `block_size` channels; the first `num_int8_blocks` blocks run at
+  INT8, the rest at INT4. Each precision group has its own symmetric per-token scale. With
+  K8 = int8_channels and K4 = int4_channels, a quantized activation of M tokens holds
+    int8_part  int8  [2, M, K8 // 2]  [0] = even channels 0, 2, 4, ... of the INT8 region, [1] = odd ones
+    int4_part  uint8 [M, K4 // 2]     pack_int4 of the INT4 region along channels
+    int8_scale f32   [M]              per-token scale of the INT8 group (max|x| / 127)
+    int4_scale f32   [M]              per-token scale of the INT4 group (max|x| / 7)
+  The even/odd split matches the weight packing (rows 2i / 2i+1 in one byte), so the matmul kernel
+  multiplies even channels with low nibbles and odd channels with high nibbles and never interleaves.
+
+Weights (`QuantizedWeight`, `quantize_weight`)
+  Layout [in=K, out=N]. bits=4: `data` uint8 [K // 2, N], pack_int4 along K (row 2i low nibble, row
+  2i+1 high nibble); bits=8: int8 [K, N]. `scales` f32 [K // group_size, N] or [1, N] per output channel.
+  Rows of `data` are already in permuted order (row r holds original input channel perm[r]), and scale
+  groups are contiguous in that permuted order. `perm` int32 [K] or None (identity).
+  `dequantize_weight(qw)` returns the float weight in permuted row order (pair with x[..., perm]);
+  `dequantize_weight(qw, original_order=True)` undoes the permutation (pair with x).
+  `activation=None` is weight-only (A16): the weight is dequantized and multiplied in float.
+
+Input transforms (`InputTransformWeight`)
+  A QuantizedWeight whose input is first zero-padded, rotated and/or permuted (see the class).
+
+Static activations (`StaticActQuantWeight`)
+  The diffusion models' integer leaf: a packed weight with one static (step, zero point) activation
+  quantizer (`cometjax.core.numerics.quantize_static`) and the weight's column sums for the zero point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from cometjax.core.numerics import pack_int4, quantize_static, quantize_symmetric, unpack_int4
+from cometjax.core.rotations import apply_block_rotation
+
+# ------------------------------------------------------------------------------------------------
+# FMPQ activation format
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationFormat:
+  """Mixed INT8/INT4 activation plan of one linear layer (static, hashable)."""
+
+  block_size: int
+  num_int8_blocks: int
+  num_blocks: int
+
+  def __post_init__(self):
+    if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 2:
+      raise ValueError(f"block_size must be a positive even int, got {self.block_size!r}")
+    if not isinstance(self.num_blocks, int) or self.num_blocks <= 0:
+      raise ValueError(f"num_blocks must be a positive int, got {self.num_blocks!r}")
+    if not isinstance(self.num_int8_blocks, int) or not 0 <= self.num_int8_blocks <= self.num_blocks:
+      raise ValueError(f"num_int8_blocks must be an int in [0, num_blocks={self.num_blocks}], "
+                       f"got {self.num_int8_blocks!r}")
+
+  @classmethod
+  def for_features(cls, in_features: int, block_size: int = 128, int8_fraction: float = 0.0):
+    """Format for `in_features` channels with round(int8_fraction * num_blocks) INT8 blocks."""
+    if in_features % block_size:
+      raise ValueError(f"in_features={in_features} must be a multiple of block_size={block_size}")
+    if not 0.0 <= int8_fraction <= 1.0:
+      raise ValueError(f"int8_fraction must be in [0, 1], got {int8_fraction}")
+    num_blocks = in_features // block_size
+    return cls(block_size, int(round(int8_fraction * num_blocks)), num_blocks)
+
+  @property
+  def in_features(self) -> int:
+    return self.block_size * self.num_blocks
+
+  @property
+  def int8_channels(self) -> int:
+    return self.block_size * self.num_int8_blocks
+
+  @property
+  def int4_channels(self) -> int:
+    return self.in_features - self.int8_channels
+
+  @property
+  def num_int4_blocks(self) -> int:
+    return self.num_blocks - self.num_int8_blocks
+
+  @property
+  def int8_block_fraction(self) -> float:
+    return self.num_int8_blocks / self.num_blocks
+
+  @property
+  def int4_block_fraction(self) -> float:
+    return self.num_int4_blocks / self.num_blocks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedActivation:
+  """Activations of M tokens in the FMPQ mixed layout (see the module docstring)."""
+
+  int8_part: jax.Array  # int8 [2, M, K8 // 2]
+  int4_part: jax.Array  # uint8 [M, K4 // 2]
+  int8_scale: jax.Array  # f32 [M]
+  int4_scale: jax.Array  # f32 [M]
+  format: ActivationFormat = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def num_tokens(self) -> int:
+    return self.int4_part.shape[0]
+
+  def int_values(self) -> tuple[jax.Array, jax.Array]:
+    """(int8 codes [M, K8], int8 codes [M, K4]) of the two regions in channel order."""
+    even, odd = self.int8_part[0], self.int8_part[1]  # [M, K8 // 2] each
+    int8_values = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], 2 * even.shape[1])
+    return int8_values, unpack_int4(self.int4_part, axis=-1)
+
+  def dequantize(self) -> jax.Array:
+    """Float activations [M, K] in permuted channel order."""
+    int8_values, int4_values = self.int_values()
+    return jnp.concatenate([int8_values.astype(jnp.float32) * self.int8_scale[:, None],
+                            int4_values.astype(jnp.float32) * self.int4_scale[:, None]], axis=-1)
+
+
+def check_activation(qx: QuantizedActivation) -> None:
+  """Raises ValueError when the arrays of `qx` disagree with its format."""
+  if not isinstance(qx, QuantizedActivation):
+    raise ValueError(f"qx must be a QuantizedActivation, got {type(qx).__name__}")
+  fmt = qx.format
+  m = qx.int4_part.shape[0]
+  expected = {"int8_part": (2, m, fmt.int8_channels // 2), "int4_part": (m, fmt.int4_channels // 2),
+              "int8_scale": (m,), "int4_scale": (m,)}
+  for name, shape in expected.items():
+    if tuple(getattr(qx, name).shape) != shape:
+      raise ValueError(f"qx.{name} must have shape {list(shape)}, got {list(getattr(qx, name).shape)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantized weights
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+  """A quantized linear weight [in=K, out=N] plus the activation plan of its layer."""
+
+  data: jax.Array  # bits=4: uint8 [K // 2, N]; bits=8: int8 [K, N]; rows in permuted order
+  scales: jax.Array  # f32 [K // group_size, N] or [1, N]
+  perm: jax.Array | None  # int32 [K] or None (identity)
+  bits: int = dataclasses.field(metadata=dict(static=True))
+  group_size: int | None = dataclasses.field(metadata=dict(static=True))
+  shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
+  activation: ActivationFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+  def __post_init__(self):
+    # Only static fields are checked here: jax rebuilds this class with placeholder leaves.
+    if self.bits not in (4, 8):
+      raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
+    if len(self.shape) != 2:
+      raise ValueError(f"shape must be (in_features, out_features), got {self.shape!r}")
+    in_features, _ = self.shape
+    if self.bits == 4 and in_features % 2:
+      raise ValueError(f"4-bit weights need an even in_features, got shape {self.shape}")
+    if self.group_size is not None and (self.group_size <= 0 or in_features % self.group_size):
+      raise ValueError(f"group_size must divide in_features={in_features}, got {self.group_size}")
+    if self.activation is not None and self.activation.in_features != in_features:
+      raise ValueError(f"activation format covers {self.activation.in_features} channels but "
+                       f"in_features={in_features}")
+
+  @property
+  def in_features(self) -> int:
+    return self.shape[0]
+
+  @property
+  def out_features(self) -> int:
+    return self.shape[1]
+
+  @property
+  def num_scale_groups(self) -> int:
+    return 1 if self.group_size is None else self.in_features // self.group_size
+
+  def check_arrays(self) -> None:
+    """Raises ValueError when the array fields disagree with the static fields."""
+    k, n = self.shape
+    data_shape = (k // 2, n) if self.bits == 4 else (k, n)
+    data_dtype = jnp.uint8 if self.bits == 4 else jnp.int8
+    if tuple(self.data.shape) != data_shape or self.data.dtype != data_dtype:
+      raise ValueError(f"data must be {jnp.dtype(data_dtype).name} {list(data_shape)} for bits={self.bits}, "
+                       f"got {self.data.dtype} {list(self.data.shape)}")
+    if tuple(self.scales.shape) != (self.num_scale_groups, n):
+      raise ValueError(f"scales must have shape {[self.num_scale_groups, n]} for group_size="
+                       f"{self.group_size}, got {list(self.scales.shape)}")
+    if self.perm is not None and tuple(self.perm.shape) != (k,):
+      raise ValueError(f"perm must have shape [{k}], got {list(self.perm.shape)}")
+
+  def check_input(self, x: jax.Array) -> None:
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f"x must have {self.in_features} channels in its last axis, got shape {x.shape}")
+
+  def int_values(self) -> jax.Array:
+    """Integer weight values int8 [K, N] in permuted row order."""
+    return unpack_int4(self.data, axis=0) if self.bits == 4 else self.data
+
+  def permute_input(self, x: jax.Array) -> jax.Array:
+    return x if self.perm is None else jnp.take(x, self.perm, axis=-1)
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.data.nbytes + self.scales.nbytes + (0 if self.perm is None else self.perm.nbytes))
+
+
+def quantize_weight(w: jax.Array, bits: int = 4, group_size: int | None = None,
+                    activation: ActivationFormat | None = None, perm: jax.Array | None = None,
+                    clip_ratio: float = 1.0) -> QuantizedWeight:
+  """Round-to-nearest symmetric quantization of a float weight [K, N] ([in, out] layout).
+
+  perm (int32 [K], optional) is the input-channel permutation of the layer's activations; the weight
+  rows are permuted here (row r <- w[perm[r]]) before grouping and packing.
+  """
+  if bits not in (4, 8):
+    raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+  w = jnp.asarray(w)
+  if w.ndim != 2:
+    raise ValueError(f"w must be a 2-D [in_features, out_features] array, got shape {w.shape}")
+  k, n = w.shape
+  if group_size is not None and (group_size <= 0 or k % group_size):
+    raise ValueError(f"group_size must divide in_features={k}, got {group_size}")
+  if perm is not None:
+    perm = jnp.asarray(perm, jnp.int32)
+    if perm.shape != (k,):
+      raise ValueError(f"perm must have shape [{k}], got {list(perm.shape)}")
+    w = w[perm]
+  if group_size is None:
+    q, scales = quantize_symmetric(w, bits, axis=0, clip_ratio=clip_ratio)  # [K, N], [1, N]
+  else:
+    grouped = w.reshape(k // group_size, group_size, n)
+    q, scales = quantize_symmetric(grouped, bits, axis=1, clip_ratio=clip_ratio)
+    q, scales = q.reshape(k, n), scales.reshape(k // group_size, n)
+  data = pack_int4(q, axis=0) if bits == 4 else q
+  return QuantizedWeight(data=data, scales=scales.astype(jnp.float32), perm=perm, bits=bits,
+                         group_size=group_size, shape=(k, n), activation=activation)
+
+
+def dequantize_weight(qw: QuantizedWeight, original_order: bool = False, dtype=jnp.float32) -> jax.Array:
+  """Float weight [K, N]: permuted row order by default, the original order with original_order=True."""
+  k, n = qw.shape
+  values = qw.int_values().astype(jnp.float32)  # [K, N]
+  scales = jnp.repeat(qw.scales, k // qw.scales.shape[0], axis=0)  # [K, N]
+  w = values * scales
+  if original_order and qw.perm is not None:
+    w = jnp.zeros_like(w).at[qw.perm].set(w)
+  return w.astype(dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class InputTransformWeight:
+  """A QuantizedWeight whose input is transformed first:
+
+  x [..., in_features] -> zero-pad to Kp -> (x @ rotation) -> x[..., perm] -> the channels from
+  region_start on, in consecutive chunks of b, each times region[i] ([b, b]) -> the inner weight's matmul.
+  `rotation` is the dense online rotation of rotation="hadamard" (a fast Hadamard transform is the kernel
+  equivalent); `perm` + `region` are FMPQ's INT4-region rotation (identity on the INT8 channels), kept
+  block-structured so their storage is Kp * b, not Kp^2. Every part is optional.
+  """
+  inner: QuantizedWeight
+  rotation: jax.Array | None  # f32 [Kp, Kp]
+  in_features: int = dataclasses.field(metadata=dict(static=True))
+  perm: jax.Array | None = None  # int32 [Kp]
+  region: jax.Array | None = None  # f32 [num_chunks, b, b], num_chunks * b = Kp - region_start
+  region_start: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+  def __post_init__(self):
+    if self.in_features > self.inner.in_features:
+      raise ValueError(f"in_features={self.in_features} exceeds the inner weight's {self.inner.in_features}")
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.in_features, self.inner.out_features)
+
+  def transform_input(self, x: jax.Array) -> jax.Array:
+    """x [..., in_features] -> [..., Kp], the input the inner weight multiplies."""
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f"x must have {self.in_features} channels in its last axis, got shape {x.shape}")
+    pad = self.inner.in_features - self.in_features
+    if pad:
+      x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    if self.rotation is not None:
+      x = jnp.dot(x, self.rotation.astype(x.dtype))
+    if self.perm is not None:
+      x = jnp.take(x, self.perm, axis=-1)
+    if self.region is not None:
+      head, tail = x[..., :self.region_start], x[..., self.region_start:]
+      x = jnp.concatenate([head, apply_block_rotation(tail, self.region)], axis=-1)
+    return x
+
+  @property
+  def transform_nbytes(self) -> int:
+    return sum(int(a.nbytes) for a in (self.rotation, self.perm, self.region) if a is not None)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StaticActQuantWeight:
+  """Packed INT4/INT8 weight + a static activation quantizer (the diffusion models' integer leaf).
+
+  `act_step` / `act_zero` are scalars already chosen for the current timestep group.
+  """
+
+  data: jax.Array  # uint8 [K_pad // 2, N] (INT4, packed, K padded to even) or int8 [K, N] (INT8)
+  weight_scale: jax.Array  # f32 [1, N]
+  column_sums: jax.Array  # int32 [N]: sum over K of the integer weight, for the zero-point term
+  act_step: jax.Array  # f32 []
+  act_zero: jax.Array  # f32 []
+  in_features: int = dataclasses.field(metadata=dict(static=True))
+  weight_bits: int = dataclasses.field(metadata=dict(static=True))
+  act_bits: int = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.in_features, self.weight_scale.shape[-1])
+
+  def integer_weight(self) -> jax.Array:  # int8 [K, N]
+    if self.weight_bits <= 4:
+      return unpack_int4(self.data, axis=0)[: self.in_features]
+    return self.data
+
+  def quantize_input(self, x: jax.Array) -> jax.Array:  # [..., K] -> int8 [..., K]
+    if x.shape[-1] != self.in_features:
+      raise ValueError(f"x last dim must be in_features={self.in_features}, got shape {x.shape}")
+    return quantize_static(x, self.act_step, self.act_zero, self.act_bits)
+
+
+def pack_static_weight(weight_int: jax.Array, weight_scale: jax.Array, act_step, act_zero, *, weight_bits: int,
+                       act_bits: int) -> StaticActQuantWeight:
+  """weight_int: integer-valued [K, N]; weight_scale: [N]. 4-bit weights with odd K get a zero row."""
+  in_features = weight_int.shape[0]
+  weight_int = weight_int.astype(jnp.int8)
+  if weight_bits <= 4:
+    data = pack_int4(jnp.pad(weight_int, ((0, in_features % 2), (0, 0))), axis=0)
+  else:
+    data = weight_int
+  return StaticActQuantWeight(
+      data=data, weight_scale=weight_scale.reshape(1, -1).astype(jnp.float32),
+      column_sums=weight_int.astype(jnp.int32).sum(0), act_step=jnp.asarray(act_step, jnp.float32),
+      act_zero=jnp.asarray(act_zero, jnp.float32), in_features=in_features, weight_bits=weight_bits,
+      act_bits=act_bits)
+
+
+QUANTIZED_LEAF_TYPES = (QuantizedWeight, InputTransformWeight, StaticActQuantWeight)
+
+
+def is_quantized_leaf(value) -> bool:
+  """Whether `value` is one of the quantized weight leaves above (not a float array)."""
+  return isinstance(value, QUANTIZED_LEAF_TYPES)
+
+
+def inner_weight(leaf) -> QuantizedWeight:
+  """The QuantizedWeight a (possibly input-transformed) leaf multiplies by."""
+  return leaf.inner if isinstance(leaf, InputTransformWeight) else leaf

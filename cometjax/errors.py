@@ -1,0 +1,23 @@
+"""The error types cometjax raises: each message names the file, tensor, field or argument and what was expected.
+
+All derive from ValueError, so `except ValueError` keeps working for callers that do not care which kind.
+"""
+
+from __future__ import annotations
+
+
+class CometError(ValueError):
+  """Base of every named cometjax error."""
+
+
+class CheckpointError(CometError):
+  """A checkpoint is missing, truncated, malformed or uses a feature cometjax does not implement."""
+
+
+class ConfigError(CometError):
+  """A configuration value is out of range or inconsistent with another one."""
+
+
+class UnsupportedError(CometError):
+  """An explicitly requested implementation cannot serve this operand (e.g. implementation="pallas" for a
+  weight no Pallas kernel tiles); implementation="auto" falls back instead of raising."""

@@ -1,0 +1,103 @@
+"""`linear(x, weight, bias)`: every linear layer of every model calls it, float or quantized.
+
+A weight leaf is a float array [in, out] (plain `jnp.dot`) or a quantized leaf of `cometjax.core.formats`:
+- `QuantizedWeight`: A16 (activation=None): dequantized, then a float dot (XLA only). W4Ax / W8Ax:
+  x is permuted and quantized to the FMPQ layout (`quantize_act`), then multiplied with integer
+  accumulation (`w4ax_matmul`; on a device whose validation table prefers it, `w4ax_matmul_sm90`).
+  The Pallas GEMM takes 4-bit weights whose scale segments it can tile (`w4ax_matmul.pallas_supported`).
+- `InputTransformWeight`: the input is transformed (pad, rotate, permute), then the inner weight runs.
+- `StaticActQuantWeight`: XLA's int8 dot with int32 accumulation and the zero-point term.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cometjax.core.formats import InputTransformWeight, QuantizedWeight, StaticActQuantWeight, dequantize_weight
+from cometjax.core.numerics import round_half_up
+from cometjax.ops import registry
+
+
+def linear(x: jax.Array, weight, bias: jax.Array | None = None, *, implementation: str = "auto") -> jax.Array:
+  """y = x @ weight (+ bias).  x: [..., in]; weight: float [in, out] or a quantized leaf."""
+  if isinstance(weight, InputTransformWeight):
+    x, weight = weight.transform_input(x), weight.inner
+  if isinstance(weight, (jax.Array, np.ndarray)):  # a float kernel
+    registry.check_implementation(implementation)
+    y = jnp.dot(x, weight.astype(x.dtype))
+  else:
+    name, backend = registry.select("linear", weight, implementation)
+    y = backend.fn(x, weight, name)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y
+
+
+def _flatten(x: jax.Array, k: int) -> jax.Array:  # [..., K] -> [M, K]
+  return x.reshape(-1, k)
+
+
+def _quantized_weight_xla(x, qw: QuantizedWeight, implementation: str):
+  from cometjax.pallas import quantize_act, w4ax_matmul
+  qw.check_arrays()
+  qw.check_input(x)
+  k, n = qw.shape
+  x2d = _flatten(x, k)
+  if qw.activation is None:  # weight-only: dequantize, multiply in float
+    w = dequantize_weight(qw).astype(x.dtype)  # [K, N] permuted rows
+    y = jnp.dot(qw.permute_input(x2d), w, preferred_element_type=jnp.float32).astype(x.dtype)
+  else:
+    qx = quantize_act.quantize_act_reference(x2d, qw.perm, qw.activation)
+    y = w4ax_matmul.w4ax_matmul_reference(qx, qw, out_dtype=x.dtype)
+  return y.reshape(*x.shape[:-1], n)
+
+
+def _quantized_weight_pallas(x, qw: QuantizedWeight, implementation: str):
+  from cometjax.pallas import quantize_act, w4ax_matmul, w4ax_matmul_sm90
+  qw.check_arrays()
+  qw.check_input(x)
+  k, n = qw.shape
+  x2d = _flatten(x, k)
+  interpret = implementation == "interpret"
+  qx = quantize_act.quantize_act(x2d, qw.perm, fmt=qw.activation, interpret=interpret)
+  if (not interpret and registry.preferred_kernel("w4ax_matmul") == "w4ax_matmul_sm90"
+      and w4ax_matmul_sm90.shape_supported(qw)):
+    y = w4ax_matmul_sm90.w4ax_matmul_sm90(qx, qw, out_dtype=x.dtype)
+  else:
+    y = w4ax_matmul.w4ax_matmul(qx, qw, out_dtype=x.dtype, interpret=interpret)
+  return y.reshape(*x.shape[:-1], n)
+
+
+def _no_kernel_for(qw: QuantizedWeight) -> str | None:
+  """Why no Pallas GEMM serves this weight in any mode (None: the kernels serve it in interpret mode)."""
+  if qw.activation is None:
+    return "weight-only (A16) weights are dequantized in XLA; no Pallas kernel serves them"
+  if qw.bits != 4:
+    return f"the Pallas W4Ax GEMM takes 4-bit weights, this one has bits={qw.bits}"
+  return None
+
+
+def _not_compilable(qw: QuantizedWeight) -> str | None:
+  from cometjax.pallas import w4ax_matmul
+  reason = _no_kernel_for(qw)
+  if reason is None and not w4ax_matmul.pallas_supported(qw):
+    reason = (f"the compiled GEMM cannot tile it (out_features={qw.out_features} must be a multiple of 16, "
+              f"block_size / group_size multiples of 64; activation={qw.activation}, group_size={qw.group_size})")
+  return reason
+
+
+def _static_act_xla(x, leaf: StaticActQuantWeight, implementation: str):
+  x_int = leaf.quantize_input(x)  # int8 [..., K]
+  accumulator = jnp.dot(x_int, leaf.integer_weight(), preferred_element_type=jnp.int32)  # [..., N]
+  zero = round_half_up(leaf.act_zero).astype(jnp.int32)
+  accumulator = accumulator - zero * leaf.column_sums
+  return accumulator.astype(jnp.float32) * (leaf.act_step * leaf.weight_scale[0])
+
+
+registry.register("linear", QuantizedWeight, "xla", _quantized_weight_xla)
+registry.register("linear", QuantizedWeight, "pallas", _quantized_weight_pallas, unsupported=_not_compilable,
+                  kernels=("quantize_act", "w4ax_matmul"))
+registry.register("linear", QuantizedWeight, "interpret", _quantized_weight_pallas, unsupported=_no_kernel_for)
+registry.register("linear", StaticActQuantWeight, "xla", _static_act_xla)

@@ -1,0 +1,66 @@
+"""`quantize(model, config, stats=None)`: a float Llama -> the same model with quantized linear kernels.
+
+Quantization is a transform of the nnx state: every linear kernel that `config` quantizes becomes a
+quantized leaf (`cometjax.core.formats.QuantizedWeight`, or an `InputTransformWeight` wrapping one when the
+layer's input is zero-padded to a block multiple or rotated online; `cometjax.quant.layer`), and the
+unchanged model code runs it through `cometjax.ops.linear`. With config.rotation the model is first
+rotated (`cometjax.quant.rotation`), so the result may have an explicit lm_head where the float model tied
+it to the embedding.
+
+Typical use (statistics come from the calibration driver in `calib/`):
+    windows = calib.stats.calibration_windows(tokenizer, documents, window=512)
+    stats = calib.stats.collect_stats(model, config, windows)
+    qmodel = quantize(model, config, stats)
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+from tqdm.auto import tqdm
+
+from cometjax.core.formats import is_quantized_leaf
+from cometjax.quant.config import QuantConfig
+from cometjax.quant.layer import quantize_layer
+from cometjax.quant.rotation import rotate_llama
+from cometjax.quant.tree import linear_layers, node_at
+
+
+def prepare_model(model, config: QuantConfig):
+  """The float model that quantize() quantizes: rotated when config.rotation says so, else `model`."""
+  _, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state)
+  for name, path in linear_layers(pure).items():
+    if is_quantized_leaf(node_at(pure, path)["kernel"]):
+      raise ValueError(f"model is already quantized (layer {name!r}); pass the float model")
+  if config.rotation == "hadamard":
+    return rotate_llama(model)
+  return model
+
+
+def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
+  """The quantized model: every linear kernel config.quantizes() replaced by a quantized leaf.
+
+  stats (`calib.stats.CalibrationStats`, collected with the same model and config) is required when
+  config.needs_calibration (FMPQ INT8 blocks, or a weight method other than rtn).
+  """
+  if not isinstance(config, QuantConfig):
+    raise ValueError(f"config must be a cometjax.quant.config.QuantConfig, got {type(config).__name__}")
+  if config.needs_calibration and stats is None:
+    raise ValueError("stats are required by this config (FMPQ channel ranking or weights.method="
+                     f"{config.weights.method!r}); collect them with calib.stats.collect_stats(model, config, "
+                     "windows)")
+  if stats is not None and stats.rotation != config.rotation:
+    raise ValueError(f"stats were collected with rotation={stats.rotation!r} but config.rotation="
+                     f"{config.rotation!r}; collect them with this config")
+  prepared = prepare_model(model, config)
+  if config.weights is None:
+    return prepared
+  graphdef, state = nnx.split(prepared)
+  pure = nnx.to_pure_dict(state)
+  layers = {name: path for name, path in linear_layers(pure).items() if config.quantizes(name)}
+  for name, path in tqdm(layers.items(), desc="quantize", unit="layer", disable=not progress):
+    node = node_at(pure, path)
+    layer_stats = stats.layer(name) if stats is not None else None
+    node["kernel"] = quantize_layer(name, node["kernel"], config, layer_stats)
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,185 @@
+"""KV caches passed through the model (the protocol is in `cometjax.models.llama`'s docstring).
+
+A cache is a pytree (it travels through `jax.jit` and `lax.while_loop`); `update` writes one layer's new
+keys/values at their positions and returns that whole layer (dequantized) for attention. Positions >=
+max_len mark padding: they are dropped, never written.
+
+- `KVCache`: float K/V, contiguous.
+- `KV4Cache`: INT4 K/V (COMET's / QServe's "KV4"), one `cometjax.core.kv.PagedKV4` pool per layer sharing one
+  page table per batch row; the layouts and K modes are in `cometjax.core.kv`. Keeping each layer's pool
+  its own array means no single array holds more than one layer's pages (kernels index it with 32-bit
+  offsets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cometjax.core.kv import KVQuantConfig, PagedKV4, check_kv_shape
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Contiguous float cache.  k, v: [layers, batch, max_len, kv_heads, head_dim]."""
+  k: jax.Array
+  v: jax.Array
+  prefill_chunk = None  # prefill may write any number of tokens at once
+
+  @classmethod
+  def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32) -> "KVCache":
+    shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+  def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
+    """k_new, v_new: [B, T, Hkv, D] written at positions [B, T]; returns (cache, keys, values)."""
+    rows = jnp.arange(k_new.shape[0])[:, None]
+    k = self.k.at[layer, rows, positions].set(k_new.astype(self.k.dtype), mode="drop")
+    v = self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
+    return KVCache(k, v), k[layer], v[layer]
+
+  def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
+    return self.update(layer, k_new, v_new, positions)[0]
+
+  def paged_layer(self, layer: int) -> None:
+    return None  # not paged: attention reads `update`'s keys and values
+
+  def reset_rows(self, rows: jax.Array) -> "KVCache":
+    """Frees batch rows (bool [B]) for new sequences. A float cache keeps no per-row state: a new
+    sequence rewrites every position before its queries can see it."""
+    return self
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KV4Cache:
+  """Paged INT4 cache: one `PagedKV4` pool per layer and a page table per batch row (shared by the layers).
+
+  `create` builds the identity table (row b owns pages b*n .. b*n+n-1, i.e. a contiguous cache); a serving
+  engine sets its own tables over a smaller pool (`with_page_table`). In "channel" mode a page is one K
+  scale group (page_size == group_tokens).
+  """
+  layers: tuple[PagedKV4, ...]
+  dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
+
+  @classmethod
+  def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+             dtype=jnp.float32, *, config: KVQuantConfig = KVQuantConfig(), page_size: int | None = None,
+             num_pages: int | None = None) -> "KV4Cache":
+    check_kv_shape(head_dim, config)
+    channel = config.k_mode == "channel"
+    if channel:
+      if page_size not in (None, config.group_tokens):
+        raise ValueError(f"page_size must equal group_tokens ({config.group_tokens}) for k_mode='channel', "
+                         f"got {page_size}")
+      page_size = config.group_tokens
+    page_size = page_size or min(16, max_len)
+    if max_len % page_size:
+      what = "group_tokens" if channel else "page_size"
+      raise ValueError(f"max_len ({max_len}) must be a multiple of {what} ({page_size})")
+    pages_per_row = max_len // page_size
+    num_pages = batch * pages_per_row if num_pages is None else num_pages
+    if num_pages < 1:
+      raise ValueError(f"num_pages must be >= 1, got {num_pages}")
+    identity = np.arange(batch * pages_per_row, dtype=np.int32).reshape(batch, pages_per_row)
+    table = jnp.asarray(np.where(identity < num_pages, identity, -1))
+    layer = PagedKV4.create(batch, num_pages, page_size, num_kv_heads, head_dim, table, config)
+    return cls(layers=tuple(layer for _ in range(num_layers)), dtype=jnp.dtype(dtype))
+
+  @property
+  def config(self) -> KVQuantConfig:
+    return self.layers[0].config
+
+  @property
+  def page_table(self) -> jax.Array:
+    return self.layers[0].page_table
+
+  @property
+  def page_size(self) -> int:
+    return self.layers[0].page_size
+
+  @property
+  def num_pages(self) -> int:
+    return self.layers[0].num_pages
+
+  @property
+  def max_len(self) -> int:
+    return self.layers[0].max_len
+
+  @property
+  def prefill_chunk(self) -> int | None:
+    return self.config.group_tokens if self.config.k_mode == "channel" else None
+
+  @property
+  def head_group(self) -> int:
+    return self.layers[0].head_group
+
+  @property
+  def length(self) -> jax.Array:
+    """int32 [L, B]: tokens written so far per layer and row."""
+    return jnp.stack([layer.length for layer in self.layers])
+
+  def paged_layer(self, layer: int) -> PagedKV4:
+    return self.layers[layer]
+
+  def _replace_layer(self, layer: int, new: PagedKV4) -> "KV4Cache":
+    return dataclasses.replace(self, layers=self.layers[:layer] + (new,) + self.layers[layer + 1:])
+
+  def with_page_table(self, page_table) -> "KV4Cache":
+    """The same pools under new per-row page tables (int32 [B, max_len // page_size], -1 = none)."""
+    page_table = jnp.asarray(page_table, jnp.int32)
+    if page_table.shape != self.page_table.shape:
+      raise ValueError(f"page_table must have shape {list(self.page_table.shape)}, got {list(page_table.shape)}")
+    return dataclasses.replace(self, layers=tuple(dataclasses.replace(l, page_table=page_table)
+                                                  for l in self.layers))
+
+  def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
+    """k_new, v_new: [B, T, Hkv, D] written at positions [B, T]; returns (cache, keys, values)."""
+    cache = self.write(layer, k_new, v_new, positions)
+    return cache, cache.read_keys(layer).astype(self.dtype), cache.read_values(layer).astype(self.dtype)
+
+  def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KV4Cache":
+    """`update` without the read (for attention kernels that read the pool themselves)."""
+    return self._replace_layer(layer, self.layers[layer].write(k_new, v_new, positions))
+
+  def reset_rows(self, rows: jax.Array) -> "KV4Cache":
+    """Frees batch rows (bool [B]) for new sequences: their written length goes back to 0."""
+    return dataclasses.replace(self, layers=tuple(
+        dataclasses.replace(l, length=jnp.where(rows, 0, l.length)) for l in self.layers))
+
+  def read_values(self, layer: int) -> jax.Array:
+    return self.layers[layer].read_values()
+
+  def read_keys(self, layer: int) -> jax.Array:
+    """[B, S, Hkv, D] float32 keys of one layer, as attention sees them."""
+    return self.layers[layer].read_keys()
+
+  def nbytes_per_token(self) -> float:
+    """Bytes one pooled token costs across layers, codes plus scales (the ring buffer excluded)."""
+    return sum(layer.nbytes() for layer in self.layers) / (self.num_pages * self.page_size)
+
+
+def prefill_chunk(kv: KVQuantConfig | None) -> int:
+  """Tokens per prefill write the cache accepts (1 = any number)."""
+  return 1 if kv is None else kv.prefill_chunk
+
+
+def create_cache(kv: KVQuantConfig | None, config, batch: int, max_len: int, dtype=None, **paging):
+  """An empty cache for a model config (`LlamaConfig`): float when kv is None, else INT4 (`paging`:
+  page_size / num_pages for `KV4Cache.create`)."""
+  dtype = dtype or config.dtype
+  shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
+  if kv is None:
+    if paging:
+      raise ValueError(f"paging options {sorted(paging)} need an INT4 cache (kv=KVQuantConfig(...))")
+    return KVCache.create(*shape, dtype=dtype)
+  return KV4Cache.create(*shape, dtype=dtype, config=kv, **paging)
