@@ -1,6 +1,10 @@
 import importlib.util
+import os
 import pathlib
 import sys
+
+# pytest -n N runs N processes: on a GPU none may take most of its memory up front
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import pytest
