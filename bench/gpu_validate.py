@@ -135,9 +135,10 @@ def validated_kernels(cases: list[dict]) -> list[str]:
 # Inputs
 
 
-def random_weight(rng, k: int, n: int, fmt: ActivationFormat, group_size=None) -> QuantizedWeight:
+def random_weight(rng, k: int, n: int, fmt: ActivationFormat, group_size=None, symmetric=True) -> QuantizedWeight:
   w = rng.standard_normal((k, n)).astype(np.float32) * 0.02
-  return quantize_weight(w, 4, group_size=group_size, activation=fmt, perm=rng.permutation(k).astype(np.int32))
+  return quantize_weight(w, 4, group_size=group_size, activation=fmt, perm=rng.permutation(k).astype(np.int32),
+                         symmetric=symmetric)
 
 
 def random_activation(rng, m: int, k: int, dtype=jnp.bfloat16) -> jax.Array:
@@ -145,18 +146,27 @@ def random_activation(rng, m: int, k: int, dtype=jnp.bfloat16) -> jax.Array:
   return jnp.asarray(x, dtype)
 
 
-def integer_case(rng, m: int, k: int, n: int, fmt: ActivationFormat):
-  """(qx, qw, exact int64 product) with unit scales and codes over each precision's full range."""
+def integer_case(rng, m: int, k: int, n: int, fmt: ActivationFormat, zero_group: int | None = None):
+  """(qx, qw, exact int64 product) with unit scales and codes over each precision's full range; zero_group:
+  integer-valued weight zero points per zero_group rows (and the activation's code sums), still exact."""
   x8 = rng.integers(-127, 128, size=(m, fmt.int8_channels))
   x4 = rng.integers(-8, 8, size=(m, fmt.int4_channels))
   w = rng.integers(-8, 8, size=(k, n))
   x8[0], w[:, 0] = 127, -8  # the extremes: x16 products must stay exact in int32
+  x = np.concatenate([x8, x4], axis=1)
+  zeros = sums = None
+  if zero_group is not None:
+    zeros = rng.integers(-3, 4, size=(k // zero_group, n))
+    fmt = fmt.with_sums(zero_group)
+    sums = jnp.asarray(x.reshape(m, -1, zero_group).sum(axis=2).T, jnp.int32)
   qx = QuantizedActivation(int8_part=jnp.asarray(np.stack([x8[:, 0::2], x8[:, 1::2]]), jnp.int8),
-                           int4_part=pack_int4(jnp.asarray(x4, jnp.int8)), int8_scale=jnp.ones((m,)),
-                           int4_scale=jnp.ones((m,)), format=fmt)
-  qw = QuantizedWeight(data=pack_int4(jnp.asarray(w, jnp.int8), axis=0), scales=jnp.ones((1, n)), perm=None, bits=4,
-                       group_size=None, shape=(k, n), activation=fmt)
-  return qx, qw, np.concatenate([x8, x4], axis=1) @ w
+                           int4_part=pack_int4(jnp.asarray(x4, jnp.int8)), scales=jnp.ones((fmt.num_blocks, m)),
+                           code_sums=sums, format=fmt)
+  groups = 1 if zero_group is None else k // zero_group
+  qw = QuantizedWeight(data=pack_int4(jnp.asarray(w, jnp.int8), axis=0), scales=jnp.ones((groups, n)), perm=None,
+                       bits=4, group_size=zero_group, shape=(k, n), activation=fmt,
+                       zeros=None if zeros is None else jnp.asarray(zeros, jnp.float32))
+  return qx, qw, x @ (w if zeros is None else w - np.repeat(zeros, zero_group, axis=0))
 
 
 def relative_error(got, want) -> float:
@@ -188,16 +198,17 @@ def check_quantize_act(scale: Scale, m: int, interpret: bool) -> dict:
   mismatched = int(np.count_nonzero(diff))
   assert diff.max(initial=0) <= 1 and mismatched <= max(1, diff.size // 1000), (
       f"{mismatched} of {diff.size} codes differ (max {diff.max(initial=0)}); allowed: ties, one code apart")
-  for name in ("int8_scale", "int4_scale"):
-    np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got.scales), np.asarray(want.scales), rtol=1e-6)
   return {"codes": int(diff.size), "codes_one_apart": mismatched}
 
 
-def check_gemm_exact(scale: Scale, interpret: bool, sm90: dict | None = None, int8_blocks: int = 1) -> dict:
+def check_gemm_exact(scale: Scale, interpret: bool, sm90: dict | None = None, int8_blocks: int = 1,
+                     zero_group: int | None = None, single_block: bool = False) -> dict:
   rng = np.random.default_rng(1)
   m, k, n = 64, max(scale.block * 4, 256), scale.n
-  fmt = ActivationFormat(scale.block, int8_blocks, k // scale.block)
-  qx, qw, exact = integer_case(rng, m, k, n, fmt)
+  block = k if single_block else scale.block
+  fmt = ActivationFormat(block, min(int8_blocks, k // block), k // block)
+  qx, qw, exact = integer_case(rng, m, k, n, fmt, zero_group)
   if sm90 is None:
     got = w4ax_matmul.w4ax_matmul(qx, qw, interpret=interpret)
   else:
@@ -208,11 +219,12 @@ def check_gemm_exact(scale: Scale, interpret: bool, sm90: dict | None = None, in
 
 
 def check_gemm(scale: Scale, m: int, n: int, group_size, int8_blocks: int, interpret: bool,
-               sm90: dict | None = None) -> dict:
+               sm90: dict | None = None, symmetric: bool = True, single_block: bool = False) -> dict:
   rng = np.random.default_rng(m + n)
-  fmt = ActivationFormat(scale.block, int8_blocks, scale.k // scale.block)
-  qw = random_weight(rng, scale.k, n, fmt, group_size)
-  qx = quantize_act.quantize_act_reference(random_activation(rng, m, scale.k), qw.perm, fmt)
+  block = scale.k if single_block else scale.block
+  fmt = ActivationFormat(block, min(int8_blocks, scale.k // block), scale.k // block)
+  qw = random_weight(rng, scale.k, n, fmt, group_size, symmetric)
+  qx = quantize_act.quantize_act_reference(random_activation(rng, m, scale.k), qw.perm, qw.activation)
   want = w4ax_matmul.w4ax_matmul_reference(qx, qw)
   if sm90 is None:
     got = w4ax_matmul.w4ax_matmul(qx, qw, interpret=interpret)
@@ -270,11 +282,15 @@ def run_checks(run: Run, scale: Scale, interpret: bool):
   for m in scale.ms:
     run.case(f"quantize_act M={m}", lambda m=m: check_quantize_act(scale, m, interpret), kernel="quantize_act")
   run.case("w4ax_matmul exact integers", lambda: check_gemm_exact(scale, interpret), kernel="w4ax_matmul")
-  gemm_cases = [(1, scale.n, None, 1), (300 if not interpret else 20, scale.n, scale.block, 2),
-                (16, 2 * scale.n, None, 0)]
-  for m, n, group, int8_blocks in gemm_cases:
-    run.case(f"w4ax_matmul M={m} N={n} group={group} int8_blocks={int8_blocks}",
-             lambda m=m, n=n, g=group, b=int8_blocks: check_gemm(scale, m, n, g, b, interpret), kernel="w4ax_matmul")
+  run.case("w4ax_matmul exact integers, zero points", lambda: check_gemm_exact(scale, interpret, zero_group=64),
+           kernel="w4ax_matmul")
+  gemm_cases = [(1, scale.n, None, 1, True), (300 if not interpret else 20, scale.n, scale.block, 2, True),
+                (16, 2 * scale.n, None, 0, True), (16, scale.n, 64, 1, False)]
+  for m, n, group, int8_blocks, symmetric in gemm_cases:
+    run.case(f"w4ax_matmul M={m} N={n} group={group} int8_blocks={int8_blocks}{'' if symmetric else ' zero points'}",
+             lambda m=m, n=n, g=group, b=int8_blocks, sym=symmetric: check_gemm(scale, m, n, g, b, interpret,
+                                                                                symmetric=sym),
+             kernel="w4ax_matmul")
   sm90_variants = [dict(schedule="persistent"), dict(schedule="grid"),
                    dict(schedule="grid", warp_specialized=True), dict(schedule="persistent", warp_specialized=True)]
   for variant in sm90_variants:
@@ -285,14 +301,24 @@ def run_checks(run: Run, scale: Scale, interpret: bool):
     if interpret and variant.get("warp_specialized") and variant["schedule"] != "grid":
       run.skip(f"w4ax_matmul_sm90 {label}", "the Mosaic GPU interpreter runs warp specialization only on the grid")
       continue
-    # interpreted warp specialization takes one pipeline per tile: W4A4 with per-channel scales
-    int8_blocks = 0 if interpret and variant.get("warp_specialized") else 2
+    # interpreted warp specialization takes one pipeline per tile: one W4A4 block over K, per-channel scales
+    single = interpret and bool(variant.get("warp_specialized"))
+    int8_blocks = 0 if single else 2
     run.case(f"w4ax_matmul_sm90 {label} exact integers",
-             lambda v=variant, b=int8_blocks: check_gemm_exact(scale, interpret, v, min(b, 1)),
+             lambda v=variant, b=int8_blocks, one=single: check_gemm_exact(scale, interpret, v, min(b, 1),
+                                                                          single_block=one),
              kernel="w4ax_matmul_sm90")
+    if not single:
+      run.case(f"w4ax_matmul_sm90 {label} exact integers, zero points",
+               lambda v=variant: check_gemm_exact(scale, interpret, v, 1, zero_group=64), kernel="w4ax_matmul_sm90")
     for m in scale.ms:
       run.case(f"w4ax_matmul_sm90 {label} M={m}",
-               lambda v=variant, m=m, b=int8_blocks: check_gemm(scale, m, scale.n, None, b, interpret, v),
+               lambda v=variant, m=m, b=int8_blocks, one=single: check_gemm(scale, m, scale.n, None, b, interpret, v,
+                                                                            single_block=one),
+               kernel="w4ax_matmul_sm90")
+      run.case(f"w4ax_matmul_sm90 {label} M={m} zero points",
+               lambda v=variant, m=m, b=int8_blocks, one=single: check_gemm(scale, m, scale.n, None, b, interpret, v,
+                                                                            symmetric=False, single_block=one),
                kernel="w4ax_matmul_sm90")
   for queries in (1, 16):
     run.case(f"kv4_attention T={queries}", lambda q=queries: check_kv4_attention(scale, q, interpret),

@@ -5,6 +5,8 @@ and is skipped elsewhere, with the reason; on a GPU both run, as in jax's own Pa
 have tiling minimums the interpreter lacks, so a body picks shapes and tiles per mode where it must.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,23 +31,34 @@ def interpreted(mode: str) -> bool:
   return mode == "interpret"
 
 
-def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = False):
+def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = False, zero_group: int | None = None):
   """(qx, qw, exact int64 product) with unit scales and random codes over each precision's full range;
   `extremes` also plants a row of 127s, a row of -8s and a weight column of -8s (the x16 products must
-  stay exact in int32)."""
+  stay exact in int32). `zero_group` gives the weight integer-valued zero points per gcd(zero_group, block_size)
+  input rows and the activation its code sums, so y = sum x (w - zero) stays an exact integer."""
   rng = np.random.default_rng(seed)
   x_int8 = rng.integers(-127, 128, size=(m, fmt.int8_channels))
   x_int4 = rng.integers(-8, 8, size=(m, fmt.int4_channels))
   w_int = rng.integers(-8, 8, size=(k, n))
   if extremes:
     x_int8[0], x_int4[1], w_int[:, 0] = 127, -8, -8
+  x_int = np.concatenate([x_int8, x_int4], axis=1)  # [M, K]
+  group_size, zeros, code_sums = None, None, None
+  if zero_group is not None:
+    group_size = math.gcd(zero_group, fmt.block_size)
+    zeros = rng.integers(-3, 4, size=(k // group_size, n))
+    fmt = fmt.with_sums(group_size)
+    code_sums = jnp.asarray(x_int.reshape(m, -1, group_size).sum(axis=2).T, jnp.int32)
   qx = QuantizedActivation(
       int8_part=jnp.asarray(np.stack([x_int8[:, 0::2], x_int8[:, 1::2]]), jnp.int8),
-      int4_part=pack_int4(jnp.asarray(x_int4, jnp.int8)),
-      int8_scale=jnp.ones((m,)), int4_scale=jnp.ones((m,)), format=fmt)
-  qw = QuantizedWeight(data=pack_int4(jnp.asarray(w_int, jnp.int8), axis=0), scales=jnp.ones((1, n)),
-                       perm=None, bits=4, group_size=None, shape=(k, n), activation=fmt)
-  return qx, qw, np.concatenate([x_int8, x_int4], axis=1) @ w_int
+      int4_part=pack_int4(jnp.asarray(x_int4, jnp.int8)), scales=jnp.ones((fmt.num_blocks, m)),
+      code_sums=code_sums, format=fmt)
+  scale_rows = 1 if group_size is None else k // group_size
+  qw = QuantizedWeight(data=pack_int4(jnp.asarray(w_int, jnp.int8), axis=0), scales=jnp.ones((scale_rows, n)),
+                       perm=None, bits=4, group_size=group_size, shape=(k, n), activation=fmt,
+                       zeros=None if zeros is None else jnp.asarray(zeros, jnp.float32))
+  w_exact = w_int if zeros is None else w_int - np.repeat(zeros, group_size, axis=0)
+  return qx, qw, x_int @ w_exact
 
 
 def lowered_for_cuda(fn, *args) -> str:

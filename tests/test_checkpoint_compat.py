@@ -26,6 +26,6 @@ def test_another_format_version_is_named(tmp_path):
   meta = json.loads((directory / "quantization.json").read_text())
   meta["format_version"] = 99
   (directory / "quantization.json").write_text(json.dumps(meta))
-  with pytest.raises(CheckpointError, match="expected format cometjax-quantized version 2, got 'cometjax-quantized' "
-                                            "version 99"):
+  with pytest.raises(CheckpointError, match="expected format cometjax-quantized version 2 or 3, got "
+                                            "'cometjax-quantized' version 99"):
     load(directory)

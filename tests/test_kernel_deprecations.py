@@ -20,11 +20,11 @@ PACKAGE = pathlib.Path(ops.__file__).resolve().parents[1]
 
 def test_lowering_raises_no_deprecation_warning_from_cometjax():
   spec = jax.ShapeDtypeStruct
-  fmt = ActivationFormat(128, 1, 2)
+  fmt = ActivationFormat(128, 1, 2, sum_group=128)  # asymmetric weights: every operand the kernels take
   qw = QuantizedWeight(spec((128, 256), jnp.uint8), spec((1, 256), jnp.float32), spec((256,), jnp.int32), bits=4,
-                       group_size=None, shape=(256, 256), activation=fmt)
-  qx = QuantizedActivation(spec((2, 64, 64), jnp.int8), spec((64, 64), jnp.uint8), spec((64,), jnp.float32),
-                           spec((64,), jnp.float32), fmt)
+                       group_size=None, shape=(256, 256), activation=fmt, zeros=spec((1, 256), jnp.float32))
+  qx = QuantizedActivation(spec((2, 64, 64), jnp.int8), spec((64, 64), jnp.uint8), spec((2, 64), jnp.float32),
+                           spec((2, 64), jnp.int32), fmt)
   codes, stats = spec((2, 256, 2, 64), jnp.uint8), spec((2, 256, 2, 1), jnp.float32)
   kv = QuantizedKV(codes, codes, stats, stats, stats, stats)
   paged = jax.eval_shape(lambda: KV4Cache.create(1, 4, 256, 2, 128, dtype=jnp.bfloat16,

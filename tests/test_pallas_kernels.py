@@ -30,7 +30,10 @@ def _normal(seed, shape, dtype=np.float32):
 
 
 def _assert_same_activation(got: QuantizedActivation, want: QuantizedActivation):
-  for name in ("int8_part", "int4_part", "int8_scale", "int4_scale"):
+  for name in ("int8_part", "int4_part", "scales", "code_sums"):
+    if getattr(want, name) is None:
+      assert getattr(got, name) is None, name
+      continue
     np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
   assert not np.any(np.asarray(got.int8_part) == -128), "unwritten int8 tile"
 
@@ -50,17 +53,31 @@ def test_interpret_mode_poisons_outputs():
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("num_int8_blocks,dtype", [(0, np.float32), (1, np.float32), (3, np.float32),
-                                                   (1, jnp.bfloat16)])
-def test_quantize_act_matches_reference(num_int8_blocks, dtype, mode):
-  fmt = ActivationFormat(block_size=32, num_int8_blocks=num_int8_blocks, num_blocks=3)
+@pytest.mark.parametrize("num_int8_blocks,dtype,scale_span,sum_group", [
+    (0, np.float32, "block", None), (1, np.float32, "block", None), (3, np.float32, "block", None),
+    (1, jnp.bfloat16, "block", None), (1, np.float32, "block", 16), (2, np.float32, "region", None),
+    (1, np.float32, "region", 32)])
+def test_quantize_act_matches_reference(num_int8_blocks, dtype, scale_span, sum_group, mode):
+  fmt = ActivationFormat(block_size=32, num_int8_blocks=num_int8_blocks, num_blocks=3, scale_span=scale_span,
+                         sum_group=sum_group)
   x = jnp.asarray(_normal(0, (5, 96)) * np.linspace(0.1, 20, 96, dtype=np.float32)).astype(dtype)
   perm = jnp.asarray(np.random.default_rng(1).permutation(96).astype(np.int32))
   tiles = dict(block_m=4, block_pairs=8) if interpreted(mode) else {}
   got = quantize_act(x, perm, fmt=fmt, interpret=interpreted(mode), **tiles)
-  _assert_same_activation(got, quantize_act_reference(x, perm, fmt))
-  np.testing.assert_allclose(got.dequantize(), np.asarray(x, np.float32)[:, np.asarray(perm)],
-                             atol=float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / 7)
+  want = quantize_act_reference(x, perm, fmt)
+  _assert_same_activation(got, want)
+  x_perm = np.asarray(x, np.float32)[:, np.asarray(perm)]
+  # every channel within half a step of its block's (or region's) per-token scale
+  assert np.all(np.abs(np.asarray(got.dequantize()) - x_perm) <= np.asarray(got.channel_scales()) * (0.5 + 1e-5))
+  blocks = np.abs(x_perm).reshape(5, 3, 32).max(axis=2)  # [M, blocks]
+  if scale_span == "region":
+    blocks[:, :num_int8_blocks] = blocks[:, :num_int8_blocks].max(axis=1, keepdims=True)
+    blocks[:, num_int8_blocks:] = blocks[:, num_int8_blocks:].max(axis=1, keepdims=True)
+  qmax = np.where(np.arange(3) < num_int8_blocks, 127.0, 7.0)
+  np.testing.assert_allclose(np.asarray(got.scales).T, blocks / qmax, rtol=1e-6)
+  if sum_group is not None:
+    codes = np.concatenate([np.asarray(v, np.int64) for v in got.int_values()], axis=1)
+    np.testing.assert_array_equal(np.asarray(got.code_sums).T, codes.reshape(5, -1, sum_group).sum(axis=2))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -70,7 +87,7 @@ def test_quantize_act_identity_permutation_and_zero_rows(mode):
   x[1] = _normal(2, (32,))
   got = quantize_act(jnp.asarray(x), None, fmt=fmt, interpret=interpreted(mode))
   _assert_same_activation(got, quantize_act_reference(jnp.asarray(x), None, fmt))
-  assert float(got.int8_scale[0]) == 1.0 and np.all(np.asarray(got.int4_part[0]) == 0)
+  assert np.all(np.asarray(got.scales[:, 0]) == 1.0) and np.all(np.asarray(got.int4_part[0]) == 0)
 
 
 def test_quantize_act_errors():
@@ -87,23 +104,26 @@ def test_quantize_act_errors():
 # w4ax_matmul
 
 
-def _problem(m, k, n, block_size, num_int8_blocks, group_size, seed=0, dtype=np.float32):
+def _problem(m, k, n, block_size, num_int8_blocks, group_size, seed=0, dtype=np.float32, symmetric=True):
   fmt = ActivationFormat(block_size, num_int8_blocks, k // block_size)
   perm = jnp.asarray(np.random.default_rng(seed + 1).permutation(k).astype(np.int32))
-  w = _normal(seed + 2, (k, n))
-  qw = quantize_weight(w, bits=4, group_size=group_size, activation=fmt, perm=perm)
+  w = _normal(seed + 2, (k, n)) + (0.0 if symmetric else 0.4)  # an offset the zero points absorb
+  qw = quantize_weight(w, bits=4, group_size=group_size, activation=fmt, perm=perm, symmetric=symmetric)
   x = jnp.asarray(_normal(seed + 3, (m, k))).astype(dtype)
-  return x, qw, quantize_act_reference(x, perm, fmt)
+  return x, qw, quantize_act_reference(x, perm, qw.activation)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("num_int8_blocks,group_size", [  # 0: W4A4, 4: W4A8
-    (0, None), (1, None), (4, None), (1, 32), (0, 64), (4, 64)])
-def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size, mode):
+@pytest.mark.parametrize("num_int8_blocks,group_size,symmetric", [  # 0: W4A4, 4: W4A8
+    (0, None, True), (1, None, True), (4, None, True), (1, 32, True), (0, 64, True), (4, 64, True),
+    (1, None, False), (1, 16, False), (0, 64, False), (4, 32, False)])
+def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size, symmetric, mode):
   # compiled: scale segments of >= 64 channels (the interpreter takes 32-channel blocks and tiny tiles)
   block = 32 if interpreted(mode) else 64
-  group = group_size if interpreted(mode) or group_size is None else 2 * group_size
-  _, qw, qx = _problem(m=5, k=4 * block, n=64, block_size=block, num_int8_blocks=num_int8_blocks, group_size=group)
+  group = group_size if interpreted(mode) or group_size is None else max(64, 2 * group_size)
+  _, qw, qx = _problem(m=5, k=4 * block, n=64, block_size=block, num_int8_blocks=num_int8_blocks, group_size=group,
+                       symmetric=symmetric)
+  assert qw.asymmetric == (not symmetric) and (qx.code_sums is None) == symmetric
   tiles = dict(block_m=4, block_n=32, block_k=16) if interpreted(mode) else {}
   got = w4ax_matmul(qx, qw, interpret=interpreted(mode), **tiles)
   want = w4ax_matmul_reference(qx, qw)
@@ -112,10 +132,12 @@ def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_w4ax_matmul_integer_accumulation_is_exact(mode):
+@pytest.mark.parametrize("zero_group", [None, 32])
+def test_w4ax_matmul_integer_accumulation_is_exact(zero_group, mode):
   m, k, n = (3, 64, 32) if interpreted(mode) else (3, 256, 64)
   fmt = ActivationFormat(k // 4, 2, 4)
-  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=7)
+  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=7, zero_group=zero_group if interpreted(mode) else
+                                    None if zero_group is None else 64)
   tiles = dict(block_m=2, block_n=16, block_k=16) if interpreted(mode) else {}
   got = w4ax_matmul(qx, qw, interpret=interpreted(mode), **tiles)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
@@ -142,12 +164,12 @@ def test_w4ax_matmul_bf16_output_and_linear_dispatch(mode):
 @pytest.mark.slow
 @FUZZ
 @given(m=st.integers(1, 9), block_size=st.sampled_from([16, 32]), num_blocks=st.integers(1, 3),
-       int8_share=st.floats(0, 1), n=st.sampled_from([16, 48]), grouped=st.booleans(),
+       int8_share=st.floats(0, 1), n=st.sampled_from([16, 48]), grouped=st.booleans(), symmetric=st.booleans(),
        seed=st.integers(0, 1000))
-def test_w4ax_matmul_fuzz(m, block_size, num_blocks, int8_share, n, grouped, seed):
+def test_w4ax_matmul_fuzz(m, block_size, num_blocks, int8_share, n, grouped, symmetric, seed):
   k = block_size * num_blocks
   x, qw, qx = _problem(m, k, n, block_size, round(int8_share * num_blocks),
-                       block_size if grouped else None, seed=seed)
+                       block_size if grouped else None, seed=seed, symmetric=symmetric)
   got = w4ax_matmul(qx, qw, block_m=4, block_n=16, block_k=16, interpret=True)
   np.testing.assert_allclose(got, w4ax_matmul_reference(qx, qw), rtol=1e-6, atol=1e-5)
   fused = quantize_act(x, qw.perm, fmt=qw.activation, block_m=4, block_pairs=8, interpret=True)
@@ -165,9 +187,17 @@ def test_w4ax_matmul_errors():
   assert qw_other.activation == other_format
   with pytest.raises(ValueError, match="activation format mismatch"):
     w4ax_matmul(qx, qw_other, interpret=True)
-  bad_act = QuantizedActivation(qx.int8_part, qx.int4_part, jnp.ones((3,)), qx.int4_scale, qx.format)
-  with pytest.raises(ValueError, match="int8_scale must have shape"):
+  bad_act = QuantizedActivation(qx.int8_part, qx.int4_part, jnp.ones((1, 2)), None, qx.format)
+  with pytest.raises(ValueError, match=r"qx.scales must have shape \[2, 2\]"):
     w4ax_matmul(bad_act, qw, interpret=True)
+  _, qw_asym, qx_asym = _problem(m=2, k=64, n=32, block_size=32, num_int8_blocks=1, group_size=16, symmetric=False)
+  no_sums = QuantizedActivation(qx_asym.int8_part, qx_asym.int4_part, qx_asym.scales, None, qx_asym.format)
+  with pytest.raises(ValueError, match="qx.code_sums is None"):
+    w4ax_matmul(no_sums, qw_asym, interpret=True)
+  import dataclasses
+  wrong_sums = dataclasses.replace(qw_asym, activation=qw_asym.activation.with_sums(None))
+  with pytest.raises(ValueError, match="activation.sum_group must be 16"):
+    w4ax_matmul(qx, wrong_sums, interpret=True)
   w8 = quantize_weight(np.ones((64, 32), np.float32), bits=8, activation=qw.activation)
   with pytest.raises(ValueError, match="4-bit weight"):
     w4ax_matmul(qx, w8, interpret=True)
@@ -271,13 +301,15 @@ def _triton_calls_when_lowered_for_cuda(fn, *args) -> int:
   return lowered_for_cuda(fn, *args).count("__gpu$xla.gpu.triton")
 
 
-@pytest.mark.parametrize("group_size", [None, 128])
-def test_w4ax_linear_lowers_to_triton(group_size):
+@pytest.mark.parametrize("group_size,asymmetric", [(None, False), (128, False), (64, True)])
+def test_w4ax_linear_lowers_to_triton(group_size, asymmetric):
   k, n = 256, 384
   spec = jax.ShapeDtypeStruct
   scale_rows = 1 if group_size is None else k // group_size
+  fmt = ActivationFormat(128, 1, 2, sum_group=64 if asymmetric else None)
   qw = QuantizedWeight(spec((k // 2, n), jnp.uint8), spec((scale_rows, n), jnp.float32), spec((k,), jnp.int32),
-                       bits=4, group_size=group_size, shape=(k, n), activation=ActivationFormat(128, 1, 2))
+                       bits=4, group_size=group_size, shape=(k, n), activation=fmt,
+                       zeros=spec((scale_rows, n), jnp.float32) if asymmetric else None)
   calls = _triton_calls_when_lowered_for_cuda(lambda x, qw: ops.linear(x, qw, implementation="pallas"),
                                               spec((3, k), jnp.bfloat16), qw)
   assert calls == 2  # quantize_act + w4ax_matmul

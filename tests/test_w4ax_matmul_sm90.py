@@ -12,6 +12,8 @@ Poisoning: the interpreter fills unwritten output memory with NaN (pinned down b
 `test_interpreter_poisons_unwritten_outputs`), so a tile the schedule skips shows up as NaN.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,14 +32,14 @@ from kernel_cases import SM90_MODES, integer_gemm_case, interpreted, lowered_for
 on_hopper = pytest.mark.skipif(not registry.is_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
 
 
-def _problem(m, k, n, block_size, num_int8_blocks, group_size=None, seed=0, dtype=np.float32):
+def _problem(m, k, n, block_size, num_int8_blocks, group_size=None, seed=0, dtype=np.float32, symmetric=True):
   rng = np.random.default_rng(seed)
   fmt = ActivationFormat(block_size, num_int8_blocks, k // block_size)
   perm = jnp.asarray(rng.permutation(k).astype(np.int32))
-  qw = quantize_weight(rng.normal(size=(k, n)).astype(np.float32), bits=4, group_size=group_size,
-                       activation=fmt, perm=perm)
+  w = rng.normal(size=(k, n)).astype(np.float32) + (0.0 if symmetric else 0.4)
+  qw = quantize_weight(w, bits=4, group_size=group_size, activation=fmt, perm=perm, symmetric=symmetric)
   x = jnp.asarray(rng.normal(size=(m, k)).astype(np.float32) * np.linspace(0.2, 8, k, dtype=np.float32))
-  return qw, quantize_act_reference(x.astype(dtype), perm, fmt)
+  return qw, quantize_act_reference(x.astype(dtype), perm, qw.activation)
 
 
 def _assert_close(got, want):
@@ -59,37 +61,41 @@ def test_interpreter_poisons_unwritten_outputs():
 # Interpreter against the reference (K=256, N=128; INT8 block fractions 0, 0.5, 1)
 
 
-@pytest.mark.parametrize("m,block_size,num_int8_blocks,group_size,schedule", [
-    (64, 128, 0, None, "persistent"),  # W4A4
-    (128, 128, 1, None, "grid"),  # half INT8, two M tiles
-    (64, 64, 4, None, "persistent"),  # W4A8
-    (100, 64, 2, None, "persistent"),  # M padded to 128
-    (64, 128, 1, 64, "grid"),  # group-wise weight scales: one pipeline per 64-channel segment
+@pytest.mark.parametrize("m,block_size,num_int8_blocks,group_size,schedule,symmetric", [
+    (64, 128, 0, None, "persistent", True),  # W4A4
+    (128, 128, 1, None, "grid", True),  # half INT8, two M tiles
+    (64, 64, 4, None, "persistent", True),  # W4A8
+    (100, 64, 2, None, "persistent", True),  # M padded to 128
+    (64, 128, 1, 64, "grid", True),  # group-wise weight scales: one pipeline per 64-channel segment
+    (64, 128, 1, None, "persistent", False),  # zero point per output channel: code sums per block
+    (100, 128, 1, 64, "grid", False),  # zero point per 64 rows
 ])
 @pytest.mark.parametrize("mode", SM90_MODES)
-def test_matches_reference(m, block_size, num_int8_blocks, group_size, schedule, mode):
-  qw, qx = _problem(m, 256, 128, block_size, num_int8_blocks, group_size)
+def test_matches_reference(m, block_size, num_int8_blocks, group_size, schedule, symmetric, mode):
+  qw, qx = _problem(m, 256, 128, block_size, num_int8_blocks, group_size, symmetric=symmetric)
   got = sm90.w4ax_matmul_sm90(qx, qw, block_n=64, schedule=schedule, num_programs=3, interpret=interpreted(mode))
   _assert_close(got, w4ax_matmul_reference(qx, qw))
 
 
-@pytest.mark.parametrize("m,block_size,num_int8_blocks", [
-    (64, 128, 0),  # W4A4: one pipeline per tile (the interpreter's limit, see the ValueError)
-    (64, 64, 4),  # W4A8
+@pytest.mark.parametrize("m,block_size,num_int8_blocks,symmetric", [
+    (64, 256, 0, True),  # W4A4: one block over K, one pipeline per tile (the interpreter's limit, see the ValueError)
+    (64, 256, 1, True),  # W4A8
+    (64, 256, 0, False),  # W4A4 with a zero point per output channel
 ])
 @pytest.mark.parametrize("mode", SM90_MODES)
-def test_warp_specialized_matches_reference(m, block_size, num_int8_blocks, mode):
-  qw, qx = _problem(m, 256, 128, block_size, num_int8_blocks)
+def test_warp_specialized_matches_reference(m, block_size, num_int8_blocks, symmetric, mode):
+  qw, qx = _problem(m, 256, 128, block_size, num_int8_blocks, symmetric=symmetric)
   got = sm90.w4ax_matmul_sm90(qx, qw, block_n=64, schedule="grid", warp_specialized=True,
                               interpret=interpreted(mode))
   _assert_close(got, w4ax_matmul_reference(qx, qw))
 
 
 @pytest.mark.parametrize("mode", SM90_MODES)
-def test_integer_accumulation_is_exact(mode):
+@pytest.mark.parametrize("zero_group", [None, 64])
+def test_integer_accumulation_is_exact(zero_group, mode):
   m, k, n = 64, 256, 64
   fmt = ActivationFormat(64, 2, 4)
-  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=3, extremes=True)
+  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=3, extremes=True, zero_group=zero_group)
   got = sm90.w4ax_matmul_sm90(qx, qw, block_k=64, interpret=interpreted(mode))
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
   np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw)).astype(np.int64), exact)
@@ -123,7 +129,7 @@ def test_errors():
     sm90.w4ax_matmul_sm90(qx, qw, block_n=96, interpret=True)
   with pytest.raises(ValueError, match="schedule must be one of"):
     sm90.w4ax_matmul_sm90(qx, qw, schedule="dynamic", interpret=True)
-  qx_big, qw_big = _abstract(8, 2048, 256, 128, 1)
+  qx_big, qw_big = _abstract(8, 2048, 256, 1024, 1)  # 8 pipeline steps per 1024-channel block
   with pytest.raises(ValueError, match="shared memory"):  # raised while tracing: nothing runs
     jax.eval_shape(lambda qx, qw: sm90.w4ax_matmul_sm90(qx, qw, block_m=128, block_n=256, max_concurrent_steps=8),
                    qx_big, qw_big)
@@ -178,19 +184,24 @@ def _mosaic_calls_when_lowered_for_cuda(fn, *args) -> int:
   return lowered_for_cuda(fn, *args).count("mosaic_gpu")
 
 
-def _abstract(m, k, n, block_size, num_int8_blocks, group_size=None):
+def _abstract(m, k, n, block_size, num_int8_blocks, group_size=None, symmetric=True):
   spec = jax.ShapeDtypeStruct
-  fmt = ActivationFormat(block_size, num_int8_blocks, k // block_size)
+  sum_group = None if symmetric else (block_size if group_size is None else math.gcd(group_size, block_size))
+  fmt = ActivationFormat(block_size, num_int8_blocks, k // block_size, sum_group=sum_group)
   scale_rows = 1 if group_size is None else k // group_size
   qw = QuantizedWeight(spec((k // 2, n), jnp.uint8), spec((scale_rows, n), jnp.float32), spec((k,), jnp.int32),
-                       bits=4, group_size=group_size, shape=(k, n), activation=fmt)
+                       bits=4, group_size=group_size, shape=(k, n), activation=fmt,
+                       zeros=None if symmetric else spec((scale_rows, n), jnp.float32))
   qx = QuantizedActivation(spec((2, m, fmt.int8_channels // 2), jnp.int8), spec((m, fmt.int4_channels // 2), jnp.uint8),
-                           spec((m,), jnp.float32), spec((m,), jnp.float32), fmt)
+                           spec((fmt.num_blocks, m), jnp.float32),
+                           None if symmetric else spec((fmt.num_sum_groups, m), jnp.int32), fmt)
   return qx, qw
 
 
 @pytest.mark.parametrize("num_int8_blocks,group_size,schedule,out_dtype,tiles", [
     (1, None, "persistent", jnp.bfloat16, {}),
+    (1, None, "persistent", jnp.bfloat16, dict(symmetric=False)),
+    (2, 128, "grid", jnp.float32, dict(symmetric=False, warp_specialized=True)),
     (1, None, "persistent", jnp.bfloat16, dict(warp_specialized=True)),
     (2, 128, "grid", jnp.float32, dict(warp_specialized=True, block_m=128)),
     (0, None, "grid", jnp.float32, dict(block_k=64)),
@@ -199,7 +210,8 @@ def _abstract(m, k, n, block_size, num_int8_blocks, group_size=None):
     (2, 128, "grid", jnp.bfloat16, dict(block_n=64)),
 ])
 def test_lowers_for_cuda(num_int8_blocks, group_size, schedule, out_dtype, tiles):
-  qx, qw = _abstract(200, 512, 256, 128, num_int8_blocks, group_size)
+  tiles = dict(tiles)
+  qx, qw = _abstract(200, 512, 256, 128, num_int8_blocks, group_size, symmetric=tiles.pop("symmetric", True))
   calls = _mosaic_calls_when_lowered_for_cuda(
       lambda qx, qw: sm90.w4ax_matmul_sm90(qx, qw, out_dtype=out_dtype, schedule=schedule, **tiles), qx, qw)
   assert calls >= 1

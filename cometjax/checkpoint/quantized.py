@@ -26,7 +26,8 @@ from cometjax.quant.transform import device_weight_layout, with_weight_layout
 from cometjax.quant.tree import float_leaves, linear_layers, node_at
 
 FORMAT = "cometjax-quantized"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: one activation scale per precision region, dense input rotations
 METADATA_FILE = "quantization.json"
 WEIGHTS_FILE = "model.safetensors"
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
@@ -77,8 +78,7 @@ def _layer_metadata(leaf) -> dict:
       transform=None if outer is None else dict(
           rotation=outer.rotation is not None, perm=outer.perm is not None, region=outer.region is not None,
           region_start=outer.region_start),
-      activation=None if fmt is None else dict(block_size=fmt.block_size, num_int8_blocks=fmt.num_int8_blocks,
-                                               num_blocks=fmt.num_blocks))
+      activation=None if fmt is None else dataclasses.asdict(fmt))
 
 
 def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source=None) -> None:
@@ -117,8 +117,10 @@ def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
 
 
-def _quantized_leaf(name: str, info: dict, get):
+def _quantized_leaf(name: str, info: dict, get, version: int):
   act = info["activation"]
+  if act is not None and version == 2:  # version 2 shared one per-token scale over each precision region
+    act = dict(act, scale_span="region")
   qw = QuantizedWeight(
       data=get(f"{name}.kernel.data"), scales=get(f"{name}.kernel.scales"),
       perm=get(f"{name}.kernel.perm") if info["has_perm"] else None, bits=info["bits"],
@@ -143,9 +145,10 @@ def load_quantized(directory) -> LoadedModel:
   if not meta_path.exists():
     raise CheckpointError(f"{directory} has no {METADATA_FILE} (not a cometjax quantized model directory)")
   meta = json.loads(meta_path.read_text())
-  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-    raise CheckpointError(f"{meta_path}: expected format {FORMAT} version {FORMAT_VERSION}, got "
-                          f"{meta.get('format')!r} version {meta.get('format_version')!r}")
+  if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
+    raise CheckpointError(f"{meta_path}: expected format {FORMAT} version {' or '.join(map(str, READABLE_VERSIONS))}, "
+                          f"got {meta.get('format')!r} version {meta.get('format_version')!r}")
+  version = meta["format_version"]
   config = llama_config_from_dict(meta["model_config"])
   quant_config = config_from_dict(meta["quant_config"])
   tensors = read_safetensors(directory / WEIGHTS_FILE)
@@ -161,7 +164,7 @@ def load_quantized(directory) -> LoadedModel:
   for name, path in linear_layers(pure).items():
     node = node_at(pure, path)
     info = meta["layers"].get(name)
-    node["kernel"] = get(f"{name}.kernel") if info is None else _quantized_leaf(name, info, get)
+    node["kernel"] = get(f"{name}.kernel") if info is None else _quantized_leaf(name, info, get, version)
   for key, path in float_leaves(pure).items():
     node_at(pure, path[:-1])[path[-1]] = get(key)
   nnx.replace_by_pure_dict(state, pure)

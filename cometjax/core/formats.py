@@ -4,19 +4,29 @@ exactly these layouts; `cometjax.ops.linear` dispatches on the leaf type.
 FMPQ activations (`ActivationFormat`, `QuantizedActivation`)
   The K input channels of a linear layer, after the channel permutation `perm` (x_perm = x[..., perm]),
   are split into `num_blocks` blocks of `block_size` channels; the first `num_int8_blocks` blocks run at
-  INT8, the rest at INT4. Each precision group has its own symmetric per-token scale. With
-  K8 = int8_channels and K4 = int4_channels, a quantized activation of M tokens holds
+  INT8, the rest at INT4. Every block has its own symmetric per-token scale (max|x| over the block's
+  channels / 127 or / 7; `scale_span="region"`, format version 2, shares one scale over each precision region
+  and repeats it in every block of the region). With K8 = int8_channels and K4 = int4_channels, a quantized
+  activation of M tokens holds
     int8_part  int8  [2, M, K8 // 2]  [0] = even channels 0, 2, 4, ... of the INT8 region, [1] = odd ones
     int4_part  uint8 [M, K4 // 2]     pack_int4 of the INT4 region along channels
-    int8_scale f32   [M]              per-token scale of the INT8 group (max|x| / 127)
-    int4_scale f32   [M]              per-token scale of the INT4 group (max|x| / 7)
+    scales     f32   [num_blocks, M]  scales[b, m]: token m's scale of block b (block-major: a GEMM reads
+                                      one contiguous row per block)
+    code_sums  int32 [K // sum_group, M] or None: per token, the sum of the integer codes over each run of
+                                      `sum_group` channels (sum_group divides block_size); only formats of
+                                      layers with asymmetric weights carry it (the zero-point term)
   The even/odd split matches the weight packing (rows 2i / 2i+1 in one byte), so the matmul kernel
   multiplies even channels with low nibbles and odd channels with high nibbles and never interleaves.
 
 Weights (`QuantizedWeight`, `quantize_weight`)
   Layout [in=K, out=N]. bits=4: `data` uint8 [K // 2, N], pack_int4 along K (row 2i low nibble, row
   2i+1 high nibble); bits=8: int8 [K, N]. `layout="nk"` stores the same bytes transposed ([N, K // 2] or
-  [N, K]): K-major, as Hopper's int8 wgmma reads its B operand (`with_layout` converts). `scales` f32 [K // group_size, N] or [1, N] per output channel.
+  [N, K]): K-major, as Hopper's int8 wgmma reads its B operand (`with_layout` converts). `scales`
+  [K // group_size, N] or [1, N] per output channel (f32, or f16/bf16 to store less; used as f32).
+  Symmetric: w ~= scale * q. Asymmetric (`zeros` set, like `scales`): w ~= scale * (q - zero) with a float
+  zero point per group, q in [-8, 7] (`cometjax.core.numerics.quantize_asymmetric_signed`); the GEMM adds
+  -scale * zero * (sum of the activation codes over the group) per group, so the activation format must carry
+  code sums over runs of gcd(group_size, block_size) channels (block_size for per-channel weights).
   Rows of `data` are already in permuted order (row r holds original input channel perm[r]), and scale
   groups are contiguous in that permuted order. `perm` int32 [K] or None (identity).
   `dequantize_weight(qw)` returns the float weight in permuted row order (pair with x[..., perm]);
@@ -34,15 +44,20 @@ Static activations (`StaticActQuantWeight`)
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
-from cometjax.core.numerics import pack_int4, quantize_static, quantize_symmetric, unpack_int4
-from cometjax.core.rotations import apply_block_rotation
+from cometjax.core.numerics import (pack_int4, quantize_asymmetric_signed, quantize_static, quantize_symmetric,
+                                    unpack_int4)
+from cometjax.core.rotations import HadamardRotation, apply_block_rotation
 
 # ------------------------------------------------------------------------------------------------
 # FMPQ activation format
+
+
+SCALE_SPANS = ("block", "region")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +67,8 @@ class ActivationFormat:
   block_size: int
   num_int8_blocks: int
   num_blocks: int
+  scale_span: str = "block"  # "block": a per-token scale per block; "region": one per precision region (v2)
+  sum_group: int | None = None  # channels per per-token code sum (asymmetric weights); None: no sums
 
   def __post_init__(self):
     if not isinstance(self.block_size, int) or self.block_size <= 0 or self.block_size % 2:
@@ -61,6 +78,12 @@ class ActivationFormat:
     if not isinstance(self.num_int8_blocks, int) or not 0 <= self.num_int8_blocks <= self.num_blocks:
       raise ValueError(f"num_int8_blocks must be an int in [0, num_blocks={self.num_blocks}], "
                        f"got {self.num_int8_blocks!r}")
+    if self.scale_span not in SCALE_SPANS:
+      raise ValueError(f"scale_span must be one of {SCALE_SPANS}, got {self.scale_span!r}")
+    if self.sum_group is not None and (not isinstance(self.sum_group, int) or self.sum_group <= 0
+                                       or self.sum_group % 2 or self.block_size % self.sum_group):
+      raise ValueError(f"sum_group must be None or an even divisor of block_size={self.block_size}, "
+                       f"got {self.sum_group!r}")
 
   @classmethod
   def for_features(cls, in_features: int, block_size: int = 128, int8_fraction: float = 0.0):
@@ -96,6 +119,13 @@ class ActivationFormat:
   def int4_block_fraction(self) -> float:
     return self.num_int4_blocks / self.num_blocks
 
+  @property
+  def num_sum_groups(self) -> int:
+    return 0 if self.sum_group is None else self.in_features // self.sum_group
+
+  def with_sums(self, sum_group: int | None) -> "ActivationFormat":
+    return dataclasses.replace(self, sum_group=sum_group)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +134,8 @@ class QuantizedActivation:
 
   int8_part: jax.Array  # int8 [2, M, K8 // 2]
   int4_part: jax.Array  # uint8 [M, K4 // 2]
-  int8_scale: jax.Array  # f32 [M]
-  int4_scale: jax.Array  # f32 [M]
+  scales: jax.Array  # f32 [num_blocks, M]
+  code_sums: jax.Array | None  # int32 [K // sum_group, M] or None
   format: ActivationFormat = dataclasses.field(metadata=dict(static=True))
 
   @property
@@ -118,11 +148,14 @@ class QuantizedActivation:
     int8_values = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], 2 * even.shape[1])
     return int8_values, unpack_int4(self.int4_part, axis=-1)
 
+  def channel_scales(self) -> jax.Array:
+    """f32 [M, K]: each channel's per-token scale (its block's)."""
+    return jnp.repeat(self.scales.T, self.format.block_size, axis=1)
+
   def dequantize(self) -> jax.Array:
     """Float activations [M, K] in permuted channel order."""
-    int8_values, int4_values = self.int_values()
-    return jnp.concatenate([int8_values.astype(jnp.float32) * self.int8_scale[:, None],
-                            int4_values.astype(jnp.float32) * self.int4_scale[:, None]], axis=-1)
+    codes = jnp.concatenate(self.int_values(), axis=-1).astype(jnp.float32)
+    return codes * self.channel_scales()
 
 
 def check_activation(qx: QuantizedActivation) -> None:
@@ -132,10 +165,17 @@ def check_activation(qx: QuantizedActivation) -> None:
   fmt = qx.format
   m = qx.int4_part.shape[0]
   expected = {"int8_part": (2, m, fmt.int8_channels // 2), "int4_part": (m, fmt.int4_channels // 2),
-              "int8_scale": (m,), "int4_scale": (m,)}
+              "scales": (fmt.num_blocks, m)}
+  if fmt.sum_group is not None:
+    expected["code_sums"] = (fmt.num_sum_groups, m)
+  elif qx.code_sums is not None:
+    raise ValueError("qx.code_sums must be None for a format without sum_group")
   for name, shape in expected.items():
-    if tuple(getattr(qx, name).shape) != shape:
-      raise ValueError(f"qx.{name} must have shape {list(shape)}, got {list(getattr(qx, name).shape)}")
+    value = getattr(qx, name)
+    if value is None:
+      raise ValueError(f"qx.{name} is None but the format (sum_group={fmt.sum_group}) needs shape {list(shape)}")
+    if tuple(value.shape) != shape:
+      raise ValueError(f"qx.{name} must have shape {list(shape)}, got {list(value.shape)}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,14 +190,14 @@ class QuantizedWeight:
   """A quantized linear weight [in=K, out=N] plus the activation plan of its layer."""
 
   data: jax.Array  # bits=4: uint8 [K // 2, N]; bits=8: int8 [K, N]; rows in permuted order
-  scales: jax.Array  # f32 [K // group_size, N] or [1, N]
+  scales: jax.Array  # f32 (or f16 / bf16) [K // group_size, N] or [1, N]
   perm: jax.Array | None  # int32 [K] or None (identity)
   bits: int = dataclasses.field(metadata=dict(static=True))
   group_size: int | None = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
   activation: ActivationFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
   layout: str = dataclasses.field(default="kn", metadata=dict(static=True))  # "kn": data [K.., N]; "nk": [N, K..]
-
+  zeros: jax.Array | None = None  # like scales: the float zero point of asymmetric weights, or None
   def __post_init__(self):
     # Only static fields are checked here: jax rebuilds this class with placeholder leaves.
     if self.layout not in WEIGHT_LAYOUTS:
@@ -187,6 +227,18 @@ class QuantizedWeight:
   def num_scale_groups(self) -> int:
     return 1 if self.group_size is None else self.in_features // self.group_size
 
+  @property
+  def asymmetric(self) -> bool:
+    return self.zeros is not None
+
+  def required_sum_group(self) -> int | None:
+    """The code-sum run the activation format must carry: None for symmetric weights, else gcd(group_size,
+    block_size) (block_size for per-channel weights): the runs sharing one activation and one weight scale."""
+    if self.zeros is None or self.activation is None:
+      return None
+    block = self.activation.block_size
+    return block if self.group_size is None else math.gcd(self.group_size, block)
+
   def check_arrays(self) -> None:
     """Raises ValueError when the array fields disagree with the static fields."""
     k, n = self.shape
@@ -200,6 +252,17 @@ class QuantizedWeight:
     if tuple(self.scales.shape) != (self.num_scale_groups, n):
       raise ValueError(f"scales must have shape {[self.num_scale_groups, n]} for group_size="
                        f"{self.group_size}, got {list(self.scales.shape)}")
+    if jnp.dtype(self.scales.dtype) not in SCALE_DTYPES:
+      raise ValueError(f"scales must be one of {[d.name for d in SCALE_DTYPES]}, got {self.scales.dtype}")
+    if self.zeros is not None and (tuple(self.zeros.shape) != tuple(self.scales.shape)
+                                   or jnp.dtype(self.zeros.dtype) not in SCALE_DTYPES):
+      raise ValueError(f"zeros must be a float array shaped like scales {list(self.scales.shape)}, got "
+                       f"{self.zeros.dtype} {list(self.zeros.shape)}")
+    wanted = self.required_sum_group()
+    if self.activation is not None and self.activation.sum_group != wanted:
+      raise ValueError(f"activation.sum_group must be {wanted} for this weight (zeros "
+                       f"{'set' if self.zeros is not None else 'None'}, group_size={self.group_size}, block_size="
+                       f"{self.activation.block_size}), got {self.activation.sum_group}")
     if self.perm is not None and tuple(self.perm.shape) != (k,):
       raise ValueError(f"perm must have shape [{k}], got {list(self.perm.shape)}")
 
@@ -225,13 +288,18 @@ class QuantizedWeight:
 
   @property
   def nbytes(self) -> int:
-    return int(self.data.nbytes + self.scales.nbytes + (0 if self.perm is None else self.perm.nbytes))
+    """Bytes of every array the weight stores (codes, scales, zero points, permutation)."""
+    return sum(int(a.nbytes) for a in (self.data, self.scales, self.zeros, self.perm) if a is not None)
+
+
+SCALE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
 def quantize_weight(w: jax.Array, bits: int = 4, group_size: int | None = None,
                     activation: ActivationFormat | None = None, perm: jax.Array | None = None,
-                    clip_ratio: float = 1.0) -> QuantizedWeight:
-  """Round-to-nearest symmetric quantization of a float weight [K, N] ([in, out] layout).
+                    clip_ratio: float = 1.0, symmetric: bool = True) -> QuantizedWeight:
+  """Round-to-nearest quantization of a float weight [K, N] ([in, out] layout): symmetric, or asymmetric with a
+  float zero point per group (`symmetric=False`; the activation format then gets the code sums it needs).
 
   perm (int32 [K], optional) is the input-channel permutation of the layer's activations; the weight
   rows are permuted here (row r <- w[perm[r]]) before grouping and packing.
@@ -249,23 +317,37 @@ def quantize_weight(w: jax.Array, bits: int = 4, group_size: int | None = None,
     if perm.shape != (k,):
       raise ValueError(f"perm must have shape [{k}], got {list(perm.shape)}")
     w = w[perm]
-  if group_size is None:
-    q, scales = quantize_symmetric(w, bits, axis=0, clip_ratio=clip_ratio)  # [K, N], [1, N]
-  else:
-    grouped = w.reshape(k // group_size, group_size, n)
+  g = 1 if group_size is None else k // group_size
+  grouped = w.reshape(g, k // g, n)
+  zeros = None
+  if symmetric:
     q, scales = quantize_symmetric(grouped, bits, axis=1, clip_ratio=clip_ratio)
-    q, scales = q.reshape(k, n), scales.reshape(k // group_size, n)
+  else:
+    q, scales, zeros = quantize_asymmetric_signed(grouped, bits, axis=1, clip_ratio=clip_ratio)
+    zeros = zeros.reshape(g, n)
+  q, scales = q.reshape(k, n), scales.reshape(g, n)
   data = pack_int4(q, axis=0) if bits == 4 else q
-  return QuantizedWeight(data=data, scales=scales.astype(jnp.float32), perm=perm, bits=bits,
-                         group_size=group_size, shape=(k, n), activation=activation)
+  qw = QuantizedWeight(data=data, scales=scales.astype(jnp.float32), perm=perm, bits=bits,
+                       group_size=group_size, shape=(k, n), zeros=zeros)
+  return with_activation(qw, activation)
+
+
+def with_activation(qw: QuantizedWeight, activation: ActivationFormat | None) -> QuantizedWeight:
+  """qw with the activation plan `activation`, its code sums set to what qw's zero points need."""
+  if activation is None:
+    return dataclasses.replace(qw, activation=None)
+  bare = dataclasses.replace(qw, activation=activation.with_sums(None))
+  return dataclasses.replace(qw, activation=activation.with_sums(bare.required_sum_group()))
 
 
 def dequantize_weight(qw: QuantizedWeight, original_order: bool = False, dtype=jnp.float32) -> jax.Array:
   """Float weight [K, N]: permuted row order by default, the original order with original_order=True."""
   k, n = qw.shape
   values = qw.int_values().astype(jnp.float32)  # [K, N]
-  scales = jnp.repeat(qw.scales, k // qw.scales.shape[0], axis=0)  # [K, N]
-  w = values * scales
+  groups = k // qw.scales.shape[0]
+  if qw.zeros is not None:
+    values = values - jnp.repeat(qw.zeros.astype(jnp.float32), groups, axis=0)
+  w = values * jnp.repeat(qw.scales.astype(jnp.float32), groups, axis=0)
   if original_order and qw.perm is not None:
     w = jnp.zeros_like(w).at[qw.perm].set(w)
   return w.astype(dtype)
@@ -276,17 +358,20 @@ def dequantize_weight(qw: QuantizedWeight, original_order: bool = False, dtype=j
 class InputTransformWeight:
   """A QuantizedWeight whose input is transformed first:
 
-  x [..., in_features] -> zero-pad to Kp -> (x @ rotation) -> x[..., perm] -> the channels from
-  region_start on, in consecutive chunks of b, each times region[i] ([b, b]) -> the inner weight's matmul.
-  `rotation` is the dense online rotation of rotation="hadamard" (a fast Hadamard transform is the kernel
-  equivalent); `perm` + `region` are FMPQ's INT4-region rotation (identity on the INT8 channels), kept
-  block-structured so their storage is Kp * b, not Kp^2. Every part is optional.
+  x [..., in_features] -> zero-pad to Kp -> rotate by `rotation` -> x[..., perm] -> rotate the channels from
+  region_start on by `region` -> the inner weight's matmul. Every part is optional.
+
+  `rotation` is the online rotation of rotation="hadamard" (down_proj's input): a `HadamardRotation` (one
+  signed Hadamard block over Kp, applied as a fast transform; Kp bytes stored), or a dense f32 [Kp, Kp]
+  matrix (format version 2). `perm` + `region` are FMPQ's INT4-region rotation (identity on the INT8
+  channels): a `HadamardRotation` over the rotated channels (one block per FMPQ block, or one over the whole
+  region), or dense f32 chunks [num_chunks, b, b] (format version 2, and the diffusion models' rotation).
   """
   inner: QuantizedWeight
-  rotation: jax.Array | None  # f32 [Kp, Kp]
+  rotation: jax.Array | HadamardRotation | None
   in_features: int = dataclasses.field(metadata=dict(static=True))
   perm: jax.Array | None = None  # int32 [Kp]
-  region: jax.Array | None = None  # f32 [num_chunks, b, b], num_chunks * b = Kp - region_start
+  region: jax.Array | HadamardRotation | None = None
   region_start: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   def __post_init__(self):
@@ -304,18 +389,35 @@ class InputTransformWeight:
     pad = self.inner.in_features - self.in_features
     if pad:
       x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    if self.rotation is not None:
+    if isinstance(self.rotation, HadamardRotation):
+      x = self.rotation.apply(x)
+    elif self.rotation is not None:
       x = jnp.dot(x, self.rotation.astype(x.dtype))
     if self.perm is not None:
       x = jnp.take(x, self.perm, axis=-1)
     if self.region is not None:
       head, tail = x[..., :self.region_start], x[..., self.region_start:]
-      x = jnp.concatenate([head, apply_block_rotation(tail, self.region)], axis=-1)
+      tail = self.region.apply(tail) if isinstance(self.region, HadamardRotation) else (
+          apply_block_rotation(tail, self.region))
+      x = jnp.concatenate([head, tail], axis=-1)
     return x
 
   @property
   def transform_nbytes(self) -> int:
-    return sum(int(a.nbytes) for a in (self.rotation, self.perm, self.region) if a is not None)
+    """Bytes stored for the input transform (signs, dense matrices, the permutation)."""
+    total = 0
+    for part in (self.rotation, self.perm, self.region):
+      if isinstance(part, HadamardRotation):
+        total += part.nbytes
+      elif part is not None:
+        total += int(part.nbytes)
+    return total
+
+  @property
+  def rotation_nbytes(self) -> int:
+    """Bytes of the rotations alone (the permutation excluded)."""
+    perm = 0 if self.perm is None else int(self.perm.nbytes)
+    return self.transform_nbytes - perm
 
 
 @jax.tree_util.register_dataclass

@@ -15,9 +15,17 @@ Symmetric quantization (`quantize_symmetric`)
   gets scale 1, so zeros stay exact.
 
 Asymmetric quantization (`quantize_asymmetric`)
-  scale = (max - min) / (2**bits - 1), zero = round_half_up(-min / scale) (an integer-valued float, not
-  clipped), q = clip(round_half_up(x / scale) + zero, 0, 2**bits - 1) as uint8; x ~= (q - zero) * scale.
-  A constant slice gets scale 1.
+  scale = (max - min) / (2**bits - 1), q = clip(round_half_up(x / scale + zero), 0, 2**bits - 1) as uint8,
+  x ~= (q - zero) * scale. The zero point is the float -min / scale by default, so the grid's ends are the
+  slice's min and max (KIVI's quantizer); integer_zero=True rounds it to an integer first (then q =
+  round_half_up(x / scale) + zero, the usual integer zero point, whose grid is shifted off min by up to half
+  a step). A constant slice gets scale 1.
+
+Asymmetric signed weights (`quantize_asymmetric_signed`)
+  The 4-bit weight grid with a float zero point: codes q in [-2**(bits-1), 2**(bits-1) - 1] (the signed
+  nibbles of the symmetric format), x ~= scale * (q - zero), scale = (max - min) / (2**bits - 1) and
+  zero = -2**(bits-1) - min / scale, so q = -8 lands on min and q = 7 on max (clip_ratio < 1 shrinks both
+  ends by that ratio).
 
 Static asymmetric activations (`quantize_static`)
   The diffusion models' per-tensor quantizer with a calibrated (step, zero point):
@@ -112,10 +120,11 @@ def dequantize_symmetric(q: jax.Array, scale: jax.Array, dtype=jnp.float32) -> j
   return (q.astype(jnp.float32) * scale).astype(dtype)
 
 
-def quantize_asymmetric(x: jax.Array, bits: int, axis=-1):
+def quantize_asymmetric(x: jax.Array, bits: int, axis=-1, integer_zero: bool = False):
   """Asymmetric quantization: returns (q uint8 in [0, 2**bits - 1], scale f32, zero f32).
 
-  x ~= (q - zero) * scale; scale and zero are reduced over `axis` (keepdims); zero is integer-valued.
+  x ~= (q - zero) * scale; scale and zero are reduced over `axis` (keepdims); zero is -min / scale, or that
+  rounded to an integer with integer_zero=True (module docstring).
   """
   check_bits(bits)
   qmax = 2**bits - 1
@@ -123,9 +132,41 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis=-1):
   low = jnp.min(x, axis=axis, keepdims=True)
   high = jnp.max(x, axis=axis, keepdims=True)
   scale = jnp.where(high > low, (high - low) / qmax, 1.0)
-  zero = round_half_up(-low / scale)
-  q = jnp.clip(round_half_up(x / scale) + zero, 0, qmax).astype(jnp.uint8)
-  return q, scale, zero
+  if integer_zero:
+    zero = round_half_up(-low / scale)
+    q = round_half_up(x / scale) + zero
+  else:
+    zero = -low / scale
+    q = round_half_up(x / scale + zero)
+  return jnp.clip(q, 0, qmax).astype(jnp.uint8), scale, zero
+
+
+def asymmetric_signed_params(low: jax.Array, high: jax.Array, bits: int):
+  """(scale, zero) of the signed asymmetric grid over [low, high] (module docstring); low <= 0 <= high is not
+  required. A slice with high == low gets scale 1 (its codes then sit at zero's rounding)."""
+  qmin = -(2 ** (bits - 1))
+  scale = jnp.where(high > low, (high - low) / (2**bits - 1), 1.0)
+  zero = jnp.where(high > low, qmin - low / scale, -low)
+  return scale, zero
+
+
+def quantize_asymmetric_signed(x: jax.Array, bits: int, axis=-1, clip_ratio: float = 1.0):
+  """Signed asymmetric quantization: (q int8 in [-2**(bits-1), 2**(bits-1) - 1], scale f32, zero f32) with
+  x ~= scale * (q - zero), scale and zero reduced over `axis` (keepdims; module docstring)."""
+  check_bits(bits)
+  if not 0.0 < clip_ratio <= 1.0:
+    raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+  x = jnp.asarray(x, jnp.float32)
+  low = jnp.min(x, axis=axis, keepdims=True) * clip_ratio
+  high = jnp.max(x, axis=axis, keepdims=True) * clip_ratio
+  scale, zero = asymmetric_signed_params(low, high, bits)
+  return quantize_with_zero(x, scale, zero, bits), scale, zero
+
+
+def quantize_with_zero(x: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) -> jax.Array:
+  """Signed codes int8 clip(round_half_up(x / scale + zero), -2**(bits-1), 2**(bits-1) - 1)."""
+  qmin, qmax = signed_range(bits)
+  return jnp.clip(round_half_up(x / scale + zero), qmin, qmax).astype(jnp.int8)
 
 
 def dequantize_asymmetric(q: jax.Array, scale: jax.Array, zero: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -1,8 +1,9 @@
 """W4Ax mixed-precision GEMM (Pallas Triton backend): y[M, N] = x_q[M, K] . w_q[K, N].
 
-x_q is a `QuantizedActivation` (FMPQ: a leading INT8 region, then an INT4 region, each with its own
-per-token scale); w_q a 4-bit `QuantizedWeight` (packed along K, per-output-channel or group scales).
-Pure W4A4 (no INT8 blocks) and pure W4A8 (all INT8) are the two ends of the same kernel.
+x_q is a `QuantizedActivation` (FMPQ: a leading INT8 region, then an INT4 region, a per-token scale per
+block); w_q a 4-bit `QuantizedWeight` (packed along K, per-output-channel or group scales, symmetric or
+with a float zero point per group). Pure W4A4 (no INT8 blocks) and pure W4A8 (all INT8) are the two ends
+of the same kernel.
 
 No INT4 MMA on Ampere/Hopper, so 4-bit operands are widened in registers with COMET's x16 trick: the
 nibble is shifted into the high half of an int8 (value * 16, no sign-extension step), multiplied on
@@ -14,9 +15,12 @@ and INT4 activations alike, and the INT8 region is stored as separate even/odd c
 tile is `x_even . w_low + x_odd . w_high`: two dots, no interleave in registers.
 
 Scales: integer accumulation runs over a *segment* (a run of channels sharing one activation scale
-and one weight scale: the whole precision region for per-channel weights, else gcd(group_size,
-block_size) channels); at each segment end the int32 sum is converted and scaled into the f32
-accumulator. The reference below uses the same segments and the same order.
+and one weight scale: one activation block for per-channel weights, else gcd(group_size, block_size)
+channels); at each segment end the int32 sum S is converted and scaled into the f32 accumulator:
+  acc[m, n] += (S[m, n] - zero[g, n] * C[s, m]) * (x_scale[b, m] * w_scale[g, n])
+with b the segment's block, g its weight group, and for asymmetric weights C the activation's code sum over
+the segment (`QuantizedActivation.code_sums`, computed by quantize_act; QServe's zero-point term, here with a
+float zero point). The reference below uses the same segments and the same order.
 
 Grid: (M / block_m, N / block_n); each program walks all of K (Triton has no sequential grid axis to
 accumulate over). M is padded inside the wrapper. The compiled kernel needs N % 16 == 0 and scale
@@ -85,40 +89,44 @@ def pallas_supported(qw: QuantizedWeight) -> bool:
   if qw.bits != 4 or qw.activation is None or qw.in_features >= MAX_EXACT_K:
     return False
   try:
-    W4AxMatmulTuning().resolve(1, qw.out_features, math.gcd(*segment_lengths(qw)), interpret=False)
+    W4AxMatmulTuning().resolve(1, qw.out_features, segment_length(qw), interpret=False)
   except ValueError:
     return False
   return True
 
 
-def segment_lengths(qw: QuantizedWeight) -> tuple[int, int]:
-  """(INT8-region, INT4-region) channels sharing one activation and one weight scale (module doc)."""
-  fmt = qw.activation
-  if qw.group_size is None:
-    return fmt.int8_channels, fmt.int4_channels
-  shared = math.gcd(qw.group_size, fmt.block_size)
-  return shared, shared
+def segment_length(qw: QuantizedWeight) -> int:
+  """Channels sharing one activation and one weight scale (module doc): the block size for per-channel
+  weights, else gcd(group_size, block_size)."""
+  block = qw.activation.block_size
+  return block if qw.group_size is None else math.gcd(qw.group_size, block)
 
 
 def _w4ax_kernel(
-    *refs,  # [int8_part [2, bm, K8 // 2]] [int4_part [bm, K4 // 2]] int8_scale [bm], int4_scale [bm],
-            # w [K // 2, bn] uint8, w_scales [G, bn] f32, out [bm, bn]
+    *refs,  # [int8_part [2, bm, K8 // 2]] [int4_part [bm, K4 // 2]] x_scales [num_blocks, bm]
+            # [code_sums [K // segment, bm]] w [K // 2, bn] uint8, w_scales [G, bn] f32, [w_zeros [G, bn] f32],
+            # out [bm, bn]
     int8_channels: int,
     int4_channels: int,
-    segments: tuple[int, int],
+    block_size: int,
+    segment: int,
     group_size: int | None,
+    asymmetric: bool,
     block_k: int,
 ):
   refs = list(refs)
   int8_ref = refs.pop(0) if int8_channels else None
   int4_ref = refs.pop(0) if int4_channels else None
-  int8_scale_ref, int4_scale_ref, w_ref, w_scales_ref, out_ref = refs
+  x_scales_ref = refs.pop(0)
+  sums_ref = refs.pop(0) if asymmetric else None
+  w_ref, w_scales_ref = refs.pop(0), refs.pop(0)
+  zeros_ref = refs.pop(0) if asymmetric else None
+  (out_ref,) = refs
   block_m, block_n = out_ref.shape
   half_k = block_k // 2
+  tiles_per_segment = segment // block_k
 
-  def region(acc, first_channel, num_channels, segment, load_x_tile, x_scale, unscale):
-    tiles_per_segment = segment // block_k
-
+  def region(acc, first_channel, num_channels, load_x_tile, unscale):
     def segment_body(s, acc):
       segment_start = first_channel + s * segment
 
@@ -137,8 +145,13 @@ def _w4ax_kernel(
       else:
         acc_int = lax.fori_loop(0, tiles_per_segment, tile_body, acc_int)
       group = 0 if group_size is None else segment_start // group_size
-      w_scale = w_scales_ref[group, :]  # [bn]
-      return acc + acc_int.astype(jnp.float32) * ((x_scale[:, None] * w_scale[None, :]) * unscale)
+      x_scale = x_scales_ref[segment_start // block_size, :]  # [bm]
+      w_scale = w_scales_ref[group, :].astype(jnp.float32)  # [bn]
+      total = acc_int.astype(jnp.float32) * unscale  # exact: unscale is 1/16 or 1/256
+      if asymmetric:
+        code_sum = sums_ref[segment_start // segment, :].astype(jnp.float32)  # [bm]
+        total = total - code_sum[:, None] * zeros_ref[group, :].astype(jnp.float32)[None, :]
+      return acc + total * (x_scale[:, None] * w_scale[None, :])
 
     return lax.fori_loop(0, num_channels // segment, segment_body, acc)
 
@@ -148,13 +161,12 @@ def _w4ax_kernel(
       cols = pl.ds(pair_offset, half_k)
       return int8_ref[0, :, cols], int8_ref[1, :, cols]
 
-    acc = region(acc, 0, int8_channels, segments[0], load_int8_tile, int8_scale_ref[...], 1.0 / 16)
+    acc = region(acc, 0, int8_channels, load_int8_tile, 1.0 / 16)
   if int4_channels:
     def load_int4_tile(pair_offset):
       return unpack_int4_x16(int4_ref[:, pl.ds(pair_offset, half_k)])
 
-    acc = region(acc, int8_channels, int4_channels, segments[1], load_int4_tile, int4_scale_ref[...],
-                 1.0 / 256)
+    acc = region(acc, int8_channels, int4_channels, load_int4_tile, 1.0 / 256)
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
@@ -170,6 +182,9 @@ def check_operands(qx: QuantizedActivation, qw: QuantizedWeight):
     raise ValueError(f"activation format mismatch: qx.format={qx.format} but qw.activation={qw.activation}")
   if qw.in_features >= MAX_EXACT_K:
     raise ValueError(f"in_features must be < {MAX_EXACT_K} for exact int32 accumulation, got {qw.in_features}")
+  if qx.format.sum_group is not None and qx.format.sum_group != segment_length(qw):
+    raise ValueError(f"qx.format.sum_group={qx.format.sum_group} must equal the GEMM segment "
+                     f"{segment_length(qw)} (gcd(group_size, block_size))")
 
 
 @functools.partial(
@@ -199,9 +214,8 @@ def w4ax_matmul(
   fmt = qx.format
   m = qx.int4_part.shape[0]
   k, n = qw.shape
-  segments = segment_lengths(qw)
-  tuning = W4AxMatmulTuning(block_m, block_n, block_k, num_warps, num_stages).resolve(
-      m, n, math.gcd(*segments), interpret)
+  segment = segment_length(qw)
+  tuning = W4AxMatmulTuning(block_m, block_n, block_k, num_warps, num_stages).resolve(m, n, segment, interpret)
   bm, bn = tuning.block_m, tuning.block_n
   padded_m = pl.cdiv(m, bm) * bm
   pad_rows = padded_m - m
@@ -213,17 +227,20 @@ def w4ax_matmul(
   if fmt.int4_channels:
     operands.append(jnp.pad(qx.int4_part, ((0, pad_rows), (0, 0))))
     in_specs.append(pl.BlockSpec((bm, fmt.int4_channels // 2), lambda i, j: (i, 0)))
-  operands += [jnp.pad(qx.int8_scale, (0, pad_rows)), jnp.pad(qx.int4_scale, (0, pad_rows)),
-               qw.data, qw.scales.astype(jnp.float32)]
-  in_specs += [
-      pl.BlockSpec((bm,), lambda i, j: (i,)),
-      pl.BlockSpec((bm,), lambda i, j: (i,)),
-      pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)),
-      pl.BlockSpec((qw.num_scale_groups, bn), lambda i, j: (0, j)),
-  ]
+  operands.append(jnp.pad(qx.scales, ((0, 0), (0, pad_rows))))
+  in_specs.append(pl.BlockSpec((fmt.num_blocks, bm), lambda i, j: (0, i)))
+  if qw.asymmetric:
+    operands.append(jnp.pad(qx.code_sums, ((0, 0), (0, pad_rows))))
+    in_specs.append(pl.BlockSpec((fmt.num_sum_groups, bm), lambda i, j: (0, i)))
+  operands += [qw.data, qw.scales]
+  in_specs += [pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)),
+               pl.BlockSpec((qw.num_scale_groups, bn), lambda i, j: (0, j))]
+  if qw.asymmetric:
+    operands.append(qw.zeros)
+    in_specs.append(pl.BlockSpec((qw.num_scale_groups, bn), lambda i, j: (0, j)))
   kernel = functools.partial(
-      _w4ax_kernel, int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels,
-      segments=segments, group_size=qw.group_size, block_k=tuning.block_k)
+      _w4ax_kernel, int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels, block_size=fmt.block_size,
+      segment=segment, group_size=qw.group_size, asymmetric=qw.asymmetric, block_k=tuning.block_k)
   out = pl.pallas_call(
       kernel,
       grid=(padded_m // bm, n // bn),
@@ -248,24 +265,24 @@ def w4ax_matmul_reference(
   fmt = qx.format
   m = qx.int4_part.shape[0]
   k, n = qw.shape
-  w_values = qw.int_values()  # int8 [K, N]
-  y = jnp.zeros((m, n), jnp.float32)
-  for x_values, x_scale, first, segment in zip(qx.int_values(), (qx.int8_scale, qx.int4_scale),
-                                               (0, fmt.int8_channels), segment_lengths(qw)):
-    channels = x_values.shape[1]
-    if not channels:
-      continue
-    num_segments = channels // segment
-    x_seg = x_values.reshape(m, num_segments, segment).transpose(1, 0, 2)  # [S, M, seg]
-    w_seg = w_values[first:first + channels].reshape(num_segments, segment, n)  # [S, seg, N]
-    starts = first + segment * jnp.arange(num_segments)
-    groups = jnp.zeros_like(starts) if qw.group_size is None else starts // qw.group_size
-    w_scales = qw.scales.astype(jnp.float32)[groups]  # [S, N]
+  segment = segment_length(qw)
+  num_segments = k // segment
+  x_values = jnp.concatenate(qx.int_values(), axis=1)  # int8 [M, K]
+  x_seg = x_values.reshape(m, num_segments, segment).transpose(1, 0, 2)  # [S, M, seg]
+  w_seg = qw.int_values().reshape(num_segments, segment, n)  # [S, seg, N]
+  starts = segment * jnp.arange(num_segments)
+  groups = jnp.zeros_like(starts) if qw.group_size is None else starts // qw.group_size
+  x_scales = qx.scales[starts // fmt.block_size]  # [S, M]
+  w_scales = qw.scales.astype(jnp.float32)[groups]  # [S, N]
+  zeros = None if qw.zeros is None else qw.zeros.astype(jnp.float32)[groups]  # [S, N]
+  code_sums = None if qw.zeros is None else qx.code_sums.astype(jnp.float32)  # [S, M]
 
-    def add_segment(acc, operands, x_scale=x_scale):  # one [M, N] term at a time: no [S, M, N] buffer
-      x_s, w_s, w_scale = operands
-      sums = jnp.dot(x_s, w_s, preferred_element_type=jnp.int32)
-      return acc + sums.astype(jnp.float32) * (x_scale[:, None] * w_scale[None, :]), None
+  def add_segment(acc, operands):  # one [M, N] term at a time: no [S, M, N] buffer
+    x_s, w_s, x_scale, w_scale, zero, code_sum = operands
+    total = jnp.dot(x_s, w_s, preferred_element_type=jnp.int32).astype(jnp.float32)
+    if zero is not None:
+      total = total - code_sum[:, None] * zero[None, :]
+    return acc + total * (x_scale[:, None] * w_scale[None, :]), None
 
-    y, _ = lax.scan(add_segment, y, (x_seg, w_seg, w_scales))
+  y, _ = lax.scan(add_segment, jnp.zeros((m, n), jnp.float32), (x_seg, w_seg, x_scales, w_scales, zeros, code_sums))
   return y.astype(out_dtype)

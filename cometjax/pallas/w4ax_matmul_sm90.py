@@ -14,10 +14,12 @@ for both. What differs is how the tensor cores are driven:
 - Operands arrive by TMA through a multi-stage `plgpu.emit_pipeline` (max_concurrent_steps stages):
   the INT8 region reads the even/odd planes of `int8_part` and the INT4 region `int4_part`, each with
   the matching rows of the packed weight. One pipeline per scale segment: per-output-channel weights
-  have two segments (the INT8 and the INT4 region), group-wise weights one per gcd(group, block)
-  channels (short pipelines).
-- Epilogue: int32 -> f32 at every segment end times (x_scale[row] * w_scale[col]) / 16 or / 256, then
-  the f32 tile goes to shared memory and back to HBM by TMA, in out_dtype.
+  have one segment per activation block, group-wise weights one per gcd(group, block) channels (short
+  pipelines when blocks or groups are small).
+- Epilogue: at every segment end the int32 sum S becomes f32, S / 16 or / 256 (exact), minus zero[col] *
+  code_sum[row] for asymmetric weights, times x_scale[block, row] * w_scale[col] (the row vectors come by
+  TMA from the block's row of qx.scales and qx.code_sums); the f32 tile finally goes to shared memory and
+  back to HBM by TMA, in out_dtype.
 - warp_specialized=True (`plgpu.emit_pipeline_warp_specialized`): a producer warpgroup issues the
   TMA copies while the consumer warpgroup unpacks and multiplies; the f32 accumulator tile then lives in
   shared memory between segments. Off by default: not timed yet.
@@ -49,7 +51,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -59,7 +60,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from cometjax.core.formats import QuantizedActivation, QuantizedWeight
 from cometjax.pallas.common import is_power_of_two, unpack_int4_x16
-from cometjax.pallas.w4ax_matmul import MAX_EXACT_K, check_operands, segment_lengths, w4ax_matmul_reference
+from cometjax.pallas.w4ax_matmul import MAX_EXACT_K, check_operands, segment_length, w4ax_matmul_reference
 
 __all__ = ["W4AxSm90Tuning", "w4ax_matmul_sm90", "w4ax_matmul_reference", "shape_supported"]
 
@@ -123,7 +124,7 @@ def shape_supported(qw: QuantizedWeight) -> bool:
   if qw.in_features >= MAX_EXACT_K:
     return False
   try:
-    W4AxSm90Tuning().resolve(1, qw.out_features, math.gcd(*segment_lengths(qw)))
+    W4AxSm90Tuning().resolve(1, qw.out_features, segment_length(qw))
   except ValueError:
     return False
   return True
@@ -158,8 +159,10 @@ class _Plan:
   num_programs: int
   int8_channels: int
   int4_channels: int
-  segments: tuple[int, int]
+  block_size: int
+  segment: int
   group_size: int | None
+  asymmetric: bool
   kmajor_weight: bool  # hardware: weight [N, K // 2] and transposed B views; interpreter: [K // 2, N]
   warp_specialized: bool
 
@@ -171,11 +174,11 @@ class _Plan:
     """Shared memory the kernel allocates (the two regions' pipelines are scoped one after the other)."""
     bm, bn, hk = self.block_m, self.block_n, self.half_k
     pipelines = []
-    for channels, segment, x_tile in ((self.int8_channels, self.segments[0], 2 * bm * hk),
-                                      (self.int4_channels, self.segments[1], bm * hk)):
+    for channels, x_tile in ((self.int8_channels, 2 * bm * hk), (self.int4_channels, bm * hk)):
       if channels:
-        pipelines.append(min(self.stages, segment // self.block_k) * (x_tile + bn * hk))
-    fixed = 2 * bm * hk * bool(self.int4_channels) + 2 * bn * hk + bm * bn * out_itemsize + 4 * (bm + bn)
+        pipelines.append(min(self.stages, self.segment // self.block_k) * (x_tile + bn * hk))
+    vectors = 4 * (bm + bn) * (2 if self.asymmetric else 1)
+    fixed = 2 * bm * hk * bool(self.int4_channels) + 2 * bn * hk + bm * bn * out_itemsize + vectors
     fixed += 4 * bm * bn * self.warp_specialized  # the f32 accumulator tile lives in shared memory
     return max(pipelines) + fixed + 1024  # + barriers and alignment
 
@@ -201,17 +204,21 @@ def _w4ax_sm90_kernel(*refs, plan: _Plan):
   refs = list(refs)
   int8_gmem = refs.pop(0) if plan.int8_channels else None  # int8 [2, Mp, K8 // 2]
   int4_gmem = refs.pop(0) if plan.int4_channels else None  # uint8 [Mp, K4 // 2]
-  (int8_scale_gmem,  # f32 [Mp]
-   int4_scale_gmem,  # f32 [Mp]
-   w_gmem,  # uint8 [N, K // 2] (kmajor_weight) or [K // 2, N]
-   w_scales_gmem,  # f32 [G, N]
-   out_gmem,  # [Mp, N] out_dtype
+  x_scales_gmem = refs.pop(0)  # f32 [num_blocks, Mp]
+  code_sums_gmem = refs.pop(0) if plan.asymmetric else None  # f32 [K // segment, Mp] (integer-valued)
+  w_gmem = refs.pop(0)  # uint8 [N, K // 2] (kmajor_weight) or [K // 2, N]
+  w_scales_gmem = refs.pop(0)  # f32 [G, N]
+  w_zeros_gmem = refs.pop(0) if plan.asymmetric else None  # f32 [G, N]
+  (out_gmem,  # [Mp, N] out_dtype
    b_smem,  # int8 [2, bn, hk] (kmajor) or [2, hk, bn]: unpacked weight (even, odd rows)
    out_smem,  # [bm, bn] out_dtype
    row_scale_smem,  # f32 [bm]
    col_scale_smem,  # f32 [bn]
    barrier,
-   *optional) = refs  # [int8 [2, bm, hk]: unpacked INT4 activations] [f32 [bm, bn]: warp-specialized acc]
+   *optional) = refs  # [f32 [bm], f32 [bn]: code sums, zeros] [int8 [2, bm, hk]: unpacked INT4 activations]
+                      # [f32 [bm, bn]: warp-specialized acc]
+  row_sum_smem = optional.pop(0) if plan.asymmetric else None
+  col_zero_smem = optional.pop(0) if plan.asymmetric else None
   a_smem = optional.pop(0) if plan.int4_channels else None
   acc_smem = optional.pop(0) if plan.warp_specialized else None
   bm, bn, hk = plan.block_m, plan.block_n, plan.half_k
@@ -305,28 +312,33 @@ def _w4ax_sm90_kernel(*refs, plan: _Plan):
       def _():
         acc_smem[...] = _zeros_tile((bm, bn), kmajor)
 
-    regions = (("int8", 0, plan.int8_channels, plan.segments[0], int8_scale_gmem, 1.0 / 16),
-               ("int4", plan.int8_channels, plan.int4_channels, plan.segments[1], int4_scale_gmem, 1.0 / 256))
-    for region, first_channel, channels, segment, scale_gmem, unscale in regions:
+    segment = plan.segment
+    steps = segment // plan.block_k
+    regions = (("int8", 0, plan.int8_channels, 1.0 / 16), ("int4", plan.int8_channels, plan.int4_channels, 1.0 / 256))
+    for region, first_channel, channels, unscale in regions:
       if not channels:
         continue
-      steps = segment // plan.block_k
 
-      def segment_body(s, acc, region=region, first_channel=first_channel, segment=segment, steps=steps,
-                       scale_gmem=scale_gmem, unscale=unscale):
+      def segment_body(s, acc, region=region, first_channel=first_channel, unscale=unscale):
         segment_start = first_channel + s * segment
         group = 0 if plan.group_size is None else segment_start // plan.group_size
 
-        def fold(acc_int):  # int32 [bm, bn] -> f32 acc + acc_int * x_scale[row] * w_scale[col] * unscale
-          load_vector(scale_gmem.at[rows], row_scale_smem)
-          x_scale = _row_vector(row_scale_smem, 0, kmajor) * unscale  # [bm]; exact: unscale is 2**-k
+        def fold(acc_int):  # int32 [bm, bn] -> f32 acc + (acc_int * unscale - sum * zero) * x_scale * w_scale
+          rows_of = lambda v: lax.broadcast_in_dim(v, (bm, bn), (0,))  # [bm] -> [bm, bn]
+          cols_of = lambda v: lax.broadcast_in_dim(v, (bm, bn), (1,))  # [bn] -> [bm, bn]
+          load_vector(x_scales_gmem.at[segment_start // plan.block_size, rows], row_scale_smem)
           load_vector(w_scales_gmem.at[group, cols], col_scale_smem)
-          w_scale = _row_vector(col_scale_smem, 1, kmajor)  # [bn]
-          scale = lax.broadcast_in_dim(x_scale, (bm, bn), (0,)) * lax.broadcast_in_dim(w_scale, (bm, bn), (1,))
+          total = acc_int.astype(jnp.float32) * unscale  # exact: unscale is 2**-4 or 2**-8
+          if plan.asymmetric:
+            load_vector(code_sums_gmem.at[segment_start // segment, rows], row_sum_smem)
+            load_vector(w_zeros_gmem.at[group, cols], col_zero_smem)
+            total = total - rows_of(_row_vector(row_sum_smem, 0, kmajor)) * cols_of(
+                _row_vector(col_zero_smem, 1, kmajor))
+          scale = rows_of(_row_vector(row_scale_smem, 0, kmajor)) * cols_of(_row_vector(col_scale_smem, 1, kmajor))
           if ws:
-            acc_smem[...] = acc_smem[...] + acc_int.astype(jnp.float32) * scale
+            acc_smem[...] = acc_smem[...] + total * scale
             return None
-          return acc + acc_int.astype(jnp.float32) * scale
+          return acc + total * scale
 
         return segment_sum(m_idx, n_idx, region, s * steps, segment_start // plan.block_k, steps, fold)
 
@@ -377,11 +389,10 @@ def _num_sms() -> int:
 
 
 def _check_plan(plan: _Plan, interpret: bool, out_itemsize: int) -> None:
-  pipelines_per_tile = sum(channels // segment for channels, segment in zip(
-      (plan.int8_channels, plan.int4_channels), plan.segments) if channels)
+  pipelines_per_tile = (plan.int8_channels + plan.int4_channels) // plan.segment
   if interpret and plan.warp_specialized and (pipelines_per_tile > 1 or plan.schedule != "grid"):
     raise ValueError("warp_specialized=True with interpret=True needs schedule='grid' and one pipeline per tile "
-                     "(a single precision region with per-output-channel weight scales): the Mosaic GPU "
+                     "(one activation block over all of K, per-output-channel weight scales): the Mosaic GPU "
                      "interpreter of jax 0.10.2 fails on a second warp-specialized pipeline in one kernel "
                      "(a tracer leaks out of the pipeline's compute context); compiled kernels take any format")
   smem = plan.smem_bytes(out_itemsize)
@@ -403,6 +414,8 @@ def _scratch_types(plan: _Plan, out_dtype) -> list:
       plgpu.SMEM((bn,), jnp.float32),
       plgpu.Barrier(),
   ]
+  if plan.asymmetric:
+    scratch += [plgpu.SMEM((bm,), jnp.float32), plgpu.SMEM((bn,), jnp.float32)]
   if plan.int4_channels:
     scratch.append(plgpu.SMEM((2, bm, hk), jnp.int8, transforms=_smem_transforms(hk)))
   if plan.warp_specialized:
@@ -441,10 +454,9 @@ def w4ax_matmul_sm90(
   k, n = qw.shape
   if m < 1:
     raise ValueError("qx must hold at least one token (M >= 1)")
-  segments = segment_lengths(qw)
+  segment = segment_length(qw)
   tuning = W4AxSm90Tuning(block_m, block_n, block_k, max_concurrent_steps, schedule, num_programs,
-                          warp_specialized).resolve(
-      m, n, math.gcd(*segments))
+                          warp_specialized).resolve(m, n, segment)
   bm, bn = tuning.block_m, tuning.block_n
   m_tiles, n_tiles = pl.cdiv(m, bm), n // bn
   padded_m = m_tiles * bm
@@ -455,8 +467,8 @@ def w4ax_matmul_sm90(
     programs = m_tiles * n_tiles
   plan = _Plan(block_m=bm, block_n=bn, block_k=tuning.block_k, m_tiles=m_tiles, n_tiles=n_tiles,
                stages=tuning.max_concurrent_steps, schedule=tuning.schedule, num_programs=programs,
-               int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels, segments=segments,
-               group_size=qw.group_size, kmajor_weight=not interpret, warp_specialized=tuning.warp_specialized)
+               int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels, block_size=fmt.block_size,
+               segment=segment, group_size=qw.group_size, asymmetric=qw.asymmetric, kmajor_weight=not interpret, warp_specialized=tuning.warp_specialized)
   _check_plan(plan, interpret, jnp.dtype(out_dtype).itemsize)
 
   operands = []
@@ -467,8 +479,12 @@ def w4ax_matmul_sm90(
   # int8 wgmma takes B K-major ([N, K // 2]) on hardware; the interpreter reads [K // 2, N]
   wanted = "kn" if interpret else "nk"
   weight = qw.data if qw.layout == wanted else qw.data.T
-  operands += [jnp.pad(qx.int8_scale.astype(jnp.float32), (0, pad_rows)),
-               jnp.pad(qx.int4_scale.astype(jnp.float32), (0, pad_rows)), weight, qw.scales.astype(jnp.float32)]
+  operands.append(jnp.pad(qx.scales.astype(jnp.float32), ((0, 0), (0, pad_rows))))
+  if qw.asymmetric:  # f32 rows for TMA next to the scales; the sums are < 2**24, so exact
+    operands.append(jnp.pad(qx.code_sums.astype(jnp.float32), ((0, 0), (0, pad_rows))))
+  operands += [weight, qw.scales.astype(jnp.float32)]
+  if qw.asymmetric:
+    operands.append(qw.zeros.astype(jnp.float32))
 
   scratch = _scratch_types(plan, out_dtype)
   # warp-specialized: consumer warpgroup 0, producer 1
