@@ -126,8 +126,12 @@ def test_w4a16_rtn_leaves_bytes_and_accuracy(model):
       leaf = leaf[k]
     assert isinstance(leaf["kernel"], QuantizedWeight), name
   report = quantization_report(q)
-  # 4-bit codes + one f32 scale per output channel: 0.5 + 4 / K bytes per parameter
-  assert 0.5 < report["bytes_per_param"] < 0.5 + 4 / 32 + 1e-9
+  # 4-bit codes + one f32 scale per output channel: 0.5 + 4 / K bytes per parameter of the quantized layers
+  assert 0.5 < report["weight_bytes_per_param"] < 0.5 + 4 / 32 + 1e-9
+  # over the whole model the float embedding and norms count too, every array once
+  every_array = sum(int(a.nbytes) for a in jax.tree.leaves(pure))
+  assert report["total_bytes"] == every_array and report["params"] == sum(
+      int(a.size) for a in jax.tree.leaves(nnx.to_pure_dict(nnx.split(model)[1])))
   assert rel_err(logits(q), logits(model)) < 0.3
 
 
@@ -226,8 +230,10 @@ def test_int4_region_rotation_keeps_int8_channels_and_matches_its_math(model, wi
   q = quantize(model, config, stats, progress=False)
   leaf = q.layers[1].self_attn.q_proj.kernel.get_value()
   assert isinstance(leaf, InputTransformWeight) and leaf.inner.perm is None and leaf.rotation is None
-  assert leaf.region_start == 8 and leaf.region.shape == (1, 24, 24)  # K=32: one INT8 block of 8
-  np.testing.assert_allclose(leaf.region[0] @ leaf.region[0].T, np.eye(24), atol=1e-5)
+  # K=32: one INT8 block of 8, one signed Hadamard block (24 = 2 * Paley 12) over the 24 INT4 channels
+  assert leaf.region_start == 8 and (leaf.region.features, leaf.region.block) == (24, 24)
+  assert leaf.rotation_nbytes == 24  # only the int8 signs are stored
+  np.testing.assert_allclose(leaf.region.matrix() @ leaf.region.matrix().T, np.eye(24), atol=1e-12)
   top = np.argsort(-stats.layer("layers.1.self_attn.q_proj").absmax)[:8]
   assert set(np.asarray(leaf.perm)[:8]) == set(top)
   x = jnp.asarray(np.random.default_rng(4).standard_normal((5, 32)), jnp.float32)
@@ -238,12 +244,17 @@ def test_int4_region_rotation_keeps_int8_channels_and_matches_its_math(model, wi
   np.testing.assert_allclose(ops.linear(x, leaf, implementation="xla"), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_large_int4_regions_use_shared_hadamard_chunks():
+def test_int4_rotations_are_hadamard_blocks_of_the_region_or_of_each_block():
   from cometjax.core.formats import ActivationFormat
-  from cometjax.quant.layer import int4_region_blocks
-  blocks = int4_region_blocks(ActivationFormat(128, 8, 32))  # K4 = 3072 > 1024
-  assert blocks.shape == (3, 1024, 1024)
-  np.testing.assert_allclose(blocks[0] @ blocks[0].T, np.eye(1024), atol=1e-10)
+  from cometjax.quant.layer import int4_rotation
+  fmt = ActivationFormat(128, 8, 32)  # K4 = 3072
+  assert (int4_rotation(fmt, "region").features, int4_rotation(fmt, "region").block) == (3072, 1024)
+  assert int4_rotation(fmt, "block").block == 128
+  # K4 = 448 = 2 * 224 has a Hadamard matrix, but its Paley factor is too large for a fast transform: 7 x 64
+  assert int4_rotation(ActivationFormat(64, 2, 9), "region").block == 64
+  assert int4_rotation(ActivationFormat(64, 9, 9), "region") is None  # no INT4 channel
+  with pytest.raises(ValueError, match="Hadamard matrix of the block size 10"):
+    int4_rotation(ActivationFormat(10, 1, 4), "block")
 
 
 def test_rotation_is_exact_in_float(model):

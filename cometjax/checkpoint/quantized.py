@@ -1,8 +1,15 @@
 """Quantized LLM directories written by `cometjax quantize`: they load without the original checkpoint.
 
-DIR/model.safetensors holds every array (packed weights, scales, permutations, input rotations, float
-leaves); DIR/quantization.json holds the format name and version, the Llama config, the QuantConfig, the
-per-layer formats, the dtype of every tensor and how the tokenizer was copied. Format version 2.
+DIR/model.safetensors holds every array (packed weights, scales, zero points, permutations, rotation signs,
+the float or INT8 embedding, float leaves); DIR/quantization.json holds the format name and version, the
+Llama config, the QuantConfig, the per-layer formats, the dtype of every tensor and how the tokenizer was
+copied. The tensor bytes are exactly `quantization_report(model)["total_bytes"]`.
+
+Format version 3 (written): a per-token activation scale per FMPQ block (`ActivationFormat` saved whole),
+asymmetric weights (`.kernel.zeros`), rotations as signed Hadamard blocks (`.kernel.input_rotation_signs`,
+`.kernel.input_region_signs`, their block sizes in the JSON) or dense matrices, an INT8 embedding
+(`embed_tokens.data`, `embed_tokens.scales`). Version 2 (read): one activation scale per precision region
+(loaded with scale_span="region", the same numbers as before) and dense input rotations.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from flax import nnx
 from cometjax.checkpoint.io import from_storable, read_safetensors, to_storable, write_safetensors
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import HFTokenizer, load_tokenizer
-from cometjax.core.formats import ActivationFormat, InputTransformWeight, QuantizedWeight, is_quantized_leaf
+from cometjax.core.formats import (ActivationFormat, InputTransformWeight, QuantizedEmbedding, QuantizedWeight,
+                                   is_quantized_leaf)
+from cometjax.core.rotations import HadamardRotation
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama
 from cometjax.quant.config import QuantConfig, config_from_dict
@@ -68,17 +77,26 @@ def _copy_tokenizer(source, directory: Path) -> dict | None:
   raise ValueError(f"tokenizer_source must be a HF tokenizer directory or a .model/.bin file, got {source}")
 
 
+def _rotation_kind(part) -> tuple[str | None, int | None]:
+  if isinstance(part, HadamardRotation):
+    return "hadamard", part.block
+  return (None, None) if part is None else ("dense", None)
+
+
 def _layer_metadata(leaf) -> dict:
   outer = leaf if isinstance(leaf, InputTransformWeight) else None
   qw = leaf.inner if outer is not None else leaf
   fmt = qw.activation
+  transform = None
+  if outer is not None:
+    rotation, rotation_block = _rotation_kind(outer.rotation)
+    region, region_block = _rotation_kind(outer.region)
+    transform = dict(rotation=rotation, rotation_block=rotation_block, perm=outer.perm is not None, region=region,
+                     region_block=region_block, region_start=outer.region_start)
   return dict(
       bits=qw.bits, group_size=qw.group_size, shape=list(qw.shape), in_features=leaf.in_features,
-      transformed=outer is not None, has_perm=qw.perm is not None,
-      transform=None if outer is None else dict(
-          rotation=outer.rotation is not None, perm=outer.perm is not None, region=outer.region is not None,
-          region_start=outer.region_start),
-      activation=None if fmt is None else dataclasses.asdict(fmt))
+      transformed=outer is not None, has_perm=qw.perm is not None, has_zeros=qw.zeros is not None,
+      transform=transform, activation=None if fmt is None else dataclasses.asdict(fmt))
 
 
 def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source=None) -> None:
@@ -100,21 +118,36 @@ def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source
       continue
     layers[name] = _layer_metadata(leaf)
     qw = (leaf.inner if isinstance(leaf, InputTransformWeight) else leaf).with_layout("kn")  # one layout on disk
-    put(f"{name}.kernel.data", qw.data)
-    put(f"{name}.kernel.scales", qw.scales)
-    if qw.perm is not None:
-      put(f"{name}.kernel.perm", qw.perm)
-    for part in ("rotation", "perm", "region"):
-      if isinstance(leaf, InputTransformWeight) and getattr(leaf, part) is not None:
-        put(f"{name}.kernel.input_{part}", getattr(leaf, part))
+    for part in ("data", "scales", "zeros", "perm"):
+      if getattr(qw, part) is not None:
+        put(f"{name}.kernel.{part}", getattr(qw, part))
+    if isinstance(leaf, InputTransformWeight):
+      for part in ("rotation", "perm", "region"):
+        value = getattr(leaf, part)
+        if isinstance(value, HadamardRotation):
+          put(f"{name}.kernel.input_{part}_signs", value.signs)
+        elif value is not None:
+          put(f"{name}.kernel.input_{part}", value)
     node["kernel"] = None
+  embedding = pure.get("embed_tokens")
+  if isinstance(embedding, QuantizedEmbedding):
+    put("embed_tokens.data", embedding.data)
+    put("embed_tokens.scales", embedding.scales)
+    pure["embed_tokens"] = None
   for key, path in float_leaves(pure).items():
     put(key, node_at(pure, path))
   tokenizer = _copy_tokenizer(tokenizer_source, directory)
   write_safetensors(directory / WEIGHTS_FILE, tensors)
   metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, model_config=llama_config_to_dict(model.config),
-                  quant_config=quant_config.to_dict(), layers=layers, dtypes=dtypes, tokenizer=tokenizer)
+                  quant_config=quant_config.to_dict(), layers=layers, dtypes=dtypes, tokenizer=tokenizer,
+                  embedding="int8" if isinstance(embedding, QuantizedEmbedding) else "float")
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
+
+
+def _input_rotation(kind, block, name: str, part: str, get):
+  if kind == "hadamard":
+    return HadamardRotation(signs=get(f"{name}.kernel.input_{part}_signs"), block=block)
+  return get(f"{name}.kernel.input_{part}") if kind else None
 
 
 def _quantized_leaf(name: str, info: dict, get, version: int):
@@ -125,16 +158,19 @@ def _quantized_leaf(name: str, info: dict, get, version: int):
       data=get(f"{name}.kernel.data"), scales=get(f"{name}.kernel.scales"),
       perm=get(f"{name}.kernel.perm") if info["has_perm"] else None, bits=info["bits"],
       group_size=info["group_size"], shape=tuple(info["shape"]),
-      activation=None if act is None else ActivationFormat(**act))
+      activation=None if act is None else ActivationFormat(**act),
+      zeros=get(f"{name}.kernel.zeros") if info.get("has_zeros") else None)
   qw.check_arrays()
   if not info["transformed"]:
     return qw
   t = info["transform"]
+  if version == 2:  # booleans: dense matrices
+    t = dict(t, rotation="dense" if t["rotation"] else None, region="dense" if t["region"] else None)
   return InputTransformWeight(
       inner=qw, in_features=info["in_features"], region_start=t["region_start"],
-      rotation=get(f"{name}.kernel.input_rotation") if t["rotation"] else None,
+      rotation=_input_rotation(t["rotation"], t.get("rotation_block"), name, "rotation", get),
       perm=get(f"{name}.kernel.input_perm") if t["perm"] else None,
-      region=get(f"{name}.kernel.input_region") if t["region"] else None)
+      region=_input_rotation(t["region"], t.get("region_block"), name, "region", get))
 
 
 def load_quantized(directory) -> LoadedModel:
@@ -165,8 +201,13 @@ def load_quantized(directory) -> LoadedModel:
     node = node_at(pure, path)
     info = meta["layers"].get(name)
     node["kernel"] = get(f"{name}.kernel") if info is None else _quantized_leaf(name, info, get, version)
+  int8_embedding = meta.get("embedding") == "int8"
+  if int8_embedding:
+    pure["embed_tokens"] = None
   for key, path in float_leaves(pure).items():
     node_at(pure, path[:-1])[path[-1]] = get(key)
+  if int8_embedding:
+    pure["embed_tokens"] = QuantizedEmbedding(data=get("embed_tokens.data"), scales=get("embed_tokens.scales"))
   nnx.replace_by_pure_dict(state, pure)
   model = nnx.merge(graphdef, state)
   if device_weight_layout() != "kn":  # the layout the device's preferred GEMM reads

@@ -468,7 +468,48 @@ def pack_static_weight(weight_int: jax.Array, weight_scale: jax.Array, act_step,
       act_bits=act_bits)
 
 
-QUANTIZED_LEAF_TYPES = (QuantizedWeight, InputTransformWeight, StaticActQuantWeight)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedEmbedding:
+  """A token embedding [V, d] stored as INT8 with one symmetric scale per row (per vocabulary entry).
+
+  `lookup(tokens)` dequantizes the rows it gathers; `logits(x)` is a tied classifier x @ E^T, computed as
+  (x @ codes^T) * scale per vocabulary entry, so the table is never dequantized whole.
+  """
+
+  data: jax.Array  # int8 [V, d]
+  scales: jax.Array  # f32 (or f16 / bf16) [V]
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.data.shape)
+
+  def lookup(self, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:  # int [...] -> [..., d]
+    rows = jnp.take(self.data, tokens, axis=0).astype(jnp.float32)
+    return (rows * jnp.take(self.scales, tokens, axis=0).astype(jnp.float32)[..., None]).astype(dtype)
+
+  def logits(self, x: jax.Array) -> jax.Array:  # [..., d] -> [..., V]
+    return jnp.dot(x, self.data.T.astype(x.dtype)) * self.scales.astype(x.dtype)
+
+  def dequantize(self) -> jax.Array:
+    return self.data.astype(jnp.float32) * self.scales.astype(jnp.float32)[:, None]
+
+  @property
+  def nbytes(self) -> int:
+    return int(self.data.nbytes + self.scales.nbytes)
+
+
+def quantize_embedding(table: jax.Array, scale_dtype=jnp.float32) -> QuantizedEmbedding:
+  """INT8 per-row symmetric quantization of an embedding table [V, d] (round half up, max|row| / 127)."""
+  table = jnp.asarray(table, jnp.float32)
+  if table.ndim != 2:
+    raise ValueError(f"an embedding table must be [vocab, dim], got shape {table.shape}")
+  scales = jnp.asarray(quantize_symmetric(table, 8, axis=1)[1][:, 0]).astype(scale_dtype)
+  q = jnp.clip(jnp.floor(table / scales.astype(jnp.float32)[:, None] + 0.5), -127, 127).astype(jnp.int8)
+  return QuantizedEmbedding(data=q, scales=scales)
+
+
+QUANTIZED_LEAF_TYPES = (QuantizedWeight, InputTransformWeight, StaticActQuantWeight, QuantizedEmbedding)
 
 
 def is_quantized_leaf(value) -> bool:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cometjax import ops
+from cometjax.core.formats import QuantizedEmbedding
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -267,13 +268,18 @@ class Llama(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    embedding = self.embed_tokens.get_value()
-    x = jnp.take(embedding, tokens, axis=0).astype(self.config.dtype)
+    embedding = self.embed_tokens.get_value()  # float [V, d] or a QuantizedEmbedding (INT8 per row)
+    if isinstance(embedding, QuantizedEmbedding):
+      x = embedding.lookup(tokens, self.config.dtype)
+    else:
+      x = jnp.take(embedding, tokens, axis=0).astype(self.config.dtype)
     inv_freq = rope_inverse_frequencies(self.config)
     for layer in self.layers:
       x, cache = layer(x, positions, inv_freq, cache, key_valid)
     x = self.norm(x)
-    if self.lm_head is None:
+    if self.lm_head is None and isinstance(embedding, QuantizedEmbedding):
+      logits = embedding.logits(x)
+    elif self.lm_head is None:
       logits = jnp.dot(x, embedding.T.astype(x.dtype))
     else:
       logits = self.lm_head(x)

@@ -1,7 +1,9 @@
-"""Weight clipping: per-output-channel (or per-group) clip ratios for symmetric weight quantization.
+"""Weight clipping: per-output-channel (or per-group) clip ratios for weight quantization.
 
 Weights are [K, N] ([in, out]); a scale group is `group_size` consecutive input rows of one output
-column (group_size None: the whole column). With clip ratio r the scale is r * max|w| / qmax.
+column (group_size None: the whole column). With clip ratio r a symmetric grid has scale r * max|w| / qmax;
+an asymmetric one (float zero point, `cometjax.core.numerics.quantize_asymmetric_signed`) spans
+[r * min, r * max].
 
 - `mse_clip_ratios`: grid search of r minimizing the (optionally Hessian-diagonal weighted) squared
   weight error, per group.
@@ -19,7 +21,7 @@ import numpy as np
 import optax
 
 from cometjax.core.formats import ActivationFormat
-from cometjax.core.numerics import round_half_up, symmetric_qmax
+from cometjax.core.numerics import asymmetric_signed_params, quantize_with_zero, round_half_up, symmetric_qmax
 from cometjax.pallas.quantize_act import quantize_act_reference
 
 
@@ -46,10 +48,33 @@ def scales_from_ratios(w, ratios, bits: int, group_size: int | None):
   return jnp.where(amax > 0, amax / symmetric_qmax(bits), 1.0)
 
 
-def quantize_codes(w, scales, bits: int):
-  """int8 codes [K, N] = clip(round_half_up(w / scale), -qmax, qmax) with scales [G, N]."""
+def grid_from_ratios(w, ratios, bits: int, group_size: int | None, symmetric: bool = True):
+  """(scales [G, N], zeros [G, N] or None) of the clipped grid: symmetric, or asymmetric over [r min, r max]."""
+  if symmetric:
+    return scales_from_ratios(w, ratios, bits, group_size), None
+  k, n = w.shape
+  g = _groups(k, group_size)
+  grouped = w.reshape(g, k // g, n)
+  return asymmetric_signed_params(jnp.min(grouped, axis=1) * ratios, jnp.max(grouped, axis=1) * ratios, bits)
+
+
+def quantize_codes(w, scales, bits: int, zeros=None):
+  """int8 codes [K, N] with scales [G, N]: clip(round_half_up(w / scale), -qmax, qmax), or with zeros [G, N]
+  clip(round_half_up(w / scale + zero), -2**(bits-1), 2**(bits-1) - 1)."""
+  k = w.shape[0]
+  if zeros is not None:
+    return quantize_with_zero(w, expand_groups(scales, k), expand_groups(zeros, k), bits)
   q = symmetric_qmax(bits)
-  return jnp.clip(round_half_up(w / expand_groups(scales, w.shape[0])), -q, q).astype(jnp.int8)
+  return jnp.clip(round_half_up(w / expand_groups(scales, k)), -q, q).astype(jnp.int8)
+
+
+def dequantize_codes(codes, scales, zeros=None):
+  """Float [K, N] of integer codes [K, N]: scale * (q - zero) per group."""
+  k = codes.shape[0]
+  values = codes.astype(jnp.float32)
+  if zeros is not None:
+    values = values - expand_groups(zeros, k)
+  return values * expand_groups(scales, k)
 
 
 def _check_finite(name: str, a) -> None:
@@ -58,8 +83,9 @@ def _check_finite(name: str, a) -> None:
 
 
 def mse_clip_ratios(w, bits: int, group_size: int | None, grid: int = 20, row_weights=None,
-                    min_ratio: float = 0.5):
-  """Per-group clip ratio in {1, 1 - (1-min_ratio)/grid, ..., min_ratio} minimizing the squared error.
+                    min_ratio: float = 0.5, symmetric: bool = True):
+  """Per-group clip ratio in {1, 1 - (1-min_ratio)/grid, ..., min_ratio} minimizing the squared error of the
+  symmetric (or asymmetric) grid.
 
   w: [K, N]; row_weights: optional [K] non-negative weights per input row (e.g. the Hessian diagonal).
   Returns f32 [G, N].
@@ -73,8 +99,8 @@ def mse_clip_ratios(w, bits: int, group_size: int | None, grid: int = 20, row_we
   best = jnp.ones((g, n), jnp.float32)
   for i in range(grid + 1):
     r = 1.0 - (1.0 - min_ratio) * i / grid
-    s = scales_from_ratios(w, jnp.full((g, n), r), bits, group_size)
-    err = (w - quantize_codes(w, s, bits) * expand_groups(s, k)) ** 2 * rw[:, None]
+    s, z = grid_from_ratios(w, jnp.full((g, n), r), bits, group_size, symmetric)
+    err = (w - dequantize_codes(quantize_codes(w, s, bits, z), s, z)) ** 2 * rw[:, None]
     err = err.reshape(g, k // g, n).sum(axis=1)
     better = err < best_err
     best = jnp.where(better, r, best)

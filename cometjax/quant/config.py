@@ -1,12 +1,13 @@
 """Quantization configs (frozen dataclasses) and the named presets.
 
 A `QuantConfig` says, for a Llama-family model:
-  weights      `WeightQuantConfig`: INT4/INT8 symmetric, per output channel or per group, and the method
-               that picks the integer values and scales (RTN, clipping search, learned clipping, GPTQ).
+  weights      `WeightQuantConfig`: INT4/INT8, symmetric or asymmetric (a float zero point per group), per
+               output channel or per group, the scale dtype stored, and the method that picks the integer
+               values and scales (RTN, clipping search, learned clipping, GPTQ).
   activations  `ActivationQuantConfig` or None (A16, weight-only). FMPQ: each linear layer's input
-               channels are split into blocks of `block_size`; the most outlying channels (ranked on
-               calibration statistics) are permuted into the first blocks, which run at INT8, every other
-               block runs at INT4.
+               channels are split into blocks of `block_size`, each with its own per-token scale; the most
+               outlying channels (ranked on calibration statistics) are permuted into the first blocks,
+               which run at INT8, every other block runs at INT4.
   kv           the KV-cache setting (`cometjax.core.kv_config.KVQuantConfig`) or None (float cache); the cache
                lives in `cometjax.serving.kvcache` and is chosen at evaluation / generation time
                (`perplexity(..., kv=config.kv)`); quantize() does not touch it.
@@ -14,6 +15,9 @@ A `QuantConfig` says, for a Llama-family model:
                orthogonal (randomized) Hadamard matrix, rotate each head's V/O pair, and rotate the
                down_proj input online (see `cometjax.quant.rotation`). None: no rotation.
   keep_float   fnmatch patterns of layer names that stay in float (default: embeddings and lm_head).
+  embedding_bits  None (the token embedding and an untied lm_head stay float) or 8: both stored as INT8
+               with one scale per row (per vocabulary entry), a weight-only format (`QuantizedEmbedding`,
+               and an 8-bit A16 `QuantizedWeight` for the lm_head).
 
 Layer names are dotted paths in the model: "layers.3.self_attn.q_proj", "layers.0.mlp.down_proj",
 "lm_head", "embed_tokens".
@@ -42,6 +46,9 @@ gptq: GPTQ (OBQ column by column with the calibration Hessian X^T X), scales fro
 
 ROTATIONS = (None, "hadamard")
 CHANNEL_RANKINGS = ("absmax", "rms")
+SCALE_DTYPES = ("float32", "float16", "bfloat16")
+INT4_ROTATIONS = (False, "region", "block")  # True is read as "region" (configs of format version 2)
+SCALE_SPANS = ("block", "region")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,6 +64,8 @@ class WeightQuantConfig:
   # gptq with quantized activations: fit W* = argmin ||X W - Q(X) W*|| and run GPTQ with H = Q(X)^T Q(X) on
   # the sampled calibration rows, so the weights also absorb the activation rounding (needs samples)
   gptq_act_aware: bool = False
+  symmetric: bool = True  # False: asymmetric grid with a float zero point per group (zeros stored like scales)
+  scale_dtype: str = "float32"  # the dtype scales (and zero points) are stored in: float32, float16, bfloat16
 
   def __post_init__(self):
     if self.bits not in (4, 8):
@@ -72,6 +81,11 @@ class WeightQuantConfig:
       raise ValueError(f"weights.clip_steps must be >= 0, got {self.clip_steps}")
     if self.gptq_damp <= 0:
       raise ValueError(f"weights.gptq_damp must be > 0, got {self.gptq_damp}")
+    if self.scale_dtype not in SCALE_DTYPES:
+      raise ValueError(f"weights.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+    if not self.symmetric and self.method == "clip":
+      raise ValueError("weights.method='clip' (learned clipping) trains symmetric clip factors only; use "
+                       "symmetric=True or method 'rtn', 'mse' or 'gptq'")
 
   @property
   def needs_hessian(self) -> bool:
@@ -89,10 +103,13 @@ class ActivationQuantConfig:
   bits=8: every block INT8 (W8A8 / W4A8, no permutation). bits=4: INT4 blocks, with up to
   `int8_fraction` of each layer's blocks (rounded down) at INT8 holding the highest-ranked channels;
   `outlier_ratio` set: only as many INT8 blocks as needed for the channels whose statistic exceeds
-  outlier_ratio x the layer's median (still capped by int8_fraction). rotate_int4: after the INT8
-  channels are picked, the INT4 region is rotated online by an orthogonal matrix (randomized Hadamard
-  where one of that order exists) folded into the weight rows: outliers stay exact at INT8, the other
-  channels are spread evenly under their shared per-token INT4 scale.
+  outlier_ratio x the layer's median (still capped by int8_fraction). Every block has its own per-token
+  scale (`scale_span="block"`); "region" shares one per precision region (the format of version 2).
+  rotate_int4: after the INT8 channels are picked, the INT4 channels are rotated online by a signed
+  Hadamard matrix folded into the weight rows (`cometjax.core.rotations.HadamardRotation`: only the signs
+  are stored): "region" one over the whole INT4 region (block-diagonal chunks where no Hadamard matrix of
+  that order is built here), "block" one per FMPQ block (spreading each block's outliers under its own
+  scale). Outliers stay exact at INT8.
   block_size None ("auto"): 128, halved while the layer would have fewer than 8 blocks, not below 8.
   A layer whose in_features is not a multiple of its block size is padded with zero weight rows and
   zero activation channels up to the next multiple (the padding sits in the last INT4 block; zeros do
@@ -104,9 +121,8 @@ class ActivationQuantConfig:
   int8_fraction: float = 0.0
   outlier_ratio: float | None = None
   ranking: str = "absmax"  # per-channel statistic that ranks channels: max |x| or root mean square
-  # Rotate the INT4 region online after the INT8 channels are picked (orthogonal, folded into the weight):
-  # the outliers stay exact in INT8 and the rest is spread evenly before its shared per-token INT4 scale.
-  rotate_int4: bool = False
+  rotate_int4: bool | str = False  # False, "region" or "block" (module docstring); True means "region"
+  scale_span: str = "block"
 
   def __post_init__(self):
     if self.bits not in (4, 8):
@@ -121,6 +137,12 @@ class ActivationQuantConfig:
       raise ValueError(f"activations.outlier_ratio must be None or > 1, got {self.outlier_ratio}")
     if self.ranking not in CHANNEL_RANKINGS:
       raise ValueError(f"activations.ranking must be one of {CHANNEL_RANKINGS}, got {self.ranking!r}")
+    if self.rotate_int4 is True:
+      object.__setattr__(self, "rotate_int4", "region")
+    if self.rotate_int4 not in INT4_ROTATIONS:
+      raise ValueError(f"activations.rotate_int4 must be one of {INT4_ROTATIONS}, got {self.rotate_int4!r}")
+    if self.scale_span not in SCALE_SPANS:
+      raise ValueError(f"activations.scale_span must be one of {SCALE_SPANS}, got {self.scale_span!r}")
 
   @property
   def mixed(self) -> bool:
@@ -146,6 +168,7 @@ class QuantConfig:
   kv: KVQuantConfig | None = None
   rotation: str | None = None
   keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
+  embedding_bits: int | None = None  # 8: the token embedding (and an untied lm_head) INT8 per row
   name: str | None = None  # the preset this came from, for reports
 
   def __post_init__(self):
@@ -159,6 +182,8 @@ class QuantConfig:
     if isinstance(self.keep_float, str) or not all(isinstance(p, str) for p in self.keep_float):
       raise ValueError(f"keep_float must be a tuple of fnmatch patterns, got {self.keep_float!r}")
     object.__setattr__(self, "keep_float", tuple(self.keep_float))
+    if self.embedding_bits not in (None, 8):
+      raise ValueError(f"embedding_bits must be None or 8, got {self.embedding_bits!r}")
 
   def quantizes(self, layer_name: str) -> bool:
     """Whether the linear layer `layer_name` is quantized (not matched by a keep_float pattern)."""
@@ -254,12 +279,13 @@ def config_to_dict(config: QuantConfig) -> dict:
       "kv": kv_to_dict(config.kv),
       "rotation": config.rotation,
       "keep_float": list(config.keep_float),
+      "embedding_bits": config.embedding_bits,
       "name": config.name,
   }
 
 
 def config_from_dict(d: dict) -> QuantConfig:
-  expected = {"weights", "activations", "kv", "rotation", "keep_float", "name"}
+  expected = {"weights", "activations", "kv", "rotation", "keep_float", "embedding_bits", "name"}
   unknown = set(d) - expected
   if unknown:
     raise ValueError(f"quantization config has unknown fields {sorted(unknown)} (expected {sorted(expected)})")
@@ -267,4 +293,5 @@ def config_from_dict(d: dict) -> QuantConfig:
       weights=None if d.get("weights") is None else WeightQuantConfig(**d["weights"]),
       activations=None if d.get("activations") is None else ActivationQuantConfig(**d["activations"]),
       kv=kv_from_dict(d.get("kv")), rotation=d.get("rotation"),
-      keep_float=tuple(d.get("keep_float", DEFAULT_KEEP_FLOAT)), name=d.get("name"))
+      keep_float=tuple(d.get("keep_float", DEFAULT_KEEP_FLOAT)), embedding_bits=d.get("embedding_bits"),
+      name=d.get("name"))

@@ -34,8 +34,11 @@ class InputPlan:
   block_size: int | None  # FMPQ block size (None: A16)
   online_rotation: bool
 
-  def rotation_matrix(self) -> np.ndarray | None:  # float64 [Kp, Kp]
+  def rotation(self):  # HadamardRotation over Kp, or None
     return online_rotation(self.padded_features) if self.online_rotation else None
+
+  def rotation_matrix(self) -> np.ndarray | None:  # float64 [Kp, Kp]
+    return self.rotation().matrix() if self.online_rotation else None
 
   def transform(self, x: np.ndarray) -> np.ndarray:
     """x [..., K] -> [..., Kp] as the quantized leaf transforms it (numpy/jax arrays both work)."""
@@ -44,7 +47,7 @@ class InputPlan:
       pad = [(0, 0)] * (x.ndim - 1) + [(0, self.padded_features - self.in_features)]
       x = jnp.pad(x, pad)
     if self.online_rotation:
-      x = x @ jnp.asarray(self.rotation_matrix(), x.dtype)
+      x = self.rotation().apply(jnp.asarray(x))
     return x
 
 
@@ -97,9 +100,9 @@ def plan_activation(layer_name: str, plan: InputPlan, acts: ActivationQuantConfi
   kp, block = plan.padded_features, plan.block_size
   num_blocks = kp // block
   if acts.bits == 8:
-    return ActivationPlan(None, ActivationFormat(block, num_blocks, num_blocks))
+    return ActivationPlan(None, ActivationFormat(block, num_blocks, num_blocks, acts.scale_span))
   if not acts.mixed:
-    return ActivationPlan(None, ActivationFormat(block, 0, num_blocks))
+    return ActivationPlan(None, ActivationFormat(block, 0, num_blocks, acts.scale_span))
   if stats is None:
     raise ValueError(f"stats are missing for layer {layer_name!r}: FMPQ (int8_fraction="
                      f"{acts.int8_fraction}) ranks channels on calibration statistics; collect them with "
@@ -111,9 +114,9 @@ def plan_activation(layer_name: str, plan: InputPlan, acts: ActivationQuantConfi
   scores = np.where(np.arange(kp) < plan.in_features if not plan.online_rotation else True, scores, -np.inf)
   n8 = num_int8_blocks(scores[np.isfinite(scores)], num_blocks, block, acts)
   if n8 == 0:
-    return ActivationPlan(None, ActivationFormat(block, 0, num_blocks))
+    return ActivationPlan(None, ActivationFormat(block, 0, num_blocks, acts.scale_span))
   order = np.argsort(-scores, kind="stable")
   top = np.sort(order[:n8 * block])
   rest = np.setdiff1d(np.arange(kp), top)  # ascending: real channels first, padding last
   perm = np.concatenate([top, rest]).astype(np.int32)
-  return ActivationPlan(perm, ActivationFormat(block, n8, num_blocks))
+  return ActivationPlan(perm, ActivationFormat(block, n8, num_blocks, acts.scale_span))

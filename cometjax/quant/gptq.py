@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from cometjax.core.numerics import symmetric_qmax
+from cometjax.core.numerics import signed_range, symmetric_qmax
 
 
 def gptq_codes(w: np.ndarray, hessian: np.ndarray, scales: np.ndarray, bits: int, *,
-               damp: float = 0.01, act_order: bool = True) -> np.ndarray:
-  """Integer codes int8 [K, N] for w [K, N] with per-group scales [G, N] and Hessian [K, K]."""
+               damp: float = 0.01, act_order: bool = True, zeros: np.ndarray | None = None) -> np.ndarray:
+  """Integer codes int8 [K, N] for w [K, N] with per-group scales [G, N] (and float zero points [G, N] for
+  the asymmetric grid w ~= scale * (q - zero), q in [-2**(bits-1), 2**(bits-1) - 1]) and Hessian [K, K]."""
   w = np.array(w, np.float64)
   h = np.array(hessian, np.float64)
   k, n = w.shape
@@ -26,26 +27,33 @@ def gptq_codes(w: np.ndarray, hessian: np.ndarray, scales: np.ndarray, bits: int
     raise ValueError(f"hessian must be [{k}, {k}] to match w {list(w.shape)}, got {list(h.shape)}")
   if scales.ndim != 2 or scales.shape[1] != n or k % scales.shape[0]:
     raise ValueError(f"scales must be [G, {n}] with G dividing {k}, got {list(scales.shape)}")
-  for name, a in (("w", w), ("hessian", h), ("scales", scales)):
+  if zeros is not None and np.shape(zeros) != np.shape(scales):
+    raise ValueError(f"zeros must be shaped like scales {list(np.shape(scales))}, got {list(np.shape(zeros))}")
+  for name, a in (("w", w), ("hessian", h), ("scales", scales)) + ((("zeros", zeros),) if zeros is not None else ()):
     if not np.all(np.isfinite(a)):
       raise ValueError(f"{name} holds NaN/Inf values")
   if damp <= 0:
     raise ValueError(f"damp must be > 0, got {damp}")
-  qmax = symmetric_qmax(bits)
+  if zeros is None:
+    qmin, qmax = -symmetric_qmax(bits), symmetric_qmax(bits)
+    row_zeros = np.zeros((k, n))
+  else:
+    qmin, qmax = signed_range(bits)
+    row_zeros = np.repeat(np.asarray(zeros, np.float64), k // scales.shape[0], axis=0)  # [K, N]
   row_scales = np.repeat(np.asarray(scales, np.float64), k // scales.shape[0], axis=0)  # [K, N]
   diag = np.diag(h).copy()
   dead = diag <= 0
   h[dead, dead] = 1.0
   w[dead] = 0.0
   order = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
-  w, h, row_scales = w[order], h[order][:, order], row_scales[order]
+  w, h, row_scales, row_zeros = w[order], h[order][:, order], row_scales[order], row_zeros[order]
   h[np.diag_indices(k)] += damp * np.mean(np.diag(h))
   u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: H^-1 = U^T U
   codes = np.zeros((k, n), np.int8)
   for i in range(k):
-    q = np.clip(np.floor(w[i] / row_scales[i] + 0.5), -qmax, qmax)
+    q = np.clip(np.floor(w[i] / row_scales[i] + row_zeros[i] + 0.5), qmin, qmax)
     codes[i] = q
-    err = (w[i] - q * row_scales[i]) / u[i, i]
+    err = (w[i] - (q - row_zeros[i]) * row_scales[i]) / u[i, i]
     w[i + 1:] -= np.outer(u[i, i + 1:], err)
   out = np.zeros_like(codes)
   out[order] = codes

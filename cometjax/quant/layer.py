@@ -15,36 +15,46 @@ import jax.numpy as jnp
 import numpy as np
 
 from cometjax.core import rotations
-from cometjax.core.formats import ActivationFormat, InputTransformWeight, QuantizedWeight
+from cometjax.core.formats import ActivationFormat, InputTransformWeight, QuantizedWeight, with_activation
 from cometjax.core.numerics import pack_int4
 from cometjax.quant import clipping, gptq
 from cometjax.quant.config import QuantConfig
 from cometjax.quant.fmpq import InputPlan, input_plan, plan_activation
 
 MAX_REGION_CHUNK = 1024
+MAX_PALEY_FACTOR = 72  # the dense factor of a Kronecker Hadamard (m x m per 2**a channels) stays small
 
 
-def int4_region_blocks(fmt: ActivationFormat, seed: int = 2) -> np.ndarray:
-  """Orthogonal chunks [num_chunks, b, b] rotating the INT4 region (K4 channels) of `fmt`.
+def _fast_hadamard_order(n: int) -> bool:
+  return rotations.hadamard_exists(n) and rotations.hadamard_factors(n)[1] <= MAX_PALEY_FACTOR
 
-  One chunk over the whole region when K4 <= MAX_REGION_CHUNK (randomized Hadamard when one of order K4
-  exists, else a random orthogonal matrix); larger regions use the largest Hadamard order b <= 1024
-  dividing K4 (the block size always qualifies for power-of-two blocks), the same matrix in every chunk.
+
+def int4_rotation(fmt: ActivationFormat, kind: str, seed: int = 2) -> rotations.HadamardRotation | None:
+  """The online rotation of the INT4 channels of `fmt` ("region" or "block"; None when there is nothing to
+  rotate): signed Hadamard blocks, applied by a fast transform, only the signs stored.
+
+  "block": one Hadamard block per FMPQ block (the block size needs a Hadamard order). "region": the largest
+  chunk b <= MAX_REGION_CHUNK dividing K4 that has a fast Hadamard order (a power of two times a Paley
+  factor of at most MAX_PALEY_FACTOR): one chunk over the whole region where K4 has one (48, 144), else
+  block-diagonal chunks (K4 = 448: seven of 64).
   """
   k4 = fmt.int4_channels
-  if k4 <= MAX_REGION_CHUNK:
-    return rotations.orthogonal(k4, seed)[None]
-  b = next(c for c in range(MAX_REGION_CHUNK, 1, -1)
-           if k4 % c == 0 and (rotations.hadamard_exists(c) or c == fmt.block_size))
-  return np.broadcast_to(rotations.orthogonal(b, seed), (k4 // b, b, b)).copy()
+  if not k4 or not kind:
+    return None
+  if kind == "block":
+    if not rotations.hadamard_exists(fmt.block_size):
+      raise ValueError(f"rotate_int4='block' needs a Hadamard matrix of the block size {fmt.block_size}; none is "
+                       "built here (use a power of two, or rotate_int4='region')")
+    block = fmt.block_size
+  else:
+    block = next(c for c in range(min(k4, MAX_REGION_CHUNK), 0, -1) if k4 % c == 0 and _fast_hadamard_order(c))
+  return rotations.HadamardRotation.create(k4, block, seed)
 
 
-def _block_diagonal(start: int, blocks: np.ndarray) -> np.ndarray:
-  chunks, b, _ = blocks.shape
-  out = np.eye(start + chunks * b)
-  for c in range(chunks):
-    lo = start + c * b
-    out[lo:lo + b, lo:lo + b] = blocks[c]
+def _embed(start: int, matrix: np.ndarray) -> np.ndarray:
+  """blockdiag(I_start, matrix)."""
+  out = np.eye(start + matrix.shape[0])
+  out[start:, start:] = matrix
   return out
 
 
@@ -70,8 +80,14 @@ def _transform(problem: _Problem, matrix: np.ndarray | None = None, perm: np.nda
   return _Problem(w, h, s)
 
 
+def _stored(a, dtype: str):
+  """a as the dtype it is stored in (f32 values of a rounded to f16 / bf16)."""
+  return None if a is None else jnp.asarray(a, jnp.float32).astype(dtype)
+
+
 def _weight_codes(problem: _Problem, config: QuantConfig, fmt: ActivationFormat | None):
-  """(int8 codes [Kp, N], f32 scales [G, N]) of the final weight."""
+  """(int8 codes [Kp, N], scales [G, N], zeros [G, N] or None) of the final weight, scales and zeros in the
+  stored dtype (the codes are picked against the stored values)."""
   wcfg = config.weights
   method = wcfg.method
   w, hessian = problem.w, problem.hessian
@@ -84,18 +100,23 @@ def _weight_codes(problem: _Problem, config: QuantConfig, fmt: ActivationFormat 
     ratios = jnp.ones((g, n), jnp.float32)
   else:
     row_weights = None if hessian is None else np.maximum(np.diag(hessian), 0) + 1e-8
-    ratios = clipping.mse_clip_ratios(wj, wcfg.bits, wcfg.group_size, wcfg.mse_grid, row_weights=row_weights)
+    ratios = clipping.mse_clip_ratios(wj, wcfg.bits, wcfg.group_size, wcfg.mse_grid, row_weights=row_weights,
+                                      symmetric=wcfg.symmetric)
   if method == "clip":
     ratios = clipping.learn_clip_ratios(wj, problem.samples, wcfg.bits, wcfg.group_size, fmt,
                                         steps=wcfg.clip_steps, learning_rate=wcfg.clip_learning_rate,
                                         init_ratios=ratios)
-  scales = clipping.scales_from_ratios(wj, ratios, wcfg.bits, wcfg.group_size)
+  scales, zeros = clipping.grid_from_ratios(wj, ratios, wcfg.bits, wcfg.group_size, wcfg.symmetric)
+  scales, zeros = _stored(scales, wcfg.scale_dtype), _stored(zeros, wcfg.scale_dtype)
+  scales32 = np.asarray(scales, np.float32)
+  zeros32 = None if zeros is None else np.asarray(zeros, np.float32)
   if method == "gptq":
-    codes = gptq.gptq_codes(w, hessian, np.asarray(scales), wcfg.bits, damp=wcfg.gptq_damp,
-                            act_order=wcfg.gptq_act_order)
+    codes = gptq.gptq_codes(w, hessian, scales32, wcfg.bits, damp=wcfg.gptq_damp, act_order=wcfg.gptq_act_order,
+                            zeros=zeros32)
   else:
-    codes = np.asarray(clipping.quantize_codes(wj, scales, wcfg.bits))
-  return codes, np.asarray(scales, np.float32)
+    codes = np.asarray(clipping.quantize_codes(wj, jnp.asarray(scales32), wcfg.bits,
+                                               None if zeros32 is None else jnp.asarray(zeros32)))
+  return codes, scales, zeros
 
 
 def _activation_aware_target(w: np.ndarray, samples: np.ndarray, fmt: ActivationFormat, damp: float):
@@ -139,29 +160,30 @@ def quantize_layer(name: str, kernel, config: QuantConfig, layer_stats=None):
   kp = plan.padded_features
   w = np.zeros((kp, n))
   w[:k] = kernel
-  online = plan.rotation_matrix()
+  online = plan.rotation()
   perm = None if act_plan is None else act_plan.perm
-  region_blocks = (int4_region_blocks(fmt) if acts is not None and acts.rotate_int4 and fmt.num_int4_blocks
-                   and fmt.num_int8_blocks else None)
-  region = None if region_blocks is None else _block_diagonal(fmt.int8_channels, region_blocks)
+  # the INT4 rotation where the layer has INT4 channels (with INT8 blocks, or "block": all INT4 also gains)
+  wants_rotation = acts is not None and acts.rotate_int4 and fmt.num_int4_blocks and (
+      fmt.num_int8_blocks or acts.rotate_int4 == "block")
+  region_rotation = int4_rotation(fmt, acts.rotate_int4) if wants_rotation else None
+  region = None if region_rotation is None else _embed(fmt.int8_channels, region_rotation.matrix())
   if online is not None:
-    w = online.T @ w  # the statistics were collected on the padded, online-rotated input already
+    w = online.matrix().T @ w  # the statistics were collected on the padded, online-rotated input already
   problem = _Problem(w, None if layer_stats is None else layer_stats.hessian,
                      None if layer_stats is None else layer_stats.samples)
   problem = _transform(_transform(problem, perm=perm), matrix=region)
-  codes, scales = _weight_codes(problem, config, fmt)
+  codes, scales, zeros = _weight_codes(problem, config, fmt)
   data = pack_int4(jnp.asarray(codes), axis=0) if wcfg.bits == 4 else jnp.asarray(codes, jnp.int8)
   # with a region rotation the permutation must run before it, outside the kernel's fused permute
   inner_perm = None if region is not None else perm
-  inner = QuantizedWeight(data=data, scales=jnp.asarray(scales),
-                          perm=None if inner_perm is None else jnp.asarray(inner_perm, jnp.int32),
-                          bits=wcfg.bits, group_size=wcfg.group_size, shape=(kp, n), activation=fmt)
+  inner = with_activation(QuantizedWeight(
+      data=data, scales=scales, perm=None if inner_perm is None else jnp.asarray(inner_perm, jnp.int32),
+      bits=wcfg.bits, group_size=wcfg.group_size, shape=(kp, n), zeros=zeros), fmt)
   inner.check_arrays()
   outer_perm = None if region is None else perm
   if kp == k and online is None and region is None:
     return inner
   return InputTransformWeight(
-      inner=inner, rotation=None if online is None else jnp.asarray(online, jnp.float32), in_features=k,
-      perm=None if outer_perm is None else jnp.asarray(outer_perm, jnp.int32),
-      region=None if region_blocks is None else jnp.asarray(region_blocks, jnp.float32),
+      inner=inner, rotation=online, in_features=k,
+      perm=None if outer_perm is None else jnp.asarray(outer_perm, jnp.int32), region=region_rotation,
       region_start=0 if region is None else fmt.int8_channels)

@@ -11,8 +11,9 @@ What `rotate_llama` does (every step leaves the float model's function unchanged
 3. Rotate each head's value/output pair by one Hadamard matrix of order head_dim: v_proj columns of
    every KV head <- W H, o_proj rows of every query head <- H^T W (attention is linear in V per head).
 The down_proj input (after the SwiGLU product) cannot be rotated offline; `online_rotation` gives the
-randomized Hadamard matrix that the quantized leaf applies to its input at run time (x -> pad -> x R,
-with W <- R^T W), over the input padded up to a size where a Hadamard matrix exists.
+signed Hadamard rotation that the quantized leaf applies to its input at run time by a fast transform
+(x -> pad -> x R, with W <- R^T W; only the signs are stored), over the input padded up to a size where a
+Hadamard matrix exists.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cometjax.core.rotations import orthogonal, random_hadamard
+from cometjax.core.rotations import HadamardRotation, orthogonal
 from cometjax.models.llama import abstract_llama
 
 
@@ -29,9 +30,9 @@ def residual_rotation(dim: int, seed: int = 0) -> np.ndarray:
   return orthogonal(dim, seed)
 
 
-def online_rotation(padded_features: int, seed: int = 1) -> np.ndarray:
-  """The run-time input rotation of down_proj over its zero-padded input (float64 [n, n])."""
-  return random_hadamard(padded_features, seed)
+def online_rotation(padded_features: int, seed: int = 1) -> HadamardRotation:
+  """The run-time input rotation of down_proj over its zero-padded input: one signed Hadamard block."""
+  return HadamardRotation.create(padded_features, padded_features, seed)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from cometjax.core.formats import WEIGHT_LAYOUTS, InputTransformWeight, QuantizedWeight, is_quantized_leaf
+from cometjax.core.formats import (WEIGHT_LAYOUTS, InputTransformWeight, QuantizedWeight, is_quantized_leaf,
+                                   quantize_embedding, quantize_weight)
 from cometjax.ops import registry
 from cometjax.quant.config import QuantConfig
 from cometjax.quant.layer import quantize_layer
@@ -69,6 +71,19 @@ def with_weight_layout(model, layout: str = "auto"):
   return nnx.merge(graphdef, state)
 
 
+def _int8_embeddings(pure: dict, scale_dtype: str) -> None:
+  """In place: the token embedding INT8 per row, and a float (untied) lm_head INT8 per vocabulary column (an
+  8-bit weight-only QuantizedWeight, one scale per output channel)."""
+  pure["embed_tokens"] = quantize_embedding(pure["embed_tokens"], scale_dtype)
+  head = pure.get("lm_head")
+  if isinstance(head, dict) and not is_quantized_leaf(head.get("kernel")):
+    kernel = jnp.asarray(head["kernel"], jnp.float32)  # [d, V]
+    scales = quantize_weight(kernel, bits=8).scales.astype(scale_dtype)  # [1, V], as stored
+    codes = jnp.clip(jnp.floor(kernel / scales.astype(jnp.float32) + 0.5), -127, 127).astype(jnp.int8)
+    head["kernel"] = QuantizedWeight(data=codes, scales=scales, perm=None, bits=8, group_size=None,
+                                     shape=tuple(kernel.shape))
+
+
 def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
   """The quantized model: every linear kernel config.quantizes() replaced by a quantized leaf.
 
@@ -94,6 +109,8 @@ def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
     node = node_at(pure, path)
     layer_stats = stats.layer(name) if stats is not None else None
     node["kernel"] = quantize_layer(name, node["kernel"], config, layer_stats)
+  if config.embedding_bits == 8:
+    _int8_embeddings(pure, config.weights.scale_dtype)
   nnx.replace_by_pure_dict(state, pure)
   quantized = nnx.merge(graphdef, state)
   if device_weight_layout() != "kn":  # store the weights as the device's preferred GEMM reads them

@@ -47,12 +47,12 @@ def _leaf_spec(path: tuple, leaf, size: int, axis: str, transposed: bool = False
   module = next((n for n in names if n in COLUMN_PARALLEL + ROW_PARALLEL), None)
   field = names[-1]
   shape = np.shape(leaf)
-  if module is None or field == "perm" or len(shape) == 0:
+  if module is None or field in ("perm", "signs", "rotation", "region") or len(shape) == 0:  # input transforms
     return P()
   column = module in COLUMN_PARALLEL
   if len(shape) == 1:  # biases live on the output features
     return _spec(shape, 0, size, axis) if column else P()
-  if field == "scales" and not column and shape[0] == 1:
+  if field in ("scales", "zeros") and not column and shape[0] == 1:
     return P()  # per-output-channel scales of a row-parallel weight: every shard needs all of them
   return _spec(shape, (1 if column else 0) if not transposed else (0 if column else 1), size, axis)
 
@@ -64,7 +64,7 @@ def _specs(state, size: int, axis: str):
       fields = {name: None if getattr(leaf, name) is None else
                 _leaf_spec(path + (jax.tree_util.GetAttrKey(name),), getattr(leaf, name), size, axis,
                            transposed=name == "data" and leaf.layout == "nk")
-                for name in ("data", "scales", "perm")}
+                for name in ("data", "scales", "zeros", "perm")}
       return dataclasses.replace(leaf, **fields)
     return _leaf_spec(path, leaf, size, axis)
 
