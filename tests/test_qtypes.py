@@ -81,6 +81,22 @@ def test_asymmetric_error_bound(bits, seed, offset):
   assert np.all(error <= np.asarray(scale) * (0.5 + 1e-4) + 1e-6 * abs(offset))
 
 
+@FUZZ
+@given(seed=st.integers(0, 2**16), offset=st.floats(-50, 50))
+def test_asymmetric_float_zero_spans_min_to_max_and_integer_zero_shifts(seed, offset):
+  x = np.random.default_rng(seed).normal(size=(4, 16)).astype(np.float32) + offset
+  q, scale, zero = quantize_asymmetric(x, 4, axis=-1)
+  x_dq = np.asarray(dequantize_asymmetric(q, scale, zero))
+  tol = 1e-5 * (1 + abs(offset))
+  # the float zero point puts codes 0 and 15 on each row's min and max exactly (KIVI's quantizer)
+  np.testing.assert_allclose(x_dq.min(-1), x.min(-1), atol=tol)
+  np.testing.assert_allclose(x_dq.max(-1), x.max(-1), atol=tol)
+  qi, scale_i, zero_i = quantize_asymmetric(x, 4, axis=-1, integer_zero=True)
+  assert np.array_equal(np.asarray(zero_i), np.round(np.asarray(zero_i)))
+  error = np.abs(x - np.asarray(dequantize_asymmetric(qi, scale_i, zero_i)))
+  assert np.all(error <= np.asarray(scale_i) * (1 + 1e-4) + tol)  # the shifted grid clips up to a step
+
+
 def test_asymmetric_zero_slice_is_exact():
   q, scale, zero = quantize_asymmetric(np.zeros((2, 8), np.float32), 4, axis=-1)
   np.testing.assert_array_equal(dequantize_asymmetric(q, scale, zero), 0.0)

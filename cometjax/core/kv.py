@@ -1,7 +1,9 @@
 """INT4 KV-cache layouts: a contiguous `QuantizedKV` and one layer of a paged pool, `PagedKV4`.
 
 Both store asymmetric INT4 codes packed two per byte along head_dim (`pack_int4`, low nibble = even
-channel) with f32 scales and zero points.
+channel) with f32 scales and zero points; value = (code - zero) * scale. The zero point is the float
+-min / scale (the levels span [min, max], as KIVI's quantizer), or an integer with
+`KVQuantConfig.integer_zero` (`cometjax.core.numerics.quantize_asymmetric`).
 
 Contiguous (`QuantizedKV`, `quantize_kv`, `dequantize_kv`)
   k, v uint8 [B, S, Hkv, D // 2]; k_scale, k_zero, v_scale, v_zero f32 [B, S, Hkv, D // group]:
@@ -79,11 +81,11 @@ def _grouped_head_dim(x: jax.Array, group: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], d // group, group)
 
 
-def quantize_kv_tensor(x: jax.Array, group: int | None = None):
+def quantize_kv_tensor(x: jax.Array, group: int | None = None, integer_zero: bool = False):
   """One of K or V [..., D] -> (packed uint8 [..., D//2], scale, zero [..., D//group])."""
   group = x.shape[-1] if group is None else group
   grouped = _grouped_head_dim(x, group)  # [..., D // group, group]
-  q, scale, zero = quantize_asymmetric(grouped, 4, axis=-1)
+  q, scale, zero = quantize_asymmetric(grouped, 4, axis=-1, integer_zero=integer_zero)
   packed = pack_int4(q.reshape(x.shape), axis=-1)
   return packed, scale[..., 0], zero[..., 0]
 
@@ -97,12 +99,12 @@ def dequantize_kv_tensor(packed: jax.Array, scale: jax.Array, zero: jax.Array, d
   return x.reshape(codes.shape).astype(dtype)
 
 
-def quantize_kv(k: jax.Array, v: jax.Array, group: int | None = None) -> QuantizedKV:
+def quantize_kv(k: jax.Array, v: jax.Array, group: int | None = None, integer_zero: bool = False) -> QuantizedKV:
   """K and V [B, S, Hkv, D] float -> QuantizedKV (group = head_dim by default)."""
   if k.shape != v.shape or k.ndim != 4:
     raise ValueError(f"k and v must share one [B, S, Hkv, D] shape, got {k.shape} and {v.shape}")
-  kq, ks, kz = quantize_kv_tensor(k, group)
-  vq, vs, vz = quantize_kv_tensor(v, group)
+  kq, ks, kz = quantize_kv_tensor(k, group, integer_zero)
+  vq, vs, vz = quantize_kv_tensor(v, group, integer_zero)
   return QuantizedKV(k=kq, v=vq, k_scale=ks, k_zero=kz, v_scale=vs, v_zero=vz)
 
 
@@ -198,7 +200,8 @@ class PagedKV4:
     valid = positions < self.max_len
     new_length = jnp.maximum(self.length, jnp.max(jnp.where(valid, positions + 1, 0), axis=1))
     page, slot = self.physical(positions)
-    v_codes, v_scale, v_zero = quantize_kv_tensor(v_new.astype(jnp.float32), self.head_group)
+    integer_zero = self.config.integer_zero
+    v_codes, v_scale, v_zero = quantize_kv_tensor(v_new.astype(jnp.float32), self.head_group, integer_zero)
     fields = dict(v=self.v.at[page, slot].set(v_codes, mode="drop"),
                   v_scale=self.v_scale.at[page, slot].set(v_scale, mode="drop"),
                   v_zero=self.v_zero.at[page, slot].set(v_zero, mode="drop"), length=new_length)
@@ -208,7 +211,7 @@ class PagedKV4:
     else:
       if self.config.k_mode == "hadamard":
         k32 = k32 @ hadamard_orthonormal(d)
-      k_codes, k_scale, k_zero = quantize_kv_tensor(k32, self.head_group)
+      k_codes, k_scale, k_zero = quantize_kv_tensor(k32, self.head_group, integer_zero)
       fields.update(k=self.k.at[page, slot].set(k_codes, mode="drop"),
                     k_scale=self.k_scale.at[page, slot].set(k_scale, mode="drop"),
                     k_zero=self.k_zero.at[page, slot].set(k_zero, mode="drop"))
@@ -228,7 +231,8 @@ class PagedKV4:
     completed = (new_length % g == 0) & (new_length > self.length)  # [B]
     group_page, _ = self.physical(jnp.where(completed, new_length - g, self.max_len)[:, None])
     group_page = group_page[:, 0]
-    codes, scale, zero = quantize_asymmetric(recent, 4, axis=1)  # over the group's tokens
+    codes, scale, zero = quantize_asymmetric(recent, 4, axis=1,  # over the group's tokens
+                                             integer_zero=self.config.integer_zero)
     return dict(k=self.k.at[group_page].set(pack_int4(codes, axis=-1), mode="drop"),
                 k_scale=self.k_scale.at[group_page].set(scale[:, 0], mode="drop"),
                 k_zero=self.k_zero.at[group_page].set(zero[:, 0], mode="drop"), k_recent=recent)

@@ -14,6 +14,9 @@ class KVQuantConfig:
   k_mode: str = "channel"
   head_group: int | None = None  # channels per scale for per-token layouts; None = the whole head
   group_tokens: int = 32  # tokens per K scale group in "channel" mode
+  # False: the zero point is the float -min / scale, so the 16 levels span [min, max] exactly (KIVI);
+  # True: rounded to an integer (the grid shifts off min by up to half a step)
+  integer_zero: bool = False
 
   def __post_init__(self):
     if self.k_mode not in K_MODES:
