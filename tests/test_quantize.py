@@ -270,12 +270,30 @@ def test_rotation_with_w8a8_stays_close(model):
   assert rel_err(logits(q), logits(model)) < 0.02
 
 
+def _save_load_configs():
+  w4ax = qc.preset("w4ax-kv4")
+  asymmetric = w4ax.replace(
+      weights=qc.WeightQuantConfig(method="gptq", group_size=32, symmetric=False, scale_dtype="float16"),
+      activations=qc.ActivationQuantConfig(int8_fraction=0.25, rotate_int4="block"), embedding_bits=8)
+  return {"w4ax-kv4 hadamard": w4ax.replace(rotation="hadamard"), "w4a16": qc.preset("w4a16"),
+          "w4ax-kv4 asymmetric int8-embedding": asymmetric}
+
+
+def _safetensors_data_bytes(path) -> int:
+  """The tensor data of a safetensors file: its size less the 8-byte length and the JSON header."""
+  with open(path, "rb") as f:
+    header = int.from_bytes(f.read(8), "little")
+  return path.stat().st_size - 8 - header
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("preset_name", ["w4ax-kv4", "w4a16"])
-def test_save_load_is_bit_exact(model, windows, tmp_path, preset_name):
-  config = qc.preset(preset_name).replace(rotation="hadamard") if preset_name == "w4ax-kv4" else qc.preset(preset_name)
+@pytest.mark.parametrize("name", list(_save_load_configs()))
+def test_save_load_is_bit_exact(model, windows, tmp_path, name):
+  config = _save_load_configs()[name]
   q, _ = calibrate_and_quantize(model, config, windows, batch_size=4, progress=False)
   save_quantized(tmp_path / "q", q, config)
+  # every byte the report counts is on disk, and nothing else but the JSON metadata
+  assert _safetensors_data_bytes(tmp_path / "q" / "model.safetensors") == quantization_report(q)["total_bytes"]
   loaded = load_quantized(tmp_path / "q")
   assert loaded.quant_config == config
   assert loaded.config == q.config

@@ -54,3 +54,18 @@ def test_quantize_cli_errors(tmp_path):
                             "--out", str(tmp_path)])
   with pytest.raises(ValueError, match="A16"):
     args.func(args)
+
+
+def test_quantize_cli_format_flags_override_the_preset():
+  from cometjax.cli.quantize import config_from_args
+  args = _parser().parse_args(["quantize", "--model", "m", "--out", "o", "--preset", "w4ax-kv4",
+                               "--weight-zero-point", "asymmetric", "--scale-dtype", "bfloat16",
+                               "--rotate-int4", "block", "--embedding-bits", "8"])
+  config = config_from_args(args)
+  assert not config.weights.symmetric and config.weights.scale_dtype == "bfloat16"
+  assert config.activations.rotate_int4 == "block" and config.embedding_bits == 8
+  args = _parser().parse_args(["quantize", "--model", "m", "--out", "o", "--preset", "w4ax-kv4",
+                               "--weight-zero-point", "symmetric", "--rotate-int4", "none", "--embedding-bits",
+                               "float"])
+  config = config_from_args(args)
+  assert config.weights.symmetric and config.activations.rotate_int4 is False and config.embedding_bits is None

@@ -31,7 +31,9 @@ def add_command(sub) -> argparse.ArgumentParser:
                  help="document separator (default <|endoftext|>; '' = the file is one document)")
   e.add_argument("--per-document", action="store_true", help="window each document separately")
   e.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-  e.add_argument("--max-documents", type=int, default=None, help="only the first N documents")
+  e.add_argument("--skip-documents", type=int, default=0,
+                 help="skip the first N documents (e.g. the ones `quantize` calibrated on)")
+  e.add_argument("--max-documents", type=int, default=None, help="only the first N documents (after skipping)")
   add_kv_arg(e)
   e.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
   e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -51,7 +53,7 @@ def run(args) -> int:
   result = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"), window=args.window,
                       separator=args.separator or None, per_document=args.per_document,
                       batch_size=args.batch_size, max_documents=args.max_documents, kv=kv,
-                      progress=not args.json)
+                      progress=not args.json, skip_documents=args.skip_documents)
   print(f"perplexity {result.ppl:.4f} over {result.num_tokens} tokens "
         f"({result.num_windows} windows of {args.window}, {result.num_documents} documents)")
   if args.json:

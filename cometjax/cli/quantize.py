@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from cometjax.quant.config import PRESETS, ROTATIONS, WEIGHT_METHODS, preset
+from cometjax.quant.config import PRESETS, ROTATIONS, SCALE_DTYPES, WEIGHT_METHODS, preset
 
 
 def add_command(subparsers) -> argparse.ArgumentParser:
@@ -38,6 +38,13 @@ def add_command(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--block-size", type=int, default=None, help="FMPQ block size (default auto)")
   p.add_argument("--rotation", choices=[str(r) for r in ROTATIONS], default=None,
                  help="override the preset's rotation (None or hadamard)")
+  p.add_argument("--weight-zero-point", choices=("symmetric", "asymmetric"), default=None,
+                 help="INT4 weights symmetric, or asymmetric with a float zero point per group (default: preset's)")
+  p.add_argument("--scale-dtype", choices=SCALE_DTYPES, default=None, help="dtype of weight scales and zeros")
+  p.add_argument("--rotate-int4", choices=("none", "region", "block"), default=None,
+                 help="FMPQ: signed Hadamard rotation of the INT4 channels (default: the preset's)")
+  p.add_argument("--embedding-bits", choices=("float", "8"), default=None,
+                 help="8: store the token embedding (and an untied lm_head) INT8 per row")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
   p.set_defaults(func=run)
@@ -47,19 +54,25 @@ def add_command(subparsers) -> argparse.ArgumentParser:
 def config_from_args(args):
   config = preset(args.preset)
   weights, acts = config.weights, config.activations
+  symmetric = None if args.weight_zero_point is None else args.weight_zero_point == "symmetric"
   wchanges = {k: v for k, v in dict(method=args.weight_method, group_size=args.group_size,
-                                     clip_steps=args.clip_steps, gptq_damp=args.gptq_damp).items() if v is not None}
+                                     clip_steps=args.clip_steps, gptq_damp=args.gptq_damp, symmetric=symmetric,
+                                     scale_dtype=args.scale_dtype).items() if v is not None}
   if wchanges:
     weights = dataclasses.replace(weights, **wchanges)
-  achanges = {k: v for k, v in dict(int8_fraction=args.int8_fraction, block_size=args.block_size).items()
-              if v is not None}
+  rotate_int4 = None if args.rotate_int4 is None else (False if args.rotate_int4 == "none" else args.rotate_int4)
+  achanges = {k: v for k, v in dict(int8_fraction=args.int8_fraction, block_size=args.block_size,
+                                     rotate_int4=rotate_int4).items() if v is not None}
   if achanges:
     if acts is None:
-      raise ValueError(f"--int8-fraction/--block-size need an activation-quantized preset; {args.preset!r} is A16")
+      raise ValueError(f"--int8-fraction/--block-size/--rotate-int4 need an activation-quantized preset; "
+                       f"{args.preset!r} is A16")
     acts = dataclasses.replace(acts, **achanges)
   changes = dict(weights=weights, activations=acts)
   if args.rotation is not None:
     changes["rotation"] = None if args.rotation == "None" else args.rotation
+  if args.embedding_bits is not None:
+    changes["embedding_bits"] = None if args.embedding_bits == "float" else int(args.embedding_bits)
   return config.replace(**changes)
 
 
@@ -89,8 +102,10 @@ def run(args) -> int:
   tokenizer_source = args.tokenizer or _tokenizer_source(args.model, loaded.config.vocab_size)
   save_quantized(args.out, qmodel, config, tokenizer_source=tokenizer_source)
   report = quantization_report(qmodel)
-  print(f"saved {args.out}: {len(report['layers'])} quantized layers, {report['weight_bytes']} weight bytes "
-        f"({report['bytes_per_param']:.3f} bytes/param), INT4 block fraction "
+  print(f"saved {args.out}: {len(report['layers'])} quantized layers; {report['total_bytes']} bytes stored "
+        f"({report['bytes_per_param']:.3f} bytes/param over {report['params']} params): weights "
+        f"{report['weight_bytes']}, permutations {report['perm_bytes']}, rotations {report['rotation_bytes']}, "
+        f"embedding {report['embedding_bytes']}, other float {report['float_bytes']}; INT4 block fraction "
         f"{report['int4_block_fraction']}", file=sys.stderr if args.json else sys.stdout)
   if args.json:
     summary = {k: v for k, v in report.items() if k != "layers"}

@@ -84,6 +84,16 @@ def _int8_embeddings(pure: dict, scale_dtype: str) -> None:
                                      shape=tuple(kernel.shape))
 
 
+def with_int8_embeddings(model, scale_dtype: str = "float32"):
+  """A copy of a (quantized) model whose token embedding, and a float untied lm_head, are INT8 per row: what
+  `embedding_bits=8` does, for a model already quantized without it."""
+  graphdef, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state)
+  _int8_embeddings(pure, scale_dtype)
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
+
+
 def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
   """The quantized model: every linear kernel config.quantizes() replaced by a quantized leaf.
 

@@ -101,13 +101,15 @@ def perplexity_of_ids(model, streams: Sequence[Sequence[int]], *, window: int = 
 
 def perplexity(model, tokenizer, text: str, *, window: int = 512, separator: str | None = DEFAULT_SEPARATOR,
                per_document: bool = False, batch_size: int = 8, max_documents: int | None = None,
-               kv: KVQuantConfig | None = None, progress: bool = True) -> PerplexityResult:
+               kv: KVQuantConfig | None = None, progress: bool = True, skip_documents: int = 0) -> PerplexityResult:
   """Perplexity of `text` under the protocol in this module's docstring.
 
   With `kv` (an INT4 KV cache setting) each window runs through that cache, as prefill would: every
   query attends to the keys/values the cache returns (dequantized INT4).
   """
-  docs = split_documents(text, separator)
+  if skip_documents < 0:
+    raise ValueError(f"skip_documents must be >= 0, got {skip_documents}")
+  docs = split_documents(text, separator)[skip_documents:]  # e.g. past the calibration documents
   if max_documents is not None:
     docs = docs[:max_documents]
   if not docs:
