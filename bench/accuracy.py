@@ -276,18 +276,18 @@ def smollm2_rows():
   w4ax = qc.preset("w4ax")
   sweep = [(f"fmpq int8={f:g}", w4ax.replace(activations=dataclasses.replace(w4ax.activations, int8_fraction=f),
                                               name=f"w4ax int8<={f:g}"), None) for f in (0.0, 0.125, 0.25, 0.5)]
-  return [
+  return [  # headline rows first: a run stopped early still has them
       ("fp", None, None),
-      *[(f"kv4 {m}", None, qc.KVQuantConfig(k_mode=m)) for m in ("channel", "token", "hadamard")],
+      ("w4axkv4 (preset)", qc.preset("w4ax-kv4"), kv4),
+      ("w4a4kv4 rtn", qc.preset("w4a4-kv4"), kv4),
+      ("w4a16 gptq g128", qc.preset("w4a16").replace(weights=W(method="gptq", group_size=128)), None),
+      *sweep,
       ("w8a8", qc.preset("w8a8"), None),
+      ("w4a4 rtn", qc.preset("w4a4"), None),
+      ("w4a8", qc.preset("w4a8"), None),
       ("w4a16 rtn", qc.preset("w4a16").replace(weights=W(method="rtn")), None),
       ("w4a16 rtn g128", qc.preset("w4a16").replace(weights=W(method="rtn", group_size=128)), None),
-      ("w4a16 gptq g128", qc.preset("w4a16").replace(weights=W(method="gptq", group_size=128)), None),
-      ("w4a8", qc.preset("w4a8"), None),
-      ("w4a4 rtn", qc.preset("w4a4"), None),
-      ("w4a4kv4 rtn", qc.preset("w4a4-kv4"), kv4),
-      ("w4axkv4 (preset)", qc.preset("w4ax-kv4"), kv4),
-      *sweep,
+      *[(f"kv4 {m}", None, qc.KVQuantConfig(k_mode=m)) for m in ("channel", "token", "hadamard")],
   ]
 
 
@@ -344,7 +344,7 @@ def smollm2_row(label, config, kv, loaded, stats_cache, eval_ids, story_ids, bat
               int4_block_fraction=None if report is None else report["int4_block_fraction"],
               weight_bytes=None if report is None else report["weight_bytes"],
               bytes_per_param=None if report is None else report["bytes_per_param"], disk_bytes=disk,
-              calib_s=round(calib_s, 1), quantize_s=round(quant_s, 1),
+              calib_s=round(calib_s, 1), quantize_s=round(quant_s, 1), calib_windows=len(stats_cache.windows),
               config=None if config is None else config.to_dict())
 
 
@@ -395,7 +395,7 @@ def run_smollm2(args, meta) -> list[dict]:
            f"- KV4 rows: {qc.default_kv_config()} unless the row names another K mode."]
   rows = []
   for label, config, kv in wanted:
-    keep = next((r for r in saved if r["label"] == label and
+    keep = next((r for r in saved if r["label"] == label and r.get("calib_windows") == len(calib) and
                  r["config"] == (None if config is None else config.to_dict()) and r["kv"] == qc.kv_to_dict(kv)), None)
     if keep is None:
       fp = next(({"wiki": r["wiki_ppl"], "stories": r["stories_ppl"]} for r in rows + saved if r["label"] == "fp"),
@@ -433,7 +433,7 @@ def main(argv=None) -> list[dict]:
                       help="the SmolLM2-135M table instead (bench/results/accuracy_smollm2.{json,md}; resumes)")
   parser.add_argument("--rows", nargs="*", default=None, help="--smollm2: only these row labels")
   parser.add_argument("--fresh", action="store_true", help="--smollm2: recompute rows already in the JSON")
-  parser.add_argument("--calib-windows", type=int, default=64, help="--smollm2: calibration windows of 512")
+  parser.add_argument("--calib-windows", type=int, default=32, help="--smollm2: calibration windows of 512")
   parser.add_argument("--no-outliers", dest="outliers", action="store_false",
                       help="--smollm2: skip the outlier profile (bench/results/outliers_smollm2.{json,png})")
   parser.add_argument("--render", default=None, metavar="JSON",

@@ -36,7 +36,7 @@ def add_command(sub) -> argparse.ArgumentParser:
 def _prompt(args, model, tokenizer) -> tuple[list[int], tuple[int, ...] | None]:
   """(prompt ids, stop ids or None for the model's EOS) for --prompt / --chat."""
   if tokenizer is None and (args.prompt or args.chat):
-    raise SystemExit("error: --prompt text and --chat need a tokenizer (this model has none); leave --prompt "
+    raise SystemExit("error: --prompt text (and --chat) needs a tokenizer (this model has none); leave --prompt "
                      "empty to start from BOS, or pass --tokenizer")
   if args.chat:
     return tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]), tokenizer.end_of_turn_ids

@@ -30,8 +30,8 @@ def add_command(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--separator", default="<|endoftext|>", help="document separator in --calib-text")
   p.add_argument("--calib-documents", type=int, default=200, help="use the first N documents (default 200)")
   p.add_argument("--calib-window", type=int, default=512, help="tokens per calibration window (default 512)")
-  p.add_argument("--max-calib-windows", type=int, default=128,
-                 help="use at most N windows (default 128: 65k tokens of 512; 0 = all)")
+  p.add_argument("--max-calib-windows", type=int, default=64,
+                 help="use at most N windows (default 64: 32k tokens at 512; 0 = all)")
   p.add_argument("--batch-size", type=int, default=8, help="windows per calibration forward pass")
   p.add_argument("--weight-method", choices=WEIGHT_METHODS, default=None, help="override the preset's")
   p.add_argument("--group-size", type=int, default=None, help="weight scale group (default: per channel)")
