@@ -280,6 +280,9 @@ def smollm2_rows():
       ("fp", None, None),
       ("w4axkv4 (preset)", qc.preset("w4ax-kv4"), kv4),
       ("w4a4kv4 rtn", qc.preset("w4a4-kv4"), kv4),
+      # what the preset's loss is made of: its weights alone, and its activations + KV with 8-bit weights
+      ("w4a16 (preset)", qc.preset("w4a16"), None),
+      ("w8axkv4", qc.preset("w4ax-kv4").replace(weights=W(bits=8, method="rtn"), name="w8ax-kv4"), kv4),
       ("w4a16 gptq g128", qc.preset("w4a16").replace(weights=W(method="gptq", group_size=128)), None),
       *sweep,
       ("w8a8", qc.preset("w8a8"), None),

@@ -212,3 +212,20 @@ def test_cli_chat_and_max_windows_on_a_gguf(float_gguf, tmp_path, capsys):
                "--windowing", "disjoint", "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert (out["num_windows"], out["num_tokens"], out["windowing"]) == (2, 30, "disjoint")
+
+
+@pytest.mark.parametrize("post_processor_adds_bos", [False, True])
+def test_hf_directory_bos_rule_follows_its_post_processor(tmp_path, float_gguf, post_processor_adds_bos):
+  import json
+  from tokenizers import processors
+  from cometjax.checkpoint.tokenizers import HFTokenizer
+  backend = load(float_gguf[0]).tokenizer._tk
+  if post_processor_adds_bos:
+    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+  backend.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+  tokenizer = HFTokenizer(tmp_path)
+  assert tokenizer.add_bos is post_processor_adds_bos
+  assert tokenizer.encode(" the") == ([1] if post_processor_adds_bos else []) + [261]
+  assert tokenizer.encode(" the", bos=False) == [261]
