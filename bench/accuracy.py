@@ -324,6 +324,11 @@ def _disk_bytes(qmodel, config, tokenizer_source) -> int:
     shutil.rmtree(directory)
 
 
+def _float_params(model) -> int:
+  _, state = nnx.split(model)
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+
+
 def smollm2_row(label, config, kv, loaded, stats_cache, eval_ids, story_ids, batch_size, fp):
   from cometjax.data import data_path
   start = time.perf_counter()
@@ -332,13 +337,12 @@ def smollm2_row(label, config, kv, loaded, stats_cache, eval_ids, story_ids, bat
   start = time.perf_counter()
   model = loaded.model if config is None else quantize(loaded.model, config, stats, progress=False)
   quant_s = time.perf_counter() - start
+  report = quantization_report(model) if config is not None else None  # before the evaluations: fail early
+  disk = (4 * _float_params(model) if config is None else _disk_bytes(model, config, data_path(*SMOLLM2_GGUF)))
   nll, count, _ = perplexity_of_ids(model, [eval_ids], window=512, batch_size=batch_size, kv=kv, progress=False,
                                     windowing="disjoint", max_windows=SMOLLM2_EVAL_WINDOWS)
   snll, scount, _ = perplexity_of_ids(model, [story_ids], window=512, batch_size=batch_size, kv=kv, progress=False)
   wiki, stories = math.exp(nll / count), math.exp(snll / scount)
-  report = quantization_report(model) if config is not None else None
-  disk = (4 * report["float_params"] if config is None else
-          _disk_bytes(model, config, data_path(*SMOLLM2_GGUF)))
   fp = fp or dict(wiki=wiki, stories=stories)
   return dict(model="SmolLM2-135M", label=label, preset=None if config is None else config.name,
               calibration="none" if config is None else describe(config), kv=qc.kv_to_dict(kv),

@@ -102,10 +102,6 @@ class GGUFTokenizer(_ChatTemplated):
                            for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))}
     self.end_of_turn_ids = self._end_of_turn_ids()
 
-  @classmethod
-  def from_metadata(cls, meta: dict, source: str) -> "GGUFTokenizer":
-    return cls(meta, source)
-
   def _token_id(self, name: str, source: str) -> int | None:
     value = self.meta.get(f"tokenizer.ggml.{name}_token_id")
     if value is not None and not 0 <= int(value) < self.vocab_size:
