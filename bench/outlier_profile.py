@@ -83,12 +83,16 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
     mine = [r for r in rows if r["input"] == label]
     layers = [r["layer"] for r in mine]
     top.semilogy(layers, [r["max_over_median"] for r in mine], marker="o", ms=3, label=label)
-    bottom.plot(layers, [r["blocks_needed_8x"] for r in mine], marker="o", ms=3, label=label)
+    bottom.plot(layers, [r["outliers_8x"] for r in mine], marker="o", ms=3, label=label)
   top.set_ylabel("max / median channel |x|")
   top.set_title(title)
   top.legend(fontsize=8)
   top.grid(True, which="both", alpha=0.3)
-  bottom.set_ylabel(f"{BLOCK}-channel blocks for\nchannels > 8x median")
+  needed = max(r["blocks_needed_8x"] for r in rows)
+  touched = max(r["blocks_touched_8x"] for r in rows)
+  bottom.set_ylabel("channels > 8x median")
+  bottom.set_title(f"permuted, they fit in at most {needed} {BLOCK}-channel block(s) per input "
+                   f"(in the model's order they touch up to {touched})", fontsize=9)
   bottom.set_xlabel("layer")
   bottom.grid(True, alpha=0.3)
   fig.tight_layout()
