@@ -185,6 +185,11 @@ class Engine:
     return -(-(prompt_tokens + max_new_tokens) // self._page_size) if self._paged else 0
 
   @property
+  def max_request_tokens(self) -> int:
+    """The most prompt + new tokens one request may hold: max_len, or less when the page pool is smaller."""
+    return min(self.max_len, self._cache.num_pages * self._page_size) if self._paged else self.max_len
+
+  @property
   def num_pages(self) -> int | None:
     return self._cache.num_pages if self._paged else None
 
@@ -219,7 +224,8 @@ class Engine:
     counts = np.zeros(self.slots, np.int32)
     for i, r in enumerate(self._active):
       if r is not None:
-        temperature[i], top_k[i], top_p[i] = r.sampling.temperature, r.sampling.top_k, r.sampling.top_p
+        temperature[i], top_p[i] = r.sampling.temperature, r.sampling.top_p
+        top_k[i] = min(r.sampling.top_k, self.model.config.vocab_size)
         seeds[i], counts[i] = r.seed, len(r.generated)
     return tuple(jnp.asarray(a) for a in (temperature, top_k, top_p, seeds, counts))
 
