@@ -79,13 +79,22 @@ def build_engine(args):
 
 
 def serve(app, host: str, port: int, log_level: str = "warning") -> int:
-  """Runs uvicorn until SIGINT / SIGTERM; streams still open get 5 s to finish."""
+  """Runs uvicorn until SIGINT / SIGTERM (streams still open get 5 s to finish); 0 after a graceful stop."""
+  import signal
+
   import uvicorn
 
+  # uvicorn re-raises the signal it stopped on once it is done; with these handlers in place that ends
+  # the process with status 0 instead of the signal's default (death by SIGTERM, KeyboardInterrupt)
+  stopped_by = []
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda number, frame: stopped_by.append(number))
   config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                           timeout_graceful_shutdown=5)
   server = uvicorn.Server(config)
   server.run()
+  if stopped_by:
+    print(f"stopped on {signal.Signals(stopped_by[0]).name}", file=sys.stderr, flush=True)
   return 0 if server.started else 1
 
 

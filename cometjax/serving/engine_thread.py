@@ -15,7 +15,7 @@ import threading
 import traceback
 from typing import Callable, Sequence
 
-from cometjax.serving.engine import Engine
+from cometjax.serving.engine import TRACE_COUNTS, Engine
 from cometjax.serving.generate import SamplingConfig
 
 
@@ -41,6 +41,8 @@ class EngineStats:
   num_pages: int | None = None
   steps: int = 0
   generated_tokens: int = 0
+  cancelled: int = 0  # requests dropped before they finished (clients gone, stop strings)
+  compilations: int = 0  # engine steps traced so far in this process: constant once warmed up
 
 
 class EngineThread:
@@ -55,7 +57,8 @@ class EngineThread:
     self._by_request: dict[int, int] = {}  # engine request id -> ticket
     self._thread = threading.Thread(target=self._loop, name="cometjax-engine", daemon=True)
     self._stopping = threading.Event()
-    self.stats = EngineStats(free_pages=engine.free_pages, num_pages=engine.num_pages)
+    self.stats = EngineStats(free_pages=engine.free_pages, num_pages=engine.num_pages,
+                             compilations=sum(TRACE_COUNTS.values()))
     self.error: BaseException | None = None
 
   def start(self) -> "EngineThread":
@@ -87,6 +90,7 @@ class EngineThread:
     self._commands.put(("cancel", ticket))
 
   def _loop(self):
+    self._publish()  # the warm-up ran before the thread started
     try:
       while not self._stopping.is_set():
         self._drain(block=not self.engine.busy)
@@ -128,6 +132,8 @@ class EngineThread:
       if entry is not None:
         self.engine.cancel(entry[0])
         del self._by_request[entry[0]]
+        self._publish(cancelled=1)
+        return
     self._publish()
 
   def _step(self):
@@ -142,11 +148,13 @@ class EngineThread:
       deliver(event)
     self._publish(steps=1, tokens=len(events))
 
-  def _publish(self, steps: int = 0, tokens: int = 0):
+  def _publish(self, steps: int = 0, tokens: int = 0, cancelled: int = 0):
     e = self.engine
     self.stats = EngineStats(active=e.active_requests, waiting=e.waiting_requests, free_pages=e.free_pages,
                              num_pages=e.num_pages, steps=self.stats.steps + steps,
-                             generated_tokens=self.stats.generated_tokens + tokens)
+                             generated_tokens=self.stats.generated_tokens + tokens,
+                             cancelled=self.stats.cancelled + cancelled,
+                             compilations=sum(TRACE_COUNTS.values()))
 
   def _fail_all(self, error: BaseException):
     while True:  # submissions that never reached the engine
