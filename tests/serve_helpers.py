@@ -1,5 +1,5 @@
-"""Servers in subprocesses for the HTTP tests and the load bench's smoke test: a free loopback port, a
-process that is always stopped (SIGTERM, then SIGKILL), and a chat tokenizer over any tokenizer."""
+"""What the server tests share: servers in subprocesses on a free loopback port, always stopped (SIGTERM, then
+SIGKILL); a chat tokenizer over any tokenizer; the offline `generate` reference; a streaming client."""
 
 from __future__ import annotations
 
@@ -14,7 +14,12 @@ import time
 
 import httpx
 
+from cometjax.serving.generate import generate
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+NAME = "stories260K"
+PROMPTS = ["Once upon a time", "Lily saw a dog", "Tom and Sue went to the park", "The sun was hot",
+           "One day, a little bird", "Ben had a red ball", "The cat sat", "Mom said"]
 
 
 class ChatTokenizer:
@@ -117,3 +122,38 @@ class ServerProcess:
 
   def __exit__(self, *exc):
     self.stop()
+
+
+def offline(stories, prompt_ids, max_tokens, *, stop_ids=(), kv=None, model=None):
+  """(text, completion_tokens, finish_reason) that offline greedy `generate` gives, decoded as a whole."""
+  tok, model = stories.tokenizer, model or stories.model
+  ends = set(model.config.eos_token_ids) | {tok.eos_id} | set(stop_ids)
+  ids = generate(model, [prompt_ids], max_tokens, eos_ids=sorted(ends), kv=kv).tokens[0]
+  stopped = ids[-1] in ends
+  shown = ids[:-1] if stopped else ids
+  return tok.decode(prompt_ids + shown)[len(tok.decode(prompt_ids)):], len(ids), "stop" if stopped else "length"
+
+
+def stream_completion(client, prompt, max_tokens, **kwargs):
+  stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
+                                     stream_options={"include_usage": True}, **kwargs)
+  texts, reasons, usage, ids = [], [], None, set()
+  for chunk in stream:
+    ids.add(chunk.id)
+    if chunk.usage is not None:
+      usage = chunk.usage
+    for choice in chunk.choices:
+      texts.append(choice.text)
+      reasons.append(choice.finish_reason)
+  return "".join(texts), reasons, usage, ids
+
+
+def wait_idle(server, timeout: float = 30.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    health = server.health()
+    if health["active"] == 0 and health["waiting"] == 0:
+      assert health["free_pages"] == health["num_pages"]
+      return health
+    time.sleep(0.1)
+  raise AssertionError(f"requests still held after {timeout} s: {health}")

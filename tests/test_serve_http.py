@@ -4,38 +4,21 @@ that disconnects frees its slot (and pages), and every server stops gracefully o
 
 import concurrent.futures
 import json
-import time
 
 import httpx
 import openai
 import pytest
 
-from cometjax.core.kv_config import KVQuantConfig
-from cometjax.serving.generate import generate
 
-from conftest import require_data
-from serve_helpers import ChatTokenizer, ServerProcess
+from conftest import load_bench_script, require_data
+from serve_helpers import NAME, PROMPTS, ChatTokenizer, ServerProcess, offline, stream_completion, wait_idle
 
-pytestmark = [pytest.mark.realdata, pytest.mark.slow]  # each server compiles its steps: ~30 s to start
-NAME = "stories260K"
-PROMPTS = ["Once upon a time", "Lily saw a dog", "Tom and Sue went to the park", "The sun was hot",
-           "One day, a little bird", "Ben had a red ball", "The cat sat", "Mom said"]
-
-
+# One server per module and xdist worker (each worker that runs a test here starts its own)
+pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def stories():
   from cometjax.checkpoint import load
   return load(require_data("llama", "stories260K", "hf"))
-
-
-def offline(stories, prompt_ids, max_tokens, *, stop_ids=(), kv=None):
-  """(text, completion_tokens, finish_reason) that offline greedy `generate` gives, decoded as a whole."""
-  tok = stories.tokenizer
-  ends = set(stories.model.config.eos_token_ids) | {tok.eos_id} | set(stop_ids)
-  ids = generate(stories.model, [prompt_ids], max_tokens, eos_ids=sorted(ends), kv=kv).tokens[0]
-  stopped = ids[-1] in ends
-  shown = ids[:-1] if stopped else ids
-  return tok.decode(prompt_ids + shown)[len(tok.decode(prompt_ids)):], len(ids), "stop" if stopped else "length"
 
 
 @pytest.fixture(scope="module")
@@ -50,20 +33,6 @@ def server():
 @pytest.fixture(scope="module")
 def client(server):
   return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-def _stream_completion(client, prompt, max_tokens, **kwargs):
-  stream = client.completions.create(model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True,
-                                     stream_options={"include_usage": True}, **kwargs)
-  texts, reasons, usage, ids = [], [], None, set()
-  for chunk in stream:
-    ids.add(chunk.id)
-    if chunk.usage is not None:
-      usage = chunk.usage
-    for choice in chunk.choices:
-      texts.append(choice.text)
-      reasons.append(choice.finish_reason)
-  return "".join(texts), reasons, usage, ids
 
 
 def test_completion_equals_offline_generate(server, client, stories):
@@ -82,7 +51,7 @@ def test_completion_equals_offline_generate(server, client, stories):
 def test_eight_concurrent_streams_equal_offline_generate_without_recompiling(server, client, stories):
   compilations = server.health()["compilations"]
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    results = list(pool.map(lambda p: _stream_completion(client, p, 48), PROMPTS))
+    results = list(pool.map(lambda p: stream_completion(client, p, 48), PROMPTS))
   for prompt, (text, reasons, usage, ids) in zip(PROMPTS, results):
     prompt_ids = stories.tokenizer.encode(prompt)
     expected, count, reason = offline(stories, prompt_ids, 48)
@@ -121,7 +90,7 @@ def test_seeded_sampling_and_stop_strings(server, client, stories):
   assert stop in full
   response = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=40, temperature=0, stop=[stop, "zzz"])
   assert response.choices[0].text == full[:full.index(stop)] and response.choices[0].finish_reason == "stop"
-  streamed, reasons, _, _ = _stream_completion(client, PROMPTS[0], 40, stop=stop)
+  streamed, reasons, _, _ = stream_completion(client, PROMPTS[0], 40, stop=stop)
   assert streamed == full[:full.index(stop)] and reasons[-1] == "stop"
 
 
@@ -152,7 +121,7 @@ BAD_REQUESTS = [  # (endpoint, body: a dict or raw bytes, status, param or None)
 
 def test_bad_requests_get_4xx_json_while_others_finish(server, client, stories):
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    running = [pool.submit(_stream_completion, client, p, 100) for p in PROMPTS[:2]]
+    running = [pool.submit(stream_completion, client, p, 100) for p in PROMPTS[:2]]
     with httpx.Client(base_url=server.url, timeout=60) as http:
       for endpoint, body, status, param in BAD_REQUESTS:
         content = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -168,7 +137,7 @@ def test_bad_requests_get_4xx_json_while_others_finish(server, client, stories):
         assert next(lines).startswith("data: ")  # then the client goes away mid-stream
     for prompt, future in zip(PROMPTS[:2], running):
       assert future.result()[0] == offline(stories, stories.tokenizer.encode(prompt), 100)[0]
-  _wait_idle(server)
+  wait_idle(server)
 
 
 def test_disconnect_mid_request_frees_the_slot(server):
@@ -181,37 +150,20 @@ def test_disconnect_mid_request_frees_the_slot(server):
   with pytest.raises(httpx.ReadTimeout):  # a non-streaming request given up by its client
     httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "Once", "max_tokens": 400},
                timeout=0.5)
-  after = _wait_idle(server)
+  after = wait_idle(server)
   assert after["cancelled"] == before["cancelled"] + 2
   assert after["generated_tokens"] - before["generated_tokens"] < 2 * 400
 
 
-def _wait_idle(server, timeout: float = 30.0):
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    health = server.health()
-    if health["active"] == 0 and health["waiting"] == 0:
-      assert health["free_pages"] == health["num_pages"]
-      return health
-    time.sleep(0.1)
-  raise AssertionError(f"requests still held after {timeout} s: {health}")
-
-
-def test_cli_serves_a_paged_int4_cache_and_stops_gracefully_mid_stream(stories):
-  model = str(require_data("llama", "stories260K", "hf"))
-  with ServerProcess(["--model", model, "--model-name", NAME, "--kv", "channel", "--slots", "4", "--max-len", "128",
-                      "--num-pages", "12"]) as server:
-    health = server.health()
-    assert health["num_pages"] == 12 and health["free_pages"] == 12
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-    prompt = stories.tokenizer.encode(PROMPTS[2])
-    expected = offline(stories, prompt, 60, kv=KVQuantConfig(k_mode="channel"))[0]
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-      texts = list(pool.map(lambda _: _stream_completion(client, PROMPTS[2], 60)[0], range(4)))
-    assert texts == [expected] * 4
-    _wait_idle(server)
-    with httpx.Client(base_url=server.url, timeout=60) as http:
-      with http.stream("POST", "/v1/completions", json={"model": NAME, "prompt": "Once", "max_tokens": 100,
-                                                        "stream": True}) as r:
-        next(r.iter_lines())
-        assert server.stop() == 0, server.read_log()[-3000:]  # SIGTERM while a stream is open
+def test_load_bench_smoke_against_this_server(server, tmp_path):
+  bench = load_bench_script("serve_load")
+  out = tmp_path / "serve_load.json"
+  bench.main(["--smoke", "--url", server.url, "--model-name", NAME, "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report["smoke"] is True and report["device"] and report["commit"]
+  assert [p["clients"] for p in report["phases"]] == [1, 4]
+  for phase in report["phases"]:
+    assert phase["requests"] == 2 * phase["clients"] and 0 < phase["completion_tokens"] <= 16 * phase["requests"]
+    assert phase["tokens_per_s"] > 0 and 0 < phase["ttft_ms"]["p50"] <= phase["ttft_ms"]["p99"]
+    assert phase["itl_ms"]["p50"] > 0
+  assert report["throughput_ratio_max_clients_vs_1"] > 0  # its size is the bench's finding, not a test's
