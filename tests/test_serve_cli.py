@@ -38,6 +38,10 @@ def test_cli_serves_w4a4kv4_with_a_paged_int4_cache_and_stops_gracefully_mid_str
     assert texts == [expected] * 4
     wait_idle(server)
     with httpx.Client(base_url=server.url, timeout=60) as http:
+      with http.stream("POST", "/v1/completions", json={"model": NAME, "prompt": "Once", "max_tokens": 120,
+                                                        "temperature": 0, "stream": True}) as r:
+        next(r.iter_lines())  # then the client goes away: its pages come back
+      assert wait_idle(server)["cancelled"] == 1
       with http.stream("POST", "/v1/completions", json={"model": NAME, "prompt": "Once", "max_tokens": 100,
                                                         "stream": True}) as r:
         next(r.iter_lines())
