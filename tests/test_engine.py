@@ -104,6 +104,7 @@ def test_per_request_sampling_is_seeded_and_never_recompiles(model):
   assert mixed[2] == generate(model, [[1, 4]], 10, stop_at_eos=False).tokens[0]  # the engine default: greedy
 
 
+@pytest.mark.slow
 def test_cancel_frees_the_slot_and_pages_and_finish_reasons(model):
   kv = KVQuantConfig(k_mode="token")
   need = Engine(model, slots=1, max_len=32, chunk=8, kv=kv).pages_needed(3, 20)

@@ -125,5 +125,6 @@ def test_per_row_sampling_mixes_greedy_and_sampled_rows():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2, jnp.float32))
   keys = jax.random.split(jax.random.key(0), 200)
   temperature, top_k, top_p = jnp.array([0.0, 1.0]), jnp.array([0, 2], jnp.int32), jnp.array([1.0, 1.0])
-  drawn = np.array([sample_logits_rows(logits, jax.random.split(k, 2), temperature, top_k, top_p) for k in keys])
+  drawn = np.asarray(jax.vmap(lambda k: sample_logits_rows(logits, jax.random.split(k, 2), temperature, top_k,
+                                                            top_p))(keys))  # [200, 2]
   assert set(drawn[:, 0]) == {0} and set(drawn[:, 1]) == {0, 1}
