@@ -40,3 +40,32 @@ def write_json(path: pathlib.Path, payload: dict) -> pathlib.Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(payload, indent=1) + "\n")
   return path
+
+
+def use_kernels_where_supported(model, implementation: str) -> dict:
+  """Sets each quantized Linear of `model` to `implementation` ("pallas" / "interpret") where a kernel serves
+  its leaf and to "xla" elsewhere (A16 and 8-bit weights, untileable shapes), in place; returns the counts.
+
+  `set_matmul_implementation(model, "pallas")` would raise on the first layer no kernel serves: that is right
+  for a user who asked for kernels, but a benchmark wants every layer that can run one to run it.
+  """
+  from flax import nnx
+
+  from cometjax.core.formats import is_quantized_leaf
+  from cometjax.models.llama import Attention, Linear
+  from cometjax.ops import registry
+
+  counts = {implementation: 0, "xla": 0}
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, Attention):
+      node.implementation = implementation
+    if isinstance(node, Linear) and is_quantized_leaf(node.kernel.get_value()):
+      leaf = node.kernel.get_value()
+      inner = getattr(leaf, "inner", leaf)
+      try:
+        registry.select("linear", inner, implementation)
+        node.implementation = implementation
+      except ValueError:
+        node.implementation = "xla"
+      counts[node.implementation] += 1
+  return counts

@@ -29,7 +29,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, device_tag, run_metadata, write_json  # noqa: E402
+from bench.common import RESULTS, device_tag, run_metadata, use_kernels_where_supported, write_json  # noqa: E402
 from cometjax.serving.generate import generate  # noqa: E402
 from cometjax.core.kv_config import KVQuantConfig  # noqa: E402
 from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama, set_matmul_implementation  # noqa: E402
@@ -162,7 +162,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--lengths", nargs="+", default=["1024/512", "128/128"], help="in_len/out_len pairs")
   parser.add_argument("--no-transformers", action="store_true")
   parser.add_argument("--implementation", default="auto", choices=("auto", "xla", "pallas", "interpret"),
-                      help="backend of quantized matmuls and INT4-cache decode attention (auto: Pallas on GPU)")
+                      help="backend of quantized matmuls and INT4-cache decode attention (auto: validated kernels only; "
+                           "pallas / interpret: kernels on every layer one serves, XLA on the rest)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   if not args.smoke and jax.default_backend() == "cpu":
@@ -178,7 +179,11 @@ def main(argv=None) -> dict:
   for shape_name, config in shapes.items():
     base = random_model(config)
     for preset in presets:
-      model = set_matmul_implementation(apply_preset(base, preset, block_size), args.implementation)
+      model = apply_preset(base, preset, block_size)
+      if args.implementation in ("pallas", "interpret"):  # kernels on every layer one serves, XLA elsewhere
+        use_kernels_where_supported(model, args.implementation)
+      else:
+        set_matmul_implementation(model, args.implementation)
       for batch in batches:
         for in_len, out_len in lengths:
           case = dict(model_shape=shape_name, engine="cometjax", preset=preset.name, batch=batch, in_len=in_len,

@@ -11,9 +11,9 @@ Every op is timed against baselines in the same run:
                 w4ax_matmul_sm90_grid (plain grid instead of the persistent schedule), _ws and _grid_ws
                 (warp-specialized pipeline) rows with the same baselines
   quantize_act  vs xla_reference (the jnp twin, XLA-fused)
-  kv4_attention vs pallas_bf16_decode (jax.experimental.pallas.ops.gpu.decode_attention.gqa, bf16 cache)
-                and jax_dpa (jax.nn.dot_product_attention, bf16 cache)
-  kv4_attention_paged (one layer of a paged KV4 cache: channel-mode K in 32-token pages, scattered page table) vs the same
+  kv4_attention vs jax_dpa (jax.nn.dot_product_attention over a bf16 cache)
+  kv4_attention_paged (one layer of a paged KV4 cache: channel-mode K in 32-token pages, scattered page table)
+                vs the same
 GEMM shapes are one layer of Llama-2-7B, Llama-3-8B and Llama-3-70B (qkv, o, fused gate_up, down) at
 M in {1, 4, 16, 64, 256, 1024, 4096} and INT8-block fractions {0, 0.25, 1}; attention uses Llama-3-8B
 heads (32 q, 8 kv, head_dim 128) at context {1k, 8k, 32k} and batch {1, 8, 32}.
@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import pathlib
-import re
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -199,15 +197,6 @@ def bench_gemms(sweep: Sweep, interpret: bool, log, kernels=KERNELS, sm90_varian
   return rows
 
 
-def _jax_pallas_decode():
-  try:
-    from jax.experimental.pallas.ops.gpu import decode_attention
-    return decode_attention.gqa
-  except Exception as error:  # noqa: BLE001 - any import failure means "baseline unavailable"
-    print(f"pallas_bf16_decode baseline unavailable: {error!r}")
-    return None
-
-
 def random_paged_cache(key, batch: int, context: int, kv_heads: int, head_dim: int) -> PagedKV4:
   """One full layer of a paged INT4 cache (default channel mode, 32-token pages) over a shuffled page pool."""
   cache = KV4Cache.create(1, batch, context, kv_heads, head_dim, dtype=jnp.bfloat16,
@@ -227,7 +216,6 @@ def bench_attention(sweep: Sweep, interpret: bool, log, kernels=KERNELS) -> list
   rows = []
   model = sweep.attention_model
   hq, hkv, d = model.q_heads, model.kv_heads, model.head_dim
-  pallas_gqa = _jax_pallas_decode()
   key = jax.random.key(1)
   for context in sweep.contexts:
     for batch in sweep.batches:
@@ -263,16 +251,6 @@ def bench_attention(sweep: Sweep, interpret: bool, log, kernels=KERNELS) -> list
           q[:, None], k, v, key_value_seq_lengths=lengths)[:, 0])
       baselines["jax_dpa"] = time_ms(dpa, [(q, k, v, lengths) for q, (k, v) in zip(qs, bf16_caches)],
                                      sweep.warmup, sweep.iterations)
-      if pallas_gqa is not None:
-        block_k = min(128, context)
-        k_splits = max(1, min(16, context // max(block_k, 256)))
-        gqa = jax.jit(lambda q, k, v, lengths: pallas_gqa(q, k, v, kv_seq_len=lengths, block_k=block_k,
-                                                          k_splits=k_splits, interpret=interpret))
-        try:
-          baselines["pallas_bf16_decode"] = time_ms(
-              gqa, [(q, k, v, lengths) for q, (k, v) in zip(qs, bf16_caches)], sweep.warmup, sweep.iterations)
-        except Exception as error:  # noqa: BLE001 - report and go on without this baseline
-          print(f"pallas_bf16_decode failed at {shape}: {error!r}")
       for op, kv4 in timings.items():
         for baseline, timing in baselines.items():
           rows.append(dict(op=op, shape=shape, m=batch, context=context, int8_fraction=None, **kv4,

@@ -1,10 +1,32 @@
-"""Shared inputs for the GEMM kernel tests."""
+"""Shared pieces of the kernel tests: the two execution modes, GEMM inputs, lowering for CUDA.
 
+Every kernel test body runs once interpreted (CPU) and once compiled (`MODES`): the compiled run needs a GPU
+and is skipped elsewhere, with the reason; on a GPU both run, as in jax's own Pallas tests. Compiled kernels
+have tiling minimums the interpreter lacks, so a body picks shapes and tiles per mode where it must.
+"""
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cometjax.core.formats import QuantizedActivation, QuantizedWeight
 from cometjax.core.numerics import pack_int4
+from cometjax.ops import registry
+
+ON_GPU = jax.default_backend() == "gpu"
+MODES = [pytest.param("interpret", id="interpret"),
+         pytest.param("compiled", id="compiled", marks=pytest.mark.skipif(
+             not ON_GPU, reason="compiled Pallas kernels need a GPU; the interpreted run checks the same body"))]
+SM90_MODES = [pytest.param("interpret", id="interpret"),
+              pytest.param("compiled", id="compiled", marks=pytest.mark.skipif(
+                  not registry.is_hopper(), reason="the sm90 kernel compiles for Hopper GPUs (compute capability 9.x)"))]
+
+
+def interpreted(mode: str) -> bool:
+  if mode not in ("interpret", "compiled"):
+    raise ValueError(f"mode must be 'interpret' or 'compiled', got {mode!r}")
+  return mode == "interpret"
 
 
 def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = False):
@@ -24,3 +46,17 @@ def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = F
   qw = QuantizedWeight(data=pack_int4(jnp.asarray(w_int, jnp.int8), axis=0), scales=jnp.ones((1, n)),
                        perm=None, bits=4, group_size=None, shape=(k, n), activation=fmt)
   return qx, qw, np.concatenate([x_int8, x_int4], axis=1) @ w_int
+
+
+def lowered_for_cuda(fn, *args) -> str:
+  """The module text of jit(fn) exported for CUDA with no GPU present: Pallas lowers its kernels (Triton IR,
+  Mosaic GPU MLIR) for an abstract H200, which jax >= 0.11 needs named (it dropped the assume-sm90 fallback)."""
+  import jax
+  from jax import export
+  from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
+
+  mesh = AbstractMesh((1,), ("gpu",), abstract_device=AbstractDevice("NVIDIA H200", 1, "cuda"))
+  with use_abstract_mesh(mesh):
+    exported = export.export(jax.jit(fn), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+  return exported.mlir_module()

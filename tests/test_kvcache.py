@@ -174,3 +174,15 @@ def test_kv4_on_stories260k():
   tokens = generate(loaded.model, [[1]], 32, stop_at_eos=False, kv=KVQuantConfig()).tokens[0]
   assert tokens[:20] == [403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396,
                          267, 337]
+
+
+def test_no_pool_array_of_the_largest_e2e_case_passes_2_to_the_31_bytes():
+  """bench/e2e.py's largest case, Llama-2-7B at batch 256 with 128 + 128 tokens (a 256-token cache bucket), in
+  one [layers, pages, ...] array would be exactly 2**32 bytes of K codes; Pallas-Triton indexes arrays under
+  2**32 bytes with 32-bit offsets, so offsets past 2**31 would wrap. One pool per layer keeps each far below."""
+  cache = jax.eval_shape(lambda: KV4Cache.create(32, 256, 256, 32, 128, dtype=jnp.bfloat16, config=KVQuantConfig()))
+  arrays = jax.tree.leaves(cache)
+  largest = max(a.size * a.dtype.itemsize for a in arrays)
+  assert largest < 2**31 // 8, largest  # 2**27 bytes: the K (or V) codes of one layer
+  assert sum(a.size * a.dtype.itemsize for a in cache.layers[0].__dict__.values() if hasattr(a, "dtype")) < 2**31
+  assert 32 * largest == 2**32  # what a single [layers, ...] K pool would have held

@@ -22,6 +22,7 @@ from cometjax.models.llama import TINY_CONFIG, grouped_query_attention, init_lla
 from cometjax.pallas.paged_kv4_attention import kernel_supported, paged_kv4_attention, paged_kv4_attention_reference
 from cometjax.serving.generate import generate
 from cometjax.serving.kvcache import KV4Cache
+from kernel_cases import MODES, interpreted, lowered_for_cuda
 
 
 def random_cache(mode, lengths, *, max_len=32, page=8, kv_heads=2, head_dim=16, head_group=None,
@@ -67,27 +68,33 @@ def test_reference_equals_attention_over_read_keys(mode):
   np.testing.assert_allclose(paged_kv4_attention_reference(q, cache), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("execution", MODES)
 @pytest.mark.parametrize("mode,head_dim,group_heads,head_group,max_len,tuning", [
     ("token", 64, 4, 32, 40, dict(pages_per_block=2, num_splits=2)),  # 5 pages: a ragged last split
     ("hadamard", 16, 1, None, 32, dict(pages_per_block=1, num_splits=3)),
     ("channel", 8, 4, None, 32, dict(pages_per_block=2, num_splits=2)),
     ("channel", 64, 1, 16, 40, dict()),  # V in head groups of 16; default tuning (one split of 5 pages)
+    ("channel", 64, 4, None, 64, dict(num_splits=2)),
+    ("hadamard", 64, 2, 32, 64, dict(num_splits=2)),
 ])
-def test_kernel_matches_reference(mode, head_dim, group_heads, head_group, max_len, tuning):
+def test_kernel_matches_reference(mode, head_dim, group_heads, head_group, max_len, tuning, execution):
   lengths = LENGTHS + ((40, 33) if max_len == 40 else ())
   cache = random_cache(mode, lengths, max_len=max_len, head_dim=head_dim, head_group=head_group, seed=head_dim)
+  if not interpreted(execution) and not kernel_supported(cache):
+    pytest.skip("the compiled kernel needs power-of-two page and head sizes and head groups of >= 32 channels")
   q = random_q(cache, group_heads)
-  got = paged_kv4_attention(q, cache, interpret=True, **tuning)
+  got = paged_kv4_attention(q, cache, interpret=interpreted(execution), **tuning)
   assert not np.any(np.isnan(got)), "an unwritten partial (interpret mode poisons outputs with NaN)"
   np.testing.assert_allclose(got, paged_kv4_attention_reference(q, cache), rtol=2e-5, atol=2e-5)
   np.testing.assert_array_equal(got[0], 0.0)  # length 0: no key, zeros
 
 
-def test_explicit_lengths_and_bf16():
-  cache = random_cache("channel", (32, 32, 32), head_dim=16)
+@pytest.mark.parametrize("execution", MODES)
+def test_explicit_lengths_and_bf16(execution):
+  cache = random_cache("channel", (32, 32, 32), head_dim=16 if interpreted(execution) else 64)
   lengths = jnp.array([3, 16, 29], jnp.int32)  # the open group follows lengths, not cache.length
   q = random_q(cache, 2, dtype=jnp.bfloat16)
-  got = paged_kv4_attention(q, cache, lengths, interpret=True, num_splits=2)
+  got = paged_kv4_attention(q, cache, lengths, interpret=interpreted(execution), num_splits=2)
   assert got.dtype == jnp.bfloat16
   want = paged_kv4_attention_reference(q, cache, lengths)
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=3e-2, atol=3e-2)
@@ -156,16 +163,11 @@ def test_errors():
 def test_lowers_to_triton(mode):
   """Exporting for CUDA runs the Pallas -> Triton lowering (no GPU needed); Triton's own compile and the
   numbers on a GPU are not checked here."""
-  from jax import export
-
   spec = jax.ShapeDtypeStruct
   cache = jax.eval_shape(lambda: KV4Cache.create(2, 4, 256, 2, 128, dtype=jnp.bfloat16, num_pages=40,
                                                  config=KVQuantConfig(k_mode=mode, group_tokens=32)).paged_layer(1))
-  exported = export.export(
-      jax.jit(lambda q, cache: paged_kv4_attention(q, cache)), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-          spec((4, 8, 128), jnp.bfloat16), cache)
-  assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 1
+  module = lowered_for_cuda(lambda q, cache: paged_kv4_attention(q, cache), spec((4, 8, 128), jnp.bfloat16), cache)
+  assert module.count("__gpu$xla.gpu.triton") == 1
 
 
 @pytest.mark.slow

@@ -20,7 +20,7 @@ from cometjax.pallas.kv4_attention import kv4_attention, kv4_attention_reference
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference
 from cometjax.pallas.w4ax_matmul import w4ax_matmul, w4ax_matmul_reference
 
-from kernel_cases import integer_gemm_case
+from kernel_cases import MODES, integer_gemm_case, interpreted, lowered_for_cuda
 
 FUZZ = settings(max_examples=5, deadline=None)
 
@@ -49,23 +49,26 @@ def test_interpret_mode_poisons_outputs():
 # quantize_act
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_int8_blocks,dtype", [(0, np.float32), (1, np.float32), (3, np.float32),
                                                    (1, jnp.bfloat16)])
-def test_quantize_act_matches_reference(num_int8_blocks, dtype):
+def test_quantize_act_matches_reference(num_int8_blocks, dtype, mode):
   fmt = ActivationFormat(block_size=32, num_int8_blocks=num_int8_blocks, num_blocks=3)
   x = jnp.asarray(_normal(0, (5, 96)) * np.linspace(0.1, 20, 96, dtype=np.float32)).astype(dtype)
   perm = jnp.asarray(np.random.default_rng(1).permutation(96).astype(np.int32))
-  got = quantize_act(x, perm, fmt=fmt, block_m=4, block_pairs=8, interpret=True)
+  tiles = dict(block_m=4, block_pairs=8) if interpreted(mode) else {}
+  got = quantize_act(x, perm, fmt=fmt, interpret=interpreted(mode), **tiles)
   _assert_same_activation(got, quantize_act_reference(x, perm, fmt))
   np.testing.assert_allclose(got.dequantize(), np.asarray(x, np.float32)[:, np.asarray(perm)],
                              atol=float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / 7)
 
 
-def test_quantize_act_identity_permutation_and_zero_rows():
+@pytest.mark.parametrize("mode", MODES)
+def test_quantize_act_identity_permutation_and_zero_rows(mode):
   fmt = ActivationFormat(16, 1, 2)
   x = np.zeros((3, 32), np.float32)
   x[1] = _normal(2, (32,))
-  got = quantize_act(jnp.asarray(x), None, fmt=fmt, interpret=True)
+  got = quantize_act(jnp.asarray(x), None, fmt=fmt, interpret=interpreted(mode))
   _assert_same_activation(got, quantize_act_reference(jnp.asarray(x), None, fmt))
   assert float(got.int8_scale[0]) == 1.0 and np.all(np.asarray(got.int4_part[0]) == 0)
 
@@ -93,39 +96,47 @@ def _problem(m, k, n, block_size, num_int8_blocks, group_size, seed=0, dtype=np.
   return x, qw, quantize_act_reference(x, perm, fmt)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_int8_blocks,group_size", [  # 0: W4A4, 4: W4A8
     (0, None), (1, None), (4, None), (1, 32), (0, 64), (4, 64)])
-def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size):
-  _, qw, qx = _problem(m=5, k=128, n=64, block_size=32, num_int8_blocks=num_int8_blocks,
-                       group_size=group_size)
-  got = w4ax_matmul(qx, qw, block_m=4, block_n=32, block_k=16, interpret=True)
+def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size, mode):
+  # compiled: scale segments of >= 64 channels (the interpreter takes 32-channel blocks and tiny tiles)
+  block = 32 if interpreted(mode) else 64
+  group = group_size if interpreted(mode) or group_size is None else 2 * group_size
+  _, qw, qx = _problem(m=5, k=4 * block, n=64, block_size=block, num_int8_blocks=num_int8_blocks, group_size=group)
+  tiles = dict(block_m=4, block_n=32, block_k=16) if interpreted(mode) else {}
+  got = w4ax_matmul(qx, qw, interpret=interpreted(mode), **tiles)
   want = w4ax_matmul_reference(qx, qw)
   assert got.shape == (5, 64) and not np.any(np.isnan(got))
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
 
 
-def test_w4ax_matmul_integer_accumulation_is_exact():
-  m, k, n = 3, 64, 32
-  fmt = ActivationFormat(16, 2, 4)
+@pytest.mark.parametrize("mode", MODES)
+def test_w4ax_matmul_integer_accumulation_is_exact(mode):
+  m, k, n = (3, 64, 32) if interpreted(mode) else (3, 256, 64)
+  fmt = ActivationFormat(k // 4, 2, 4)
   qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=7)
-  got = w4ax_matmul(qx, qw, block_m=2, block_n=16, block_k=16, interpret=True)
+  tiles = dict(block_m=2, block_n=16, block_k=16) if interpreted(mode) else {}
+  got = w4ax_matmul(qx, qw, interpret=interpreted(mode), **tiles)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
   np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw)).astype(np.int64), exact)
 
 
-def test_w4ax_matmul_bf16_output_and_linear_dispatch():
-  x, qw, qx = _problem(m=6, k=64, n=32, block_size=16, num_int8_blocks=1, group_size=None,
+@pytest.mark.parametrize("mode", MODES)
+def test_w4ax_matmul_bf16_output_and_linear_dispatch(mode):
+  block = 16 if interpreted(mode) else 64
+  x, qw, qx = _problem(m=6, k=4 * block, n=32, block_size=block, num_int8_blocks=1, group_size=None,
                        dtype=jnp.bfloat16)
-  got = w4ax_matmul(qx, qw, out_dtype=jnp.bfloat16, interpret=True)
+  got = w4ax_matmul(qx, qw, out_dtype=jnp.bfloat16, interpret=interpreted(mode))
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32),
                              np.asarray(w4ax_matmul_reference(qx, qw, out_dtype=jnp.bfloat16), np.float32),
                              rtol=1e-2, atol=1e-2)
-  x3 = x.reshape(2, 3, 64)
+  x3 = x.reshape(2, 3, 4 * block)
   y_xla = ops.linear(x3, qw, implementation="xla")
-  y_interpret = ops.linear(x3, qw, implementation="interpret")
-  assert y_interpret.shape == (2, 3, 32) and y_interpret.dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(y_interpret, np.float32), np.asarray(y_xla, np.float32))
+  y_kernel = ops.linear(x3, qw, implementation="interpret" if interpreted(mode) else "pallas")
+  assert y_kernel.shape == (2, 3, 32) and y_kernel.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y_kernel, np.float32), np.asarray(y_xla, np.float32))
 
 
 @pytest.mark.slow
@@ -174,23 +185,28 @@ def _cache(batch, seq, kv_heads, head_dim, group, seed=0):
   return quantize_kv(jnp.asarray(k), jnp.asarray(v), group)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("group,dtype,tolerance", [(None, np.float32, 2e-5), (16, np.float32, 2e-5),
                                                    (None, jnp.bfloat16, 3e-2)])
-def test_kv4_decode_matches_reference(group, dtype, tolerance):
+def test_kv4_decode_matches_reference(group, dtype, tolerance, mode):
+  if not interpreted(mode) and group is not None:
+    pytest.skip("the compiled kernel needs head_dim groups of >= 32 channels")
   kv = _cache(batch=3, seq=64, kv_heads=2, head_dim=32, group=group)
   q = jnp.asarray(_normal(9, (3, 6, 32))).astype(dtype)
   lengths = jnp.array([1, 37, 64], jnp.int32)
-  got = kv4_decode_attention(q, kv, lengths, block_k=16, k_splits=2, interpret=True)
+  got = kv4_decode_attention(q, kv, lengths, block_k=16, k_splits=2, interpret=interpreted(mode))
   want = kv4_attention_reference(q[:, None], kv, lengths)[:, 0]
   assert got.shape == (3, 6, 32) and got.dtype == q.dtype and not np.any(np.isnan(np.asarray(got, np.float32)))
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                              rtol=tolerance, atol=tolerance)
 
 
-def test_kv4_decode_empty_row_gives_zeros():
+@pytest.mark.parametrize("mode", MODES)
+def test_kv4_decode_empty_row_gives_zeros(mode):
   kv = _cache(batch=2, seq=32, kv_heads=1, head_dim=32, group=None)
   q = jnp.asarray(_normal(3, (2, 2, 32)))
-  got = kv4_decode_attention(q, kv, jnp.array([0, 32], jnp.int32), block_k=16, k_splits=2, interpret=True)
+  got = kv4_decode_attention(q, kv, jnp.array([0, 32], jnp.int32), block_k=16, k_splits=2,
+                             interpret=interpreted(mode))
   np.testing.assert_array_equal(got[0], 0.0)
   np.testing.assert_array_equal(kv4_attention_reference(q[:, None], kv, jnp.array([0, 32]))[0], 0.0)
 
@@ -209,19 +225,22 @@ def test_kv4_attention_fuzz(batch, seq_tiles, kv_heads, group_heads, num_queries
   np.testing.assert_allclose(got, kv4_attention_reference(q, kv, lengths), rtol=2e-5, atol=2e-5)
 
 
-def test_attention_kv4_dispatch_decode_and_prefill():
+@pytest.mark.parametrize("mode", MODES)
+def test_attention_kv4_dispatch_decode_and_prefill(mode):
+  kernel = "interpret" if interpreted(mode) else "pallas"
   kv = _cache(batch=2, seq=32, kv_heads=2, head_dim=32, group=None)
   lengths = jnp.array([5, 32], jnp.int32)
   q1 = jnp.asarray(_normal(4, (2, 1, 4, 32)))
-  np.testing.assert_allclose(ops.attention_kv4(q1, kv, lengths, implementation="interpret"),
+  np.testing.assert_allclose(ops.attention_kv4(q1, kv, lengths, implementation=kernel),
                              ops.attention_kv4(q1, kv, lengths, implementation="xla"), rtol=2e-5, atol=2e-5)
   # Prefill (causal, several row blocks and k splits); its last query equals a decode step.
   q5 = jnp.asarray(_normal(6, (2, 5, 4, 32)))
-  prefill = kv4_attention(q5, kv, lengths, block_h=4, block_k=16, k_splits=2, interpret=True)
+  tiles = dict(block_h=4, block_k=16, k_splits=2) if interpreted(mode) else dict(block_k=16, k_splits=2)
+  prefill = kv4_attention(q5, kv, lengths, interpret=interpreted(mode), **tiles)
   assert not np.any(np.isnan(prefill))
   want = ops.attention_kv4(q5, kv, lengths, implementation="xla")
   np.testing.assert_allclose(prefill, want, rtol=2e-5, atol=2e-5)
-  decode = ops.attention_kv4(q5[:, -1:], kv, lengths, implementation="interpret")
+  decode = ops.attention_kv4(q5[:, -1:], kv, lengths, implementation=kernel)
   np.testing.assert_allclose(prefill[:, -1:], decode, rtol=2e-5, atol=2e-5)
 
 
@@ -249,12 +268,7 @@ def test_kv4_attention_errors():
 
 
 def _triton_calls_when_lowered_for_cuda(fn, *args) -> int:
-  from jax import export
-
-  exported = export.export(
-      jax.jit(fn), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-  return exported.mlir_module().count("__gpu$xla.gpu.triton")
+  return lowered_for_cuda(fn, *args).count("__gpu$xla.gpu.triton")
 
 
 @pytest.mark.parametrize("group_size", [None, 128])

@@ -219,3 +219,25 @@ def test_quantize_kv_round_trip_and_errors():
     quantize_kv(k, v, 12)
   with pytest.raises(ValueError, match="share one"):
     quantize_kv(k, v[:, :4])
+
+
+@pytest.mark.parametrize("bits,fmt", [(4, ActivationFormat(16, 1, 4)), (8, ActivationFormat(16, 4, 4)), (4, None)])
+def test_k_major_layout_holds_the_same_weight(bits, fmt):
+  w = np.random.default_rng(8).normal(size=(64, 24)).astype(np.float32)
+  qw = quantize_weight(w, bits, activation=fmt, perm=np.random.default_rng(9).permutation(64))
+  nk = qw.with_layout("nk")
+  assert nk.layout == "nk" and nk.data.shape == qw.data.shape[::-1] and nk.with_layout("kn").layout == "kn"
+  nk.check_arrays()
+  np.testing.assert_array_equal(nk.int_values(), qw.int_values())
+  np.testing.assert_array_equal(dequantize_weight(nk, original_order=True), dequantize_weight(qw, original_order=True))
+  x = np.random.default_rng(10).normal(size=(3, 64)).astype(np.float32)
+  np.testing.assert_array_equal(ops.linear(x, nk, implementation="xla"), ops.linear(x, qw, implementation="xla"))
+  if bits == 4 and fmt is not None:  # the Triton path reads [K // 2, N]: ops hands it that
+    np.testing.assert_allclose(ops.linear(x, nk, implementation="interpret"), ops.linear(x, qw, implementation="xla"),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="layout must be one of"):
+    qw.with_layout("mk")
+  bad = QuantizedWeight(qw.data, qw.scales, qw.perm, bits=bits, group_size=None, shape=qw.shape, activation=fmt,
+                        layout="nk")
+  with pytest.raises(ValueError, match="layout='nk'"):
+    bad.check_arrays()  # kn bytes labelled nk

@@ -93,6 +93,11 @@ def test_specs_split_quantized_leaves_along_the_right_axis():
   down = next(k for k in specs if "down_proj" in k and "data" in k)
   perm = next(k for k in specs if "up_proj" in k and "perm" in k)
   assert specs[up] == P(None, "tp") and specs[down] == P("tp", None) and specs[perm] == P()
+  from cometjax.quant.transform import with_weight_layout
+  from cometjax.serving.sharding import _specs
+  k_major = nnx.state(with_weight_layout(quantized, "nk"))  # data [N, K // 2]: the split axes swap
+  leaves = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(_specs(k_major, 8, "tp"))}
+  assert leaves[up] == P("tp", None) and leaves[down] == P(None, "tp") and leaves[perm] == P()
   tokens = np.random.default_rng(1).integers(0, 64, (2, 6))
   single = shard_model(quantized, make_mesh(1))  # one device: placement only, same numbers
   np.testing.assert_array_equal(np.asarray(single(tokens)[0]), np.asarray(quantized(tokens)[0]))

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import export
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from cometjax import ops
@@ -26,7 +25,7 @@ from cometjax.pallas import w4ax_matmul_sm90 as sm90
 from cometjax.pallas.quantize_act import quantize_act_reference
 from cometjax.pallas.w4ax_matmul import w4ax_matmul_reference
 
-from kernel_cases import integer_gemm_case
+from kernel_cases import SM90_MODES, integer_gemm_case, interpreted, lowered_for_cuda
 
 on_hopper = pytest.mark.skipif(not registry.is_hopper(), reason="needs a Hopper GPU (compute capability 9.x)")
 
@@ -67,9 +66,10 @@ def test_interpreter_poisons_unwritten_outputs():
     (100, 64, 2, None, "persistent"),  # M padded to 128
     (64, 128, 1, 64, "grid"),  # group-wise weight scales: one pipeline per 64-channel segment
 ])
-def test_matches_reference(m, block_size, num_int8_blocks, group_size, schedule):
+@pytest.mark.parametrize("mode", SM90_MODES)
+def test_matches_reference(m, block_size, num_int8_blocks, group_size, schedule, mode):
   qw, qx = _problem(m, 256, 128, block_size, num_int8_blocks, group_size)
-  got = sm90.w4ax_matmul_sm90(qx, qw, block_n=64, schedule=schedule, num_programs=3, interpret=True)
+  got = sm90.w4ax_matmul_sm90(qx, qw, block_n=64, schedule=schedule, num_programs=3, interpret=interpreted(mode))
   _assert_close(got, w4ax_matmul_reference(qx, qw))
 
 
@@ -77,24 +77,28 @@ def test_matches_reference(m, block_size, num_int8_blocks, group_size, schedule)
     (64, 128, 0),  # W4A4: one pipeline per tile (the interpreter's limit, see the ValueError)
     (64, 64, 4),  # W4A8
 ])
-def test_warp_specialized_matches_reference(m, block_size, num_int8_blocks):
+@pytest.mark.parametrize("mode", SM90_MODES)
+def test_warp_specialized_matches_reference(m, block_size, num_int8_blocks, mode):
   qw, qx = _problem(m, 256, 128, block_size, num_int8_blocks)
-  got = sm90.w4ax_matmul_sm90(qx, qw, block_n=64, schedule="grid", warp_specialized=True, interpret=True)
+  got = sm90.w4ax_matmul_sm90(qx, qw, block_n=64, schedule="grid", warp_specialized=True,
+                              interpret=interpreted(mode))
   _assert_close(got, w4ax_matmul_reference(qx, qw))
 
 
-def test_integer_accumulation_is_exact():
+@pytest.mark.parametrize("mode", SM90_MODES)
+def test_integer_accumulation_is_exact(mode):
   m, k, n = 64, 256, 64
   fmt = ActivationFormat(64, 2, 4)
   qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=3, extremes=True)
-  got = sm90.w4ax_matmul_sm90(qx, qw, block_k=64, interpret=True)
+  got = sm90.w4ax_matmul_sm90(qx, qw, block_k=64, interpret=interpreted(mode))
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
   np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw)).astype(np.int64), exact)
 
 
-def test_bf16_output():
+@pytest.mark.parametrize("mode", SM90_MODES)
+def test_bf16_output(mode):
   qw, qx = _problem(64, 128, 128, 64, 1, dtype=jnp.bfloat16)
-  got = sm90.w4ax_matmul_sm90(qx, qw, out_dtype=jnp.bfloat16, interpret=True)
+  got = sm90.w4ax_matmul_sm90(qx, qw, out_dtype=jnp.bfloat16, interpret=interpreted(mode))
   want = w4ax_matmul_reference(qx, qw, out_dtype=jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=1e-2, atol=1e-2)
@@ -171,8 +175,7 @@ def test_support_predicates():
 
 
 def _mosaic_calls_when_lowered_for_cuda(fn, *args) -> int:
-  exported = export.export(jax.jit(fn), platforms=["cuda"])(*args)
-  return exported.mlir_module().count("mosaic_gpu")
+  return lowered_for_cuda(fn, *args).count("mosaic_gpu")
 
 
 def _abstract(m, k, n, block_size, num_int8_blocks, group_size=None):
@@ -208,11 +211,7 @@ def test_linear_dispatches_to_sm90_where_the_validation_table_prefers_it(monkeyp
   monkeypatch.setattr(registry, "preferred_kernel", lambda kernel, kind=None: "w4ax_matmul_sm90")
   _, qw = _abstract(3, 256, 128, 128, 1)
   spec = jax.ShapeDtypeStruct
-  exported = export.export(
-      jax.jit(lambda x, qw: ops.linear(x, qw, implementation="pallas")), platforms=["cuda"],
-      disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-          spec((3, 256), jnp.bfloat16), qw)
-  module = exported.mlir_module()
+  module = lowered_for_cuda(lambda x, qw: ops.linear(x, qw, implementation="pallas"), spec((3, 256), jnp.bfloat16), qw)
   assert "mosaic_gpu" in module  # the GEMM
   assert module.count("__gpu$xla.gpu.triton") == 1  # quantize_act only
 
@@ -250,3 +249,18 @@ def test_compiled_integer_accumulation_is_exact_on_gpu():
     for warp_specialized in (False, True):
       got = sm90.w4ax_matmul_sm90(qx, qw, schedule=schedule, warp_specialized=warp_specialized)
       np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
+
+
+def test_a_k_major_weight_needs_no_transpose_on_hopper():
+  """The hardware variant reads the weight [N, K // 2]: stored so ("nk"), it goes in untouched; a "kn" weight is
+  transposed per call. The interpreter reads [K // 2, N] and takes either layout to the same numbers."""
+  qx, qw = _abstract(64, 256, 128, 128, 1)
+  nk = QuantizedWeight(jax.ShapeDtypeStruct((128, 128), jnp.uint8), qw.scales, qw.perm, bits=4, group_size=None,
+                       shape=qw.shape, activation=qw.activation, layout="nk")
+  module_nk = lowered_for_cuda(lambda qx, qw: sm90.w4ax_matmul_sm90(qx, qw), qx, nk)
+  module_kn = lowered_for_cuda(lambda qx, qw: sm90.w4ax_matmul_sm90(qx, qw), qx, qw)
+  assert "mosaic_gpu" in module_nk and module_nk.count("stablehlo.transpose") == 0
+  assert module_kn.count("stablehlo.transpose") == 1
+  real_qw, real_qx = _problem(64, 256, 128, 128, 1)
+  got = sm90.w4ax_matmul_sm90(real_qx, real_qw.with_layout("nk"), interpret=True)
+  _assert_close(got, w4ax_matmul_reference(real_qx, real_qw))

@@ -24,6 +24,7 @@ from cometjax.core.formats import ActivationFormat, InputTransformWeight, Quanti
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama
 from cometjax.quant.config import QuantConfig, config_from_dict
+from cometjax.quant.transform import device_weight_layout, with_weight_layout
 from cometjax.quant.tree import float_leaves, linear_layers, node_at
 
 FORMAT = "cometjax-quantized"
@@ -104,7 +105,7 @@ def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source
     if not is_quantized_leaf(leaf):
       continue
     layers[name] = _layer_metadata(leaf)
-    qw = leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
+    qw = (leaf.inner if isinstance(leaf, InputTransformWeight) else leaf).with_layout("kn")  # one layout on disk
     put(f"{name}.kernel.data", qw.data)
     put(f"{name}.kernel.scales", qw.scales)
     if qw.perm is not None:
@@ -171,6 +172,8 @@ def load_quantized(directory) -> LoadedModel:
     node_at(pure, path[:-1])[path[-1]] = get(key)
   nnx.replace_by_pure_dict(state, pure)
   model = nnx.merge(graphdef, state)
+  if device_weight_layout() != "kn":  # the layout the device's preferred GEMM reads
+    model = with_weight_layout(model, device_weight_layout())
   tokenizer = None
   tok = meta.get("tokenizer")
   if tok is not None:

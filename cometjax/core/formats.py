@@ -15,7 +15,8 @@ FMPQ activations (`ActivationFormat`, `QuantizedActivation`)
 
 Weights (`QuantizedWeight`, `quantize_weight`)
   Layout [in=K, out=N]. bits=4: `data` uint8 [K // 2, N], pack_int4 along K (row 2i low nibble, row
-  2i+1 high nibble); bits=8: int8 [K, N]. `scales` f32 [K // group_size, N] or [1, N] per output channel.
+  2i+1 high nibble); bits=8: int8 [K, N]. `layout="nk"` stores the same bytes transposed ([N, K // 2] or
+  [N, K]): K-major, as Hopper's int8 wgmma reads its B operand (`with_layout` converts). `scales` f32 [K // group_size, N] or [1, N] per output channel.
   Rows of `data` are already in permuted order (row r holds original input channel perm[r]), and scale
   groups are contiguous in that permuted order. `perm` int32 [K] or None (identity).
   `dequantize_weight(qw)` returns the float weight in permuted row order (pair with x[..., perm]);
@@ -140,6 +141,8 @@ def check_activation(qx: QuantizedActivation) -> None:
 # ------------------------------------------------------------------------------------------------
 # Quantized weights
 
+WEIGHT_LAYOUTS = ("kn", "nk")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -153,9 +156,12 @@ class QuantizedWeight:
   group_size: int | None = dataclasses.field(metadata=dict(static=True))
   shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
   activation: ActivationFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
+  layout: str = dataclasses.field(default="kn", metadata=dict(static=True))  # "kn": data [K.., N]; "nk": [N, K..]
 
   def __post_init__(self):
     # Only static fields are checked here: jax rebuilds this class with placeholder leaves.
+    if self.layout not in WEIGHT_LAYOUTS:
+      raise ValueError(f"layout must be one of {WEIGHT_LAYOUTS}, got {self.layout!r}")
     if self.bits not in (4, 8):
       raise ValueError(f"bits must be 4 or 8, got {self.bits!r}")
     if len(self.shape) != 2:
@@ -185,10 +191,12 @@ class QuantizedWeight:
     """Raises ValueError when the array fields disagree with the static fields."""
     k, n = self.shape
     data_shape = (k // 2, n) if self.bits == 4 else (k, n)
+    if self.layout == "nk":
+      data_shape = data_shape[::-1]
     data_dtype = jnp.uint8 if self.bits == 4 else jnp.int8
     if tuple(self.data.shape) != data_shape or self.data.dtype != data_dtype:
       raise ValueError(f"data must be {jnp.dtype(data_dtype).name} {list(data_shape)} for bits={self.bits}, "
-                       f"got {self.data.dtype} {list(self.data.shape)}")
+                       f"layout={self.layout!r}, got {self.data.dtype} {list(self.data.shape)}")
     if tuple(self.scales.shape) != (self.num_scale_groups, n):
       raise ValueError(f"scales must have shape {[self.num_scale_groups, n]} for group_size="
                        f"{self.group_size}, got {list(self.scales.shape)}")
@@ -200,8 +208,17 @@ class QuantizedWeight:
       raise ValueError(f"x must have {self.in_features} channels in its last axis, got shape {x.shape}")
 
   def int_values(self) -> jax.Array:
-    """Integer weight values int8 [K, N] in permuted row order."""
-    return unpack_int4(self.data, axis=0) if self.bits == 4 else self.data
+    """Integer weight values int8 [K, N] in permuted row order (whatever the layout)."""
+    data = self.data if self.layout == "kn" else self.data.T
+    return unpack_int4(data, axis=0) if self.bits == 4 else data
+
+  def with_layout(self, layout: str) -> "QuantizedWeight":
+    """The same weight with its data stored in `layout` ("kn" or "nk")."""
+    if layout not in WEIGHT_LAYOUTS:
+      raise ValueError(f"layout must be one of {WEIGHT_LAYOUTS}, got {layout!r}")
+    if layout == self.layout:
+      return self
+    return dataclasses.replace(self, data=self.data.T, layout=layout)
 
   def permute_input(self, x: jax.Array) -> jax.Array:
     return x if self.perm is None else jnp.take(x, self.perm, axis=-1)

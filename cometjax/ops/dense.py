@@ -3,7 +3,8 @@
 A weight leaf is a float array [in, out] (plain `jnp.dot`) or a quantized leaf of `cometjax.core.formats`:
 - `QuantizedWeight`: A16 (activation=None): dequantized, then a float dot (XLA only). W4Ax / W8Ax:
   x is permuted and quantized to the FMPQ layout (`quantize_act`), then multiplied with integer
-  accumulation (`w4ax_matmul`; on a device whose validation table prefers it, `w4ax_matmul_sm90`).
+  accumulation (`w4ax_matmul`; on a device whose validation table prefers it, `w4ax_matmul_sm90`, which reads
+  K-major weights: `QuantizedWeight.layout == "nk"` avoids its per-call transpose).
   The Pallas GEMM takes 4-bit weights whose scale segments it can tile (`w4ax_matmul.pallas_supported`).
 - `InputTransformWeight`: the input is transformed (pad, rotate, permute), then the inner weight runs.
 - `StaticActQuantWeight`: XLA's int8 dot with int32 accumulation and the zero-point term.
@@ -65,8 +66,8 @@ def _quantized_weight_pallas(x, qw: QuantizedWeight, implementation: str):
   if (not interpret and registry.preferred_kernel("w4ax_matmul") == "w4ax_matmul_sm90"
       and w4ax_matmul_sm90.shape_supported(qw)):
     y = w4ax_matmul_sm90.w4ax_matmul_sm90(qx, qw, out_dtype=x.dtype)
-  else:
-    y = w4ax_matmul.w4ax_matmul(qx, qw, out_dtype=x.dtype, interpret=interpret)
+  else:  # the Triton kernel reads [K // 2, N]: a K-major ("nk") weight pays a transpose here
+    y = w4ax_matmul.w4ax_matmul(qx, qw.with_layout("kn"), out_dtype=x.dtype, interpret=interpret)
   return y.reshape(*x.shape[:-1], n)
 
 

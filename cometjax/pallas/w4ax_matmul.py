@@ -193,6 +193,9 @@ def w4ax_matmul(
   if qw.bits != 4:
     raise ValueError(f"w4ax_matmul needs a 4-bit weight (bits=4), got bits={qw.bits}; "
                      "use w4ax_matmul_reference for 8-bit weights")
+  if qw.layout != "kn":
+    raise ValueError(f"w4ax_matmul reads the weight as [K // 2, N] (layout 'kn'), got layout={qw.layout!r}; "
+                     "pass qw.with_layout('kn')")
   fmt = qx.format
   m = qx.int4_part.shape[0]
   k, n = qw.shape

@@ -29,8 +29,10 @@ for both. What differs is how the tensor cores are driven:
 
 int8 wgmma takes only K-major operands (the PTX instruction transposes 16-bit types only), so the
 B operand (the weight) must be [N, K]-contiguous in shared memory: on hardware the wrapper passes the
-packed weight transposed ([N, K // 2], an XLA transpose per call: one extra read and write of the
-packed weight) and the kernel hands `transpose_ref` views to the wgmma. The Mosaic GPU interpreter
+packed weight [N, K // 2]: a weight stored with layout="nk" (`QuantizedWeight.with_layout`, done at quantize or
+load time where this kernel is the device's preferred GEMM) goes in as it is, a "kn" one is transposed per call
+(one extra read and write of the packed weight); the kernel hands transposed views (`ref.transpose`) to the
+wgmma. The Mosaic GPU interpreter
 (CPU) supports no transposed refs, so in interpret mode the weight stays [K // 2, N] and B is used
 as loaded ([block_k // 2, block_n], N-contiguous); everything else (TMA, barriers, pipeline, wgmma
 with int32 accumulators, scales, schedule) is the same code. The interpreter (jax 0.10.2) runs the
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 
 import jax
@@ -177,11 +180,16 @@ class _Plan:
     return max(pipelines) + fixed + 1024  # + barriers and alignment
 
 
+# jax 0.10 takes the index as a required argument of plgpu.load; 0.11 deprecates passing one.
+_LOAD_TAKES_INDEX = inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
+
+
 def _row_vector(ref, axis: int, kmajor: bool):
   """Loads a shared-memory vector laid out for broadcasting along `axis` of a wgmma tile."""
   if not kmajor:  # the interpreter runs plain jnp: no layouts
     return ref[...]
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1 - axis))
+  layout = plgpu.Layout.WGMMA.reduce(1 - axis)
+  return plgpu.load(ref, (), layout=layout) if _LOAD_TAKES_INDEX else plgpu.load(ref, layout=layout)
 
 
 def _zeros_tile(shape, kmajor: bool):
@@ -211,7 +219,7 @@ def _w4ax_sm90_kernel(*refs, plan: _Plan):
 
   def b_view(index):  # logical [hk, bn] B operand
     plane = b_smem.at[index]
-    return plgpu.transpose_ref(plane, (1, 0)) if kmajor else plane
+    return plane.transpose((1, 0)) if kmajor else plane
 
   def store_weight(w_tile):  # uint8 [bn, hk] (kmajor) or [hk, bn]: unpacked in place, no transpose
     low16, high16 = unpack_int4_x16(w_tile, jnp.int16)
@@ -456,7 +464,9 @@ def w4ax_matmul_sm90(
     operands.append(jnp.pad(qx.int8_part, ((0, 0), (0, pad_rows), (0, 0))))
   if fmt.int4_channels:
     operands.append(jnp.pad(qx.int4_part, ((0, pad_rows), (0, 0))))
-  weight = qw.data if interpret else qw.data.T  # int8 wgmma: B must be K-major on hardware
+  # int8 wgmma takes B K-major ([N, K // 2]) on hardware; the interpreter reads [K // 2, N]
+  wanted = "kn" if interpret else "nk"
+  weight = qw.data if qw.layout == wanted else qw.data.T
   operands += [jnp.pad(qx.int8_scale.astype(jnp.float32), (0, pad_rows)),
                jnp.pad(qx.int4_scale.astype(jnp.float32), (0, pad_rows)), weight, qw.scales.astype(jnp.float32)]
 

@@ -15,10 +15,13 @@ Typical use (statistics come from the calibration driver in `calib/`):
 
 from __future__ import annotations
 
+import dataclasses
+
 from flax import nnx
 from tqdm.auto import tqdm
 
-from cometjax.core.formats import is_quantized_leaf
+from cometjax.core.formats import WEIGHT_LAYOUTS, InputTransformWeight, QuantizedWeight, is_quantized_leaf
+from cometjax.ops import registry
 from cometjax.quant.config import QuantConfig
 from cometjax.quant.layer import quantize_layer
 from cometjax.quant.rotation import rotate_llama
@@ -35,6 +38,35 @@ def prepare_model(model, config: QuantConfig):
   if config.rotation == "hadamard":
     return rotate_llama(model)
   return model
+
+
+def device_weight_layout() -> str:
+  """The weight layout the device's preferred GEMM reads: "nk" (K-major) where the validation table prefers the
+  Hopper kernel, else "kn"."""
+  return "nk" if registry.preferred_kernel("w4ax_matmul") == "w4ax_matmul_sm90" else "kn"
+
+
+def with_weight_layout(model, layout: str = "auto"):
+  """The model with every 4-bit W4Ax weight's data stored in `layout` ("kn", "nk", or "auto":
+  `device_weight_layout()`); numbers are unchanged, only which GEMM reads the bytes without a transpose."""
+  layout = device_weight_layout() if layout == "auto" else layout
+  if layout not in WEIGHT_LAYOUTS:
+    raise ValueError(f"layout must be 'auto' or one of {WEIGHT_LAYOUTS}, got {layout!r}")
+
+  def relayout(leaf):
+    if isinstance(leaf, InputTransformWeight):
+      return dataclasses.replace(leaf, inner=relayout(leaf.inner))
+    if isinstance(leaf, QuantizedWeight) and leaf.bits == 4 and leaf.activation is not None:
+      return leaf.with_layout(layout)
+    return leaf
+
+  graphdef, state = nnx.split(model)
+  pure = nnx.to_pure_dict(state)
+  for _, path in linear_layers(pure).items():
+    node = node_at(pure, path)
+    node["kernel"] = relayout(node["kernel"])
+  nnx.replace_by_pure_dict(state, pure)
+  return nnx.merge(graphdef, state)
 
 
 def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
@@ -63,4 +95,7 @@ def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
     layer_stats = stats.layer(name) if stats is not None else None
     node["kernel"] = quantize_layer(name, node["kernel"], config, layer_stats)
   nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  quantized = nnx.merge(graphdef, state)
+  if device_weight_layout() != "kn":  # store the weights as the device's preferred GEMM reads them
+    quantized = with_weight_layout(quantized, device_weight_layout())
+  return quantized

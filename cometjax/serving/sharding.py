@@ -10,10 +10,14 @@ replicated.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from cometjax.core.formats import QuantizedWeight
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "lm_head")
 ROW_PARALLEL = ("o_proj", "down_proj")
@@ -36,8 +40,9 @@ def _spec(shape, split_axis: int | None, size: int, axis: str) -> P:
   return P(*spec)
 
 
-def _leaf_spec(path: tuple, leaf, size: int, axis: str) -> P:
-  """PartitionSpec of one array leaf of the model state, from its path."""
+def _leaf_spec(path: tuple, leaf, size: int, axis: str, transposed: bool = False) -> P:
+  """PartitionSpec of one array leaf of the model state, from its path (transposed: the array is a K-major
+  weight's data, [N, K..] rather than [K.., N])."""
   names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
   module = next((n for n in names if n in COLUMN_PARALLEL + ROW_PARALLEL), None)
   field = names[-1]
@@ -49,7 +54,21 @@ def _leaf_spec(path: tuple, leaf, size: int, axis: str) -> P:
     return _spec(shape, 0, size, axis) if column else P()
   if field == "scales" and not column and shape[0] == 1:
     return P()  # per-output-channel scales of a row-parallel weight: every shard needs all of them
-  return _spec(shape, 1 if column else 0, size, axis)
+  return _spec(shape, (1 if column else 0) if not transposed else (0 if column else 1), size, axis)
+
+
+def _specs(state, size: int, axis: str):
+  """The PartitionSpec tree of `state`; quantized weights are read whole, for their data layout."""
+  def spec(path, leaf):
+    if isinstance(leaf, QuantizedWeight):
+      fields = {name: None if getattr(leaf, name) is None else
+                _leaf_spec(path + (jax.tree_util.GetAttrKey(name),), getattr(leaf, name), size, axis,
+                           transposed=name == "data" and leaf.layout == "nk")
+                for name in ("data", "scales", "perm")}
+      return dataclasses.replace(leaf, **fields)
+    return _leaf_spec(path, leaf, size, axis)
+
+  return jax.tree_util.tree_map_with_path(spec, state, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
 def shard_model(model, mesh: Mesh, axis: str = "tp"):
@@ -58,6 +77,6 @@ def shard_model(model, mesh: Mesh, axis: str = "tp"):
     raise ValueError(f"axis {axis!r} is not a mesh axis {mesh.axis_names}")
   size = mesh.shape[axis]
   graphdef, state = nnx.split(model)
-  specs = jax.tree_util.tree_map_with_path(lambda p, x: _leaf_spec(p, x, size, axis), state)
+  specs = _specs(state, size, axis)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
   return nnx.merge(graphdef, jax.device_put(state, shardings))
