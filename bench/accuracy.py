@@ -3,6 +3,7 @@
     python bench/accuracy.py                    # stories260K (TinyStories) + the synthetic outlier Llama
     python bench/accuracy.py --eval-documents 800   # stories260K on the whole held-out rest (slow on CPU)
     python bench/accuracy.py --smoke            # a few seconds: synthetic model only, tiny sizes
+    nice -n 10 python bench/accuracy.py --smollm2   # SmolLM2-135M (GGUF) table + outlier profile; resumes
     python bench/accuracy.py --headline-only --eval-documents 800 --out bench/results/accuracy_full_eval.json
 
 (a) stories260K: calibrate on the first `--calib-documents` (200) TinyStories validation stories,
@@ -161,8 +162,9 @@ def sample_sequences(model, num: int, length: int, seed: int) -> np.ndarray:
 class StatsCache:
   """One statistics pass per input layout (rotation, block size, group size), shared by the rows."""
 
-  def __init__(self, model, windows, batch_size):
+  def __init__(self, model, windows, batch_size, samples: int = 2048):
     self.model, self.windows, self.batch_size, self.cache = model, windows, batch_size, {}
+    self.samples = samples  # activation rows kept per layer (learned clipping); 0: none
 
   def get(self, config: qc.QuantConfig):
     if not config.needs_calibration:
@@ -172,7 +174,7 @@ class StatsCache:
     if key not in self.cache:
       superset = config.replace(weights=dataclasses.replace(config.weights, method="clip"))
       self.cache[key] = collect_stats(self.model, superset, self.windows, batch_size=self.batch_size,
-                                      hessian=True, max_samples=2048, progress=False)
+                                      hessian=True, max_samples=self.samples, progress=False)
     return self.cache[key]
 
 
@@ -260,6 +262,169 @@ def headline(rows) -> list[str]:
   return out
 
 
+# ------------------------------------------------------------------------------------------------
+# SmolLM2-135M (a real Llama, from its GGUF file)
+
+SMOLLM2_GGUF = ("llama", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+SMOLLM2_EVAL_WINDOWS = 40
+SMOLLM2_STORIES = 100
+
+
+def smollm2_rows():
+  """(label, QuantConfig or None, KV setting) for the SmolLM2 table; None config = the float model."""
+  kv4 = qc.default_kv_config()
+  w4ax = qc.preset("w4ax")
+  sweep = [(f"fmpq int8={f:g}", w4ax.replace(activations=dataclasses.replace(w4ax.activations, int8_fraction=f),
+                                              name=f"w4ax int8<={f:g}"), None) for f in (0.0, 0.125, 0.25, 0.5)]
+  return [  # headline rows first: a run stopped early still has them
+      ("fp", None, None),
+      ("w4axkv4 (preset)", qc.preset("w4ax-kv4"), kv4),
+      ("w4a4kv4 rtn", qc.preset("w4a4-kv4"), kv4),
+      # what the preset's loss is made of: its weights alone, and its activations + KV with 8-bit weights
+      ("w4a16 (preset)", qc.preset("w4a16"), None),
+      ("w8axkv4", qc.preset("w4ax-kv4").replace(weights=W(bits=8, method="rtn"), name="w8ax-kv4"), kv4),
+      ("w4a16 gptq g128", qc.preset("w4a16").replace(weights=W(method="gptq", group_size=128)), None),
+      *sweep,
+      ("w8a8", qc.preset("w8a8"), None),
+      ("w4a4 rtn", qc.preset("w4a4"), None),
+      ("w4a8", qc.preset("w4a8"), None),
+      ("w4a16 rtn", qc.preset("w4a16").replace(weights=W(method="rtn")), None),
+      ("w4a16 rtn g128", qc.preset("w4a16").replace(weights=W(method="rtn", group_size=128)), None),
+      *[(f"kv4 {m}", None, qc.KVQuantConfig(k_mode=m)) for m in ("channel", "token", "hadamard")],
+  ]
+
+
+def smollm2_data(calib_windows: int):
+  """(loaded model, calibration windows int32 [n, 512], WikiText-2 evaluation ids, TinyStories ids).
+
+  WikiText-2 is cut by characters at its middle: calibration windows come from the second half, the
+  evaluation windows from the first, so they share no text."""
+  from cometjax.checkpoint import load
+  from cometjax.data import data_path
+  from calib.stats import calibration_windows
+  loaded = load(data_path(*SMOLLM2_GGUF))
+  wiki = data_path("text", "wikitext2_test.raw").read_text(encoding="utf-8")
+  first, second = wiki[:len(wiki) // 2], wiki[len(wiki) // 2:]
+  calib = calibration_windows(loaded.tokenizer, [second], 512, calib_windows)
+  eval_ids = loaded.tokenizer.encode(first)
+  stories = split_documents(data_path("text", "tinystories_val.txt").read_text(encoding="utf-8"))[:SMOLLM2_STORIES]
+  story_ids = [i for story in stories for i in loaded.tokenizer.encode(story)]
+  return loaded, calib, eval_ids, story_ids
+
+
+def _disk_bytes(qmodel, config, tokenizer_source) -> int:
+  import shutil
+  import tempfile
+  from cometjax.checkpoint.quantized import save_quantized
+  directory = pathlib.Path(tempfile.mkdtemp(prefix="cometjax-accuracy-"))
+  try:
+    save_quantized(directory, qmodel, config, tokenizer_source=tokenizer_source)
+    return sum(f.stat().st_size for f in directory.iterdir())
+  finally:
+    shutil.rmtree(directory)
+
+
+def _float_params(model) -> int:
+  _, state = nnx.split(model)
+  return sum(int(x.size) for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+
+
+def smollm2_row(label, config, kv, loaded, stats_cache, eval_ids, story_ids, batch_size, fp):
+  from cometjax.data import data_path
+  start = time.perf_counter()
+  stats = stats_cache.get(config) if config is not None else None
+  calib_s = time.perf_counter() - start
+  start = time.perf_counter()
+  model = loaded.model if config is None else quantize(loaded.model, config, stats, progress=False)
+  quant_s = time.perf_counter() - start
+  report = quantization_report(model) if config is not None else None  # before the evaluations: fail early
+  disk = (4 * _float_params(model) if config is None else _disk_bytes(model, config, data_path(*SMOLLM2_GGUF)))
+  nll, count, _ = perplexity_of_ids(model, [eval_ids], window=512, batch_size=batch_size, kv=kv, progress=False,
+                                    windowing="disjoint", max_windows=SMOLLM2_EVAL_WINDOWS)
+  snll, scount, _ = perplexity_of_ids(model, [story_ids], window=512, batch_size=batch_size, kv=kv, progress=False)
+  wiki, stories = math.exp(nll / count), math.exp(snll / scount)
+  fp = fp or dict(wiki=wiki, stories=stories)
+  return dict(model="SmolLM2-135M", label=label, preset=None if config is None else config.name,
+              calibration="none" if config is None else describe(config), kv=qc.kv_to_dict(kv),
+              wiki_ppl=wiki, wiki_delta_pct=100 * (wiki / fp["wiki"] - 1), wiki_tokens=count,
+              stories_ppl=stories, stories_delta_pct=100 * (stories / fp["stories"] - 1), stories_tokens=scount,
+              int4_block_fraction=None if report is None else report["int4_block_fraction"],
+              weight_bytes=None if report is None else report["weight_bytes"],
+              bytes_per_param=None if report is None else report["bytes_per_param"], disk_bytes=disk,
+              calib_s=round(calib_s, 1), quantize_s=round(quant_s, 1), calib_windows=len(stats_cache.windows),
+              config=None if config is None else config.to_dict())
+
+
+def smollm2_markdown(rows, meta, notes) -> str:
+  lines = [f"# Quantization accuracy on SmolLM2-135M-Instruct ({meta['date']}, {meta['device']}, jax "
+           f"{meta['jax_version']}, commit {meta['commit'][:10]})", ""] + notes + ["",
+           "| row | calibration | KV | WikiText-2 ppl | vs FP | TinyStories ppl | vs FP | INT4 blocks | "
+           "bytes on disk | calib s | quantize s |",
+           "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    frac = "-" if r["int4_block_fraction"] is None else f"{100 * r['int4_block_fraction']:.1f}%"
+    kv = "fp" if r["kv"] is None else f"KV4 ({r['kv']['k_mode']})"
+    lines.append(f"| {r['label']} | {r['calibration']} | {kv} | {r['wiki_ppl']:.3f} | {r['wiki_delta_pct']:+.1f}% | "
+                 f"{r['stories_ppl']:.3f} | {r['stories_delta_pct']:+.1f}% | {frac} | {r['disk_bytes']:,} | "
+                 f"{r['calib_s']:.0f} | {r['quantize_s']:.0f} |")
+  by = {r["label"]: r for r in rows}
+  if "w4axkv4 (preset)" in by and "w4a4kv4 rtn" in by:
+    ax, a4 = by["w4axkv4 (preset)"], by["w4a4kv4 rtn"]
+    lines += ["", "## Headline (computed from the rows above)", "",
+              f"- W4AxKV4 (preset) {ax['wiki_delta_pct']:+.1f}% vs FP on WikiText-2 (goal +10%) with "
+              f"{100 * ax['int4_block_fraction']:.1f}% INT4 blocks; W4A4KV4 RTN {a4['wiki_delta_pct']:+.1f}%: the "
+              f"increase is {ax['wiki_delta_pct'] / a4['wiki_delta_pct']:.2f} of RTN's (goal < 0.5)."]
+  return "\n".join(lines) + "\n"
+
+
+def run_smollm2(args, meta) -> list[dict]:
+  """The SmolLM2 table; rows already in --out (same label and config) are kept, so a run can resume."""
+  import json
+  out = pathlib.Path(args.out if args.out != str(RESULTS / "accuracy.json") else RESULTS / "accuracy_smollm2.json")
+  saved = json.loads(out.read_text())["rows"] if out.exists() and not args.fresh else []
+  wanted = [r for r in smollm2_rows() if not args.rows or r[0] in args.rows]
+  loaded, calib, eval_ids, story_ids = smollm2_data(args.calib_windows)
+  print(f"SmolLM2: calibrate on {len(calib)} windows of 512 (second half of WikiText-2), evaluate on the first "
+        f"{SMOLLM2_EVAL_WINDOWS} disjoint windows of the first half and {SMOLLM2_STORIES} TinyStories stories "
+        f"({len(story_ids)} tokens)", flush=True)
+  stats_cache = StatsCache(loaded.model, calib, args.batch_size, samples=0)
+  notes = [f"- calibration: {len(calib)} windows of 512 tokens from the second half of text/wikitext2_test.raw "
+           "(split by characters at the middle), tokenized with SmolLM2's rule (no BOS).",
+           f"- WikiText-2: the first {SMOLLM2_EVAL_WINDOWS} disjoint windows of 512 tokens of the first half, each a "
+           "fresh sequence scoring 511 tokens (cometjax.serving.perplexity, windowing='disjoint').",
+           f"- TinyStories: the first {SMOLLM2_STORIES} stories of text/tinystories_val.txt, the default stream "
+           "protocol (stories concatenated without BOS, windows of 512).",
+           "- bytes on disk: the directory `cometjax quantize` writes (packed weights, scales, permutations, "
+           "rotations, the float embedding shared with the head, the tokenizer); FP: float32 parameters. The "
+           "source GGUF (Q4_1 linears, Q8_0 embedding) is 98,362,432 bytes.",
+           "- calib s: the statistics pass the row needed first (shared by later rows with the same input "
+           "layout); quantize s: quantize() alone. CPU, 2 cores shared with other jobs: times are indicative.",
+           f"- KV4 rows: {qc.default_kv_config()} unless the row names another K mode."]
+  rows = []
+  for label, config, kv in wanted:
+    keep = next((r for r in saved if r["label"] == label and r.get("calib_windows") == len(calib) and
+                 r["config"] == (None if config is None else config.to_dict()) and r["kv"] == qc.kv_to_dict(kv)), None)
+    if keep is None:
+      fp = next(({"wiki": r["wiki_ppl"], "stories": r["stories_ppl"]} for r in rows + saved if r["label"] == "fp"),
+                None)
+      keep = smollm2_row(label, config, kv, loaded, stats_cache, eval_ids, story_ids, args.batch_size, fp)
+    rows.append(keep)
+    print(f"  {label:<20} wiki {keep['wiki_ppl']:.3f} ({keep['wiki_delta_pct']:+.1f}%) stories "
+          f"{keep['stories_ppl']:.3f} ({keep['stories_delta_pct']:+.1f}%) int4 {keep['int4_block_fraction']} "
+          f"[calib {keep['calib_s']:.0f}s, quantize {keep['quantize_s']:.0f}s]", flush=True)
+    merged = rows + [r for r in saved if r["label"] not in {x["label"] for x in rows}]
+    write_json(out, {**meta, "notes": notes, "rows": merged})
+    out.with_suffix(".md").write_text(smollm2_markdown(merged, meta, notes))
+  if args.outliers and stats_cache.cache:
+    from bench.outlier_profile import profile_from_stats, write_profile
+    fmpq_stats = next(v for k, v in stats_cache.cache.items() if not k[3])  # key[3]: A16
+    in_features = {n: loaded.config.intermediate_size if n.endswith("down_proj") else loaded.config.hidden_size
+                   for n in fmpq_stats.layers}
+    write_profile(profile_from_stats(fmpq_stats, in_features), RESULTS / "outliers_smollm2.json", notes[:1])
+  print(out.with_suffix(".md").read_text())
+  return rows
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--smoke", action="store_true", help="synthetic model only, tiny sizes (seconds)")
@@ -271,6 +436,13 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--headline-only", action="store_true",
                       help="stories260K only, rows fp, fp-kv4, w4a4-kv4 and w4ax-kv4 (for the long --eval-documents 800)")
   parser.add_argument("--out", default=str(RESULTS / "accuracy.json"))
+  parser.add_argument("--smollm2", action="store_true",
+                      help="the SmolLM2-135M table instead (bench/results/accuracy_smollm2.{json,md}; resumes)")
+  parser.add_argument("--rows", nargs="*", default=None, help="--smollm2: only these row labels")
+  parser.add_argument("--fresh", action="store_true", help="--smollm2: recompute rows already in the JSON")
+  parser.add_argument("--calib-windows", type=int, default=32, help="--smollm2: calibration windows of 512")
+  parser.add_argument("--no-outliers", dest="outliers", action="store_false",
+                      help="--smollm2: skip the outlier profile (bench/results/outliers_smollm2.{json,png})")
   parser.add_argument("--render", default=None, metavar="JSON",
                       help="only rewrite the markdown table next to an existing results JSON")
   args = parser.parse_args(argv)
@@ -283,6 +455,8 @@ def main(argv=None) -> list[dict]:
     return saved["rows"]
   jax.config.update("jax_default_matmul_precision", "highest")
   meta = run_metadata()
+  if args.smollm2:
+    return run_smollm2(args, meta)
   rows, notes = [], []
   kv4 = qc.default_kv_config()
 

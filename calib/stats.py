@@ -10,7 +10,8 @@ jit to
   sumsq   [Kp]      sum x^2 per input channel (RMS ranking)
   hessian [Kp, Kp]  sum x x^T (GPTQ), when asked for
   samples [S, Kp]   a fixed random subset of token rows (learned clipping), when asked for
-so only the reductions leave the device. Non-finite activations raise, naming the layer and the batch.
+so only the reductions leave the device. Layers that read one input under one plan (q/k/v, gate/up)
+share one `LayerStats` (one Hessian). Non-finite activations raise, naming the layer and the batch.
 """
 
 from __future__ import annotations
@@ -65,10 +66,11 @@ class CalibrationStats:
 
 def calibration_windows(tokenizer, documents: Sequence[str], window: int = 512,
                         max_windows: int | None = None) -> np.ndarray:
-  """int32 [n, window]: documents tokenized as [BOS] + ids, concatenated, cut into full windows."""
+  """int32 [n, window]: documents tokenized with the tokenizer's own BOS rule, concatenated, cut into full
+  windows (the first `max_windows` of them)."""
   if window < 2:
     raise ValueError(f"window must be >= 2, got {window}")
-  stream = [i for doc in documents for i in tokenizer.encode(doc, bos=True)]
+  stream = [i for doc in documents for i in tokenizer.encode(doc)]
   n = len(stream) // window
   if n == 0:
     raise ValueError(f"calibration text gives {len(stream)} tokens, fewer than one window of {window}")
@@ -102,7 +104,10 @@ for _implementation in ("xla", "pallas", "interpret"):  # capture whatever backe
   ops.register("linear", CaptureWeight, _implementation, _capturing_matmul)
 
 
-def _batch_stats(graphdef, state, tokens, sample_rows, *, plans: tuple, want_hessian: bool, order: list):
+def _batch_stats(graphdef, state, tokens, sample_rows, *, plans: tuple, want_hessian: bool, order: list,
+                 aliases: dict):
+  """Reductions of each distinct layer input; layers reading the same input under the same plan (q/k/v,
+  gate/up) are reduced once and listed in `aliases` (name -> the name holding their statistics)."""
   plans = dict(plans)
   sink: list = []
   _SINKS.append(sink)
@@ -111,9 +116,13 @@ def _batch_stats(graphdef, state, tokens, sample_rows, *, plans: tuple, want_hes
   finally:
     _SINKS.pop()
   order[:] = [name for name, _ in sink]  # forward order, so errors name the first bad layer
-  out = {}
+  out, first_reader = {}, {}
   for name, x in sink:
     plan: InputPlan = plans[name]
+    holder = first_reader.setdefault((id(x), plan), name)
+    if holder != name:
+      aliases[name] = holder
+      continue
     x2 = plan.transform(x.reshape(-1, x.shape[-1]).astype(jnp.float32))  # [M, Kp]
     d = dict(absmax=jnp.max(jnp.abs(x2), axis=0), sumsq=jnp.sum(x2 * x2, axis=0),
              finite=jnp.all(jnp.isfinite(x2)))
@@ -175,8 +184,9 @@ def collect_stats(model, config: QuantConfig, windows: np.ndarray, *, batch_size
   tokens_per_batch = batch_size * windows.shape[1]
   rows_per_batch = min(tokens_per_batch, math.ceil(max_samples / num_batches)) if max_samples else 0
   order: list = []
+  aliases: dict = {}
   fn = jax.jit(functools.partial(_batch_stats, plans=tuple(sorted(plans.items())), want_hessian=hessian,
-                                 order=order))
+                                 order=order, aliases=aliases))
   rng = np.random.default_rng(seed)
   acc: dict[str, dict] = {}
   count = 0
@@ -196,6 +206,8 @@ def collect_stats(model, config: QuantConfig, windows: np.ndarray, *, batch_size
     if partial_batch:  # the repeated rows would bias sums: recompute exactly on the real rows only
       result = _exact_partial(fn, graphdef, state, windows[b * batch_size:], sample_rows, result, batch_size)
     for name in order:
+      if name in aliases:
+        continue
       d = result[name]
       if not bool(d["finite"]):
         raise ValueError(f"calibration activations of layer {name!r} hold NaN/Inf (batch {b}); check the "
@@ -215,6 +227,8 @@ def collect_stats(model, config: QuantConfig, windows: np.ndarray, *, batch_size
     samples = np.concatenate(a["samples"])[:max_samples] if a["samples"] else None
     layers[name] = LayerStats(absmax=np.asarray(a["absmax"], np.float32), sumsq=a["sumsq"], count=count,
                               hessian=a["hessian"] if hessian else None, samples=samples)
+  for name, holder in aliases.items():  # one object per distinct input: no second copy of its Hessian
+    layers[name] = layers[holder]
   return CalibrationStats(layers=layers, rotation=config.rotation, num_tokens=count)
 
 

@@ -4,7 +4,7 @@ import pytest
 from cometjax.core.kv_config import KVQuantConfig
 from cometjax.models.llama import LlamaConfig, init_llama
 from cometjax.serving.engine import TRACE_COUNTS, Engine
-from cometjax.serving.generate import generate
+from cometjax.serving.generate import SamplingConfig, generate
 
 from conftest import require_data
 
@@ -81,6 +81,56 @@ def test_bad_requests(model):
     engine.submit([], 3)
   with pytest.raises(ValueError, match="exceeds the engine's max_len"):
     engine.submit([1] * 30, 8)
+
+
+def test_per_request_sampling_is_seeded_and_never_recompiles(model):
+  engine = Engine(model, slots=3, max_len=64, chunk=8)
+  hot, cool = SamplingConfig(temperature=1.0), SamplingConfig(temperature=0.6, top_k=5, top_p=0.9)
+
+  def run(requests):
+    ids = [engine.submit(p, 10, **kw) for p, kw in requests]
+    out = {i: [] for i in ids}
+    for event in engine.stream():
+      out[event.request_id].append(event.token)
+    return [out[i] for i in ids]
+
+  alone = run([([1, 2, 3], dict(sampling=hot, seed=7))])[0]
+  before = dict(TRACE_COUNTS)
+  mixed = run([([1, 5], dict(sampling=cool, seed=1)), ([1, 2, 3], dict(sampling=hot, seed=7)), ([1, 4], {}),
+               ([1, 2, 3], dict(sampling=hot, seed=8))])
+  assert TRACE_COUNTS == before  # new settings, seeds and batch-mates: no new compilation
+  assert mixed[1] == alone  # a seeded request draws the same tokens whoever shares the batch
+  assert mixed[3] != alone
+  assert mixed[2] == generate(model, [[1, 4]], 10, stop_at_eos=False).tokens[0]  # the engine default: greedy
+
+
+@pytest.mark.slow
+def test_cancel_frees_the_slot_and_pages_and_finish_reasons(model):
+  kv = KVQuantConfig(k_mode="token")
+  need = Engine(model, slots=1, max_len=32, chunk=8, kv=kv).pages_needed(3, 20)
+  engine = Engine(model, slots=3, max_len=32, chunk=8, kv=kv, num_pages=2 * need + 1)
+  waiting = [engine.submit([1, 2, 3], 20) for _ in range(3)]  # the third waits for pages
+  engine.step()
+  assert engine.active_requests == 2 and engine.waiting_requests == 1 and engine.free_pages == 1
+  assert engine.cancel(waiting[2]) and engine.waiting_requests == 0
+  assert engine.cancel(waiting[0]) and engine.active_requests == 1 and engine.free_pages == need + 1
+  assert not engine.cancel(waiting[0])  # already gone
+  events = list(engine.stream())
+  assert {e.request_id for e in events} == {waiting[1]}
+  assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+  assert engine.free_pages == 2 * need + 1
+  free = generate(model, [[1, 2]], 6, stop_at_eos=False).tokens[0]
+  engine.submit([1, 2], 6, stop_ids=[free[3]])
+  events = list(engine.stream())
+  assert [e.token for e in events] == free[:free.index(free[3]) + 1] and events[-1].finish_reason == "stop"
+
+
+def test_bad_per_request_arguments(model):
+  engine = Engine(model, slots=1, max_len=32, chunk=8)
+  with pytest.raises(ValueError, match="seed"):
+    engine.submit([1], 3, seed=-1)
+  with pytest.raises(ValueError, match="vocab_size"):
+    engine.submit([1, 97], 3)
 
 
 @pytest.mark.slow

@@ -1,10 +1,12 @@
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from cometjax.models.llama import LlamaConfig, init_llama
-from cometjax.serving.generate import TRACE_COUNTS, SamplingConfig, bucket, generate, sample_logits
+from cometjax.serving.generate import (TRACE_COUNTS, SamplingConfig, bucket, filter_logits, filter_logits_rows,
+                                       generate, sample_logits, sample_logits_rows)
 
 CONFIG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                      max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=5)
@@ -105,3 +107,24 @@ def test_bad_sampling_config(kwargs, match):
 
 def test_bucket():
   assert [bucket(n) for n in (1, 16, 17, 100, 129)] == [16, 16, 32, 128, 256]
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=0.7), dict(temperature=1.3, top_k=3),
+                                     dict(temperature=1.0, top_p=0.8), dict(temperature=0.5, top_k=5, top_p=0.6),
+                                     dict(temperature=1.0, top_k=64)])
+def test_per_row_filter_equals_the_config_filter(setting):
+  logits = jax.random.normal(jax.random.key(3), (4, 40)) * 3
+  config = SamplingConfig(**setting)
+  rows = lambda value: jnp.full((4,), value)
+  per_row = filter_logits_rows(logits, rows(config.temperature), rows(config.top_k).astype(jnp.int32),
+                               rows(config.top_p))
+  np.testing.assert_allclose(per_row, filter_logits(logits, config), rtol=1e-6)
+
+
+def test_per_row_sampling_mixes_greedy_and_sampled_rows():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2, jnp.float32))
+  keys = jax.random.split(jax.random.key(0), 200)
+  temperature, top_k, top_p = jnp.array([0.0, 1.0]), jnp.array([0, 2], jnp.int32), jnp.array([1.0, 1.0])
+  drawn = np.asarray(jax.vmap(lambda k: sample_logits_rows(logits, jax.random.split(k, 2), temperature, top_k,
+                                                            top_p))(keys))  # [200, 2]
+  assert set(drawn[:, 0]) == {0} and set(drawn[:, 1]) == {0, 1}

@@ -22,7 +22,9 @@ from pathlib import Path
 import jax.numpy as jnp
 from flax import nnx
 
-from cometjax.checkpoint.io import from_storable, read_safetensors, to_storable, write_safetensors
+from cometjax.checkpoint.gguf_vocab import TOKENIZER_FILE, write_tokenizer_metadata
+from cometjax.checkpoint.io import (from_storable, gguf_metadata, open_gguf, read_safetensors, to_storable,
+                                    write_safetensors)
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import HFTokenizer, load_tokenizer
 from cometjax.core.formats import (ActivationFormat, InputTransformWeight, QuantizedEmbedding, QuantizedWeight,
@@ -71,10 +73,13 @@ def _copy_tokenizer(source, directory: Path) -> dict | None:
     for f in copied:
       shutil.copyfile(source / f, directory / f)
     return dict(kind="hf", files=copied)
+  if source.is_file() and source.suffix == ".gguf":  # the tokenizer metadata only, not the weights
+    write_tokenizer_metadata(directory / TOKENIZER_FILE, gguf_metadata(open_gguf(source)))
+    return dict(kind="gguf", files=[TOKENIZER_FILE])
   if source.is_file() and source.suffix in (".model", ".bin"):
     shutil.copyfile(source, directory / source.name)
     return dict(kind="file", files=[source.name])
-  raise ValueError(f"tokenizer_source must be a HF tokenizer directory or a .model/.bin file, got {source}")
+  raise ValueError(f"tokenizer_source must be a HF tokenizer directory or a .gguf/.model/.bin file, got {source}")
 
 
 def _rotation_kind(part) -> tuple[str | None, int | None]:
@@ -101,7 +106,8 @@ def _layer_metadata(leaf) -> dict:
 
 def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source=None) -> None:
   """Writes DIR/model.safetensors and DIR/quantization.json (module docstring) and copies the tokenizer
-  files from `tokenizer_source` (a HF dir or a .model/.bin)."""
+  files from `tokenizer_source` (a HF dir or a .model/.bin; for a .gguf, its tokenizer metadata as
+  tokenizer.gguf.json)."""
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   _, state = nnx.split(model)

@@ -1,4 +1,4 @@
-"""`cometjax` command line: generate, eval-ppl, quantize, sample. One module per subcommand; building the
+"""`cometjax` command line: generate, eval-ppl, quantize, sample, serve. One module per subcommand; building the
 parser imports no jax, so `cometjax --help` is instant."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cometjax.cli import eval_ppl, generate, quantize, sample
+from cometjax.cli import eval_ppl, generate, quantize, sample, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="cometjax", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  for command in (generate, eval_ppl, quantize, sample):
+  for command in (generate, eval_ppl, quantize, sample, serve):
     command.add_command(sub)
   return parser
 

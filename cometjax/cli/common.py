@@ -12,11 +12,12 @@ DTYPES = ("float32", "bfloat16")
 
 def add_model_args(p: argparse.ArgumentParser, default_model: str | None):
   p.add_argument("--model", default=default_model, required=default_model is None,
-                 help="Hugging Face model directory, llama2.c .bin file, or a directory written by "
-                      "`cometjax quantize`" + (f", or {BUILTIN_MODEL} (a small random Llama; the default)"
+                 help="Hugging Face model directory, llama.cpp .gguf file, llama2.c .bin file, or a directory "
+                      "written by `cometjax quantize`" + (f", or {BUILTIN_MODEL} (a small random Llama; the default)"
                                                 if default_model else ""))
   p.add_argument("--tokenizer", default=None,
-                 help="tokenizer (HF dir, SentencePiece .model or llama2.c .bin); default: found beside the model")
+                 help="tokenizer (HF dir, .gguf file, SentencePiece .model or llama2.c .bin); default: the "
+                      "model's own (inside a GGUF / quantized dir, or beside the model)")
   p.add_argument("--dtype", default="float32", choices=DTYPES)
 
 
@@ -31,8 +32,8 @@ def add_kv_arg(p: argparse.ArgumentParser):
 
 
 def load_model(args):
-  """(model, tokenizer or None, KV setting) for --model: a HF dir, a llama2.c .bin, a quantized dir, or
-  the builtin random model. The KV setting is --kv, else the quantized dir's own, else float."""
+  """(model, tokenizer or None, KV setting) for --model: a HF dir, a .gguf file, a llama2.c .bin, a quantized
+  dir, or the builtin random model. The KV setting is --kv, else the quantized dir's own, else float."""
   import jax.numpy as jnp
 
   dtype = jnp.dtype(args.dtype)

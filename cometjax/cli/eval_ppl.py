@@ -12,6 +12,7 @@ from pathlib import Path
 from cometjax.cli.common import add_kv_arg, add_model_args, load_model
 
 DEFAULT_SEPARATOR = "<|endoftext|>"
+WINDOWINGS = ("stream", "disjoint")  # cometjax.serving.perplexity.WINDOWINGS, without importing jax
 
 
 def _protocol_text() -> str:
@@ -34,6 +35,12 @@ def add_command(sub) -> argparse.ArgumentParser:
   e.add_argument("--skip-documents", type=int, default=0,
                  help="skip the first N documents (e.g. the ones `quantize` calibrated on)")
   e.add_argument("--max-documents", type=int, default=None, help="only the first N documents (after skipping)")
+  e.add_argument("--max-windows", type=int, default=None,
+                 help="only the first N windows (a fixed prefix of one-document text such as WikiText-2)")
+  e.add_argument("--windowing", choices=WINDOWINGS, default="stream",
+                 help="stream (default): each window of W tokens also predicts the token after it; disjoint: "
+                      "full windows of W tokens sharing nothing, each scoring W - 1 tokens (GPTQ's WikiText-2 "
+                      "protocol)")
   add_kv_arg(e)
   e.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
   e.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -52,12 +59,14 @@ def run(args) -> int:
     raise SystemExit(f"error: --text file not found: {text_path}")
   result = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"), window=args.window,
                       separator=args.separator or None, per_document=args.per_document,
-                      batch_size=args.batch_size, max_documents=args.max_documents, kv=kv,
-                      progress=not args.json, skip_documents=args.skip_documents)
+                      batch_size=args.batch_size, max_documents=args.max_documents,
+                      max_windows=args.max_windows, windowing=args.windowing, kv=kv, progress=not args.json,
+                      skip_documents=args.skip_documents)
   print(f"perplexity {result.ppl:.4f} over {result.num_tokens} tokens "
-        f"({result.num_windows} windows of {args.window}, {result.num_documents} documents)")
+        f"({result.num_windows} {args.windowing} windows of {args.window}, {result.num_documents} documents)")
   if args.json:
     kv_json = None if kv is None else kv.as_dict()
     print(json.dumps({"model": args.model, "text": str(text_path), "window": args.window, "kv": kv_json,
-                      "per_document": args.per_document, **result.as_dict()}))
+                      "per_document": args.per_document, "windowing": args.windowing,
+                      "max_windows": args.max_windows, **result.as_dict()}))
   return 0

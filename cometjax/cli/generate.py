@@ -12,7 +12,11 @@ from cometjax.cli.common import BUILTIN_MODEL, add_kv_arg, add_model_args, load_
 def add_command(sub) -> argparse.ArgumentParser:
   g = sub.add_parser("generate", help="generate text (jitted prefill + decode) and report tokens/s")
   add_model_args(g, BUILTIN_MODEL)
-  g.add_argument("--prompt", default="", help="prompt text; empty (default) starts from BOS alone")
+  g.add_argument("--prompt", default="", help="prompt text, tokenized with the tokenizer's own BOS rule; empty "
+                 "(default) starts from BOS alone")
+  g.add_argument("--chat", action="store_true",
+                 help="send --prompt as one user turn through the model's chat template and stop at the "
+                      "template's end-of-turn token")
   g.add_argument("--max-new-tokens", type=int, default=128)
   g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
   g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -29,23 +33,29 @@ def add_command(sub) -> argparse.ArgumentParser:
   return g
 
 
+def _prompt(args, model, tokenizer) -> tuple[list[int], tuple[int, ...] | None]:
+  """(prompt ids, stop ids or None for the model's EOS) for --prompt / --chat."""
+  if tokenizer is None and (args.prompt or args.chat):
+    raise SystemExit("error: --prompt text (and --chat) needs a tokenizer (this model has none); leave --prompt "
+                     "empty to start from BOS, or pass --tokenizer")
+  if args.chat:
+    return tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]), tokenizer.end_of_turn_ids
+  if args.prompt:
+    return tokenizer.encode(args.prompt), None
+  return [model.config.bos_token_id if model.config.bos_token_id is not None else 1], None
+
+
 def run(args) -> int:
   import jax
 
   from cometjax.serving.generate import SamplingConfig, generate
 
   model, tokenizer, kv = load_model(args)
-  bos = model.config.bos_token_id if model.config.bos_token_id is not None else 1
-  if args.prompt:
-    if tokenizer is None:
-      raise SystemExit("error: --prompt text needs a tokenizer (this model has none); leave --prompt empty "
-                       "to start from BOS, or pass --tokenizer")
-    prompt = tokenizer.encode(args.prompt, bos=True)
-  else:
-    prompt = [bos]
+  prompt, eos_ids = _prompt(args, model, tokenizer)
   sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
   key = jax.random.key(args.seed)
-  kwargs = dict(sampling=sampling, key=key, stop_at_eos=not args.no_stop, kv=kv)
+  kwargs = dict(sampling=sampling, key=key, stop_at_eos=not args.no_stop, kv=kv,
+                eos_ids=() if args.no_stop else eos_ids)
   if args.warmup:
     generate(model, [prompt], args.max_new_tokens, **kwargs)  # compiles this shape bucket
   result = generate(model, [prompt], args.max_new_tokens, **kwargs)

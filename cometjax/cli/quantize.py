@@ -20,15 +20,18 @@ from cometjax.quant.config import PRESETS, ROTATIONS, SCALE_DTYPES, WEIGHT_METHO
 def add_command(subparsers) -> argparse.ArgumentParser:
   p = subparsers.add_parser("quantize", help="calibrate + quantize a model and save it (W4AxKV4, ...)",
                             description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", required=True, help="Hugging Face model directory or llama2.c .bin file")
+  p.add_argument("--model", required=True, help="Hugging Face model directory, llama.cpp .gguf file or llama2.c "
+                 ".bin file")
   p.add_argument("--tokenizer", default=None, help="tokenizer (default: found beside the model)")
   p.add_argument("--preset", default="w4ax-kv4", help=f"one of: {', '.join(PRESETS)} (default w4ax-kv4)")
   p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--calib-text", default=None, help="calibration text file (documents split on --separator)")
+  p.add_argument("--calib-text", default=None, help="calibration text file (documents split on --separator, "
+                 "tokenized with the tokenizer's own BOS rule)")
   p.add_argument("--separator", default="<|endoftext|>", help="document separator in --calib-text")
   p.add_argument("--calib-documents", type=int, default=200, help="use the first N documents (default 200)")
   p.add_argument("--calib-window", type=int, default=512, help="tokens per calibration window (default 512)")
-  p.add_argument("--max-calib-windows", type=int, default=None, help="cap the number of windows")
+  p.add_argument("--max-calib-windows", type=int, default=64,
+                 help="use at most N windows (default 64: 32k tokens at 512; 0 = all)")
   p.add_argument("--batch-size", type=int, default=8, help="windows per calibration forward pass")
   p.add_argument("--weight-method", choices=WEIGHT_METHODS, default=None, help="override the preset's")
   p.add_argument("--group-size", type=int, default=None, help="weight scale group (default: per channel)")
@@ -96,7 +99,7 @@ def run(args) -> int:
     if loaded.tokenizer is None:
       raise ValueError("calibration needs a tokenizer; none was found beside the model (pass --tokenizer)")
     docs = split_documents(path.read_text(encoding="utf-8"), args.separator or None)[:args.calib_documents]
-    windows = calibration_windows(loaded.tokenizer, docs, args.calib_window, args.max_calib_windows)
+    windows = calibration_windows(loaded.tokenizer, docs, args.calib_window, args.max_calib_windows or None)
   qmodel, _ = calibrate_and_quantize(loaded.model, config, windows, batch_size=args.batch_size,
                                      progress=not args.no_progress)
   tokenizer_source = args.tokenizer or _tokenizer_source(args.model, loaded.config.vocab_size)
@@ -116,6 +119,6 @@ def run(args) -> int:
 def _tokenizer_source(model_path: str, vocab_size: int):
   from cometjax.checkpoint.llama2c import find_llama2c_tokenizer
   path = Path(model_path)
-  if path.is_dir():
+  if path.is_dir() or path.suffix == ".gguf":
     return path
   return find_llama2c_tokenizer(path, vocab_size) if path.suffix == ".bin" else None

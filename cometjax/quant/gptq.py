@@ -6,7 +6,8 @@ Cholesky factor U of H^-1, is spread over the not yet quantized rows: W[j] -= U[
 H = sum x x^T over calibration tokens, damped by damp * mean(diag H). Scales are fixed before the sweep
 (from `cometjax.quant.clipping.mse_clip_ratios`), so act_order and groups combine freely. Dead channels (zero
 Hessian diagonal: never active, e.g. zero padding) get weight 0. Runs in numpy float64 (fine for the
-layer sizes of the models tested here; a blocked device version is the path to 7B-size layers).
+layer sizes of the models tested here; a blocked device version is the path to 7B-size layers). One layer
+at a time: the float64 copies of W and H live only while that layer is swept.
 """
 
 from __future__ import annotations

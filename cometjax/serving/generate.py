@@ -41,10 +41,8 @@ class SamplingConfig:
     return self.temperature == 0.0
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
-  """logits: [B, V] float32 -> token ids [B] int32."""
-  if sampling.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def filter_logits(logits: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """logits: [B, V] float32 -> temperature-scaled logits, -inf outside top_k and the top_p nucleus."""
   logits = logits / sampling.temperature
   if sampling.top_k > 0:
     kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
@@ -56,7 +54,45 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -
     keep = mass_before < sampling.top_p  # the smallest prefix whose mass reaches top_p
     cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return logits
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """logits: [B, V] float32 -> token ids [B] int32."""
+  if sampling.greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, filter_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def filter_logits_rows(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """`filter_logits` with one setting per row, as traced arrays (so a new setting never recompiles).
+
+  logits: [B, V] float32; temperature [B] float32 (0 rows are left unscaled: the caller takes their argmax),
+  top_k [B] int32 (0 = off), top_p [B] float32 (1.0 = off).
+  """
+  vocab = logits.shape[-1]
+  logits = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V], descending
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+  kth = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [B, 1]
+  # masking below a threshold keeps the order, so the sorted top-k logits are the sorted logits masked
+  sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = (mass_before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+  cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < jnp.maximum(kth, cutoff), -jnp.inf, logits)
+
+
+def sample_logits_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                       top_p: jax.Array) -> jax.Array:
+  """logits: [B, V]; keys: [B] typed PRNG keys; the settings as in `filter_logits_rows` -> ids [B] int32.
+
+  Rows with temperature 0 are greedy (argmax), whatever their key, top_k and top_p.
+  """
+  filtered = filter_logits_rows(logits, temperature, top_k, top_p)
+  sampled = jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, filtered)
+  return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def bucket(n: int, minimum: int = 16) -> int:
