@@ -52,14 +52,20 @@ def describe(config: qc.QuantConfig) -> str:
   """A short calibration label: weight method, rotation, FMPQ options."""
   parts = []
   if config.weights is not None:
-    parts.append(config.weights.method + (f" g{config.weights.group_size}" if config.weights.group_size else ""))
+    w = config.weights
+    parts.append(w.method + (f" g{w.group_size}" if w.group_size else "") + ("" if w.symmetric else " asym")
+                 + ("" if w.scale_dtype == "float32" else f" {w.scale_dtype} scales"))
   acts = config.activations
   if acts is not None and acts.mixed:
     parts.append(f"int8<={acts.int8_fraction:g}")
     if acts.rotate_int4:
-      parts.append("int4-region rotation")
+      parts.append(f"int4-{acts.rotate_int4} rotation")
+    if acts.scale_span == "region":
+      parts.append("scale per region")
   if config.rotation:
     parts.append(f"{config.rotation} rotation")
+  if config.embedding_bits:
+    parts.append(f"int{config.embedding_bits} embedding")
   return ", ".join(parts) or "none"
 
 
@@ -172,7 +178,8 @@ class StatsCache:
     acts = config.activations
     key = (config.rotation, acts.block_size if acts else None, config.weights.group_size, acts is None)
     if key not in self.cache:
-      superset = config.replace(weights=dataclasses.replace(config.weights, method="clip"))
+      # the statistics do not depend on the weight grid; learned clipping (the superset) is symmetric-only
+      superset = config.replace(weights=dataclasses.replace(config.weights, method="clip", symmetric=True))
       self.cache[key] = collect_stats(self.model, superset, self.windows, batch_size=self.batch_size,
                                       hessian=True, max_samples=self.samples, progress=False)
     return self.cache[key]

@@ -82,16 +82,6 @@ def section_rows(section: str) -> list[tuple[str, qc.QuantConfig | None, KVQuant
   raise ValueError(f"unknown section {section!r}; sections: {SECTIONS}")
 
 
-class SymmetricStatsCache(StatsCache):
-  """bench.accuracy's StatsCache for asymmetric rows too: the statistics do not depend on the weight grid,
-  and its superset (learned clipping) is symmetric-only."""
-
-  def get(self, config):
-    if config.weights is not None and not config.weights.symmetric:
-      config = config.replace(weights=dataclasses.replace(config.weights, symmetric=True))
-    return super().get(config)
-
-
 def run_row(key, config, kv, model, stream, stats_cache, batch_size, fp_ppl) -> dict:
   start = time.perf_counter()
   qmodel = model if config is None else quantize(model, config, stats_cache.get(config), progress=False)
@@ -144,7 +134,7 @@ def main(argv=None):
   out = pathlib.Path(args.out)
   saved = json.loads(out.read_text()) if out.exists() else {"rows": []}
   done = {r["key"]: r for r in saved["rows"]}
-  stats_cache = SymmetricStatsCache(loaded.model, windows, args.batch_size)
+  stats_cache = StatsCache(loaded.model, windows, args.batch_size)
   rows = [("fp", None, None)] + [r for s in args.rows for r in section_rows(s) if r[0] != "fp"]
   for key, config, kv in rows:
     if key not in done:

@@ -272,11 +272,12 @@ def test_rotation_with_w8a8_stays_close(model):
 
 def _save_load_configs():
   w4ax = qc.preset("w4ax-kv4")
-  asymmetric = w4ax.replace(
-      weights=qc.WeightQuantConfig(method="gptq", group_size=32, symmetric=False, scale_dtype="float16"),
-      activations=qc.ActivationQuantConfig(int8_fraction=0.25, rotate_int4="block"), embedding_bits=8)
+  assert not w4ax.weights.symmetric  # the preset's asymmetric weights are the first case
+  symmetric = w4ax.replace(weights=qc.WeightQuantConfig(method="gptq", group_size=32),
+                           activations=qc.ActivationQuantConfig(int8_fraction=0.25, rotate_int4="block"),
+                           embedding_bits=8)
   return {"w4ax-kv4 hadamard": w4ax.replace(rotation="hadamard"), "w4a16": qc.preset("w4a16"),
-          "w4ax-kv4 asymmetric int8-embedding": asymmetric}
+          "w4ax-kv4 symmetric block-rotation int8-embedding": symmetric}
 
 
 def _safetensors_data_bytes(path) -> int:
