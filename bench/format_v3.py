@@ -15,6 +15,8 @@ evaluate on the next `--eval-documents` (800 = stories 200..999) with cometjax.s
   weights    symmetric vs asymmetric (float zero per group) INT4 weights at equal bytes: g32 f32 scales
              against asymmetric g32 with f16 scale + zero, and asymmetric g64 with f32 scale + zero
   embedding  the token embedding at INT8 per row
+  tune       on top of the asymmetric preset: activation-aware GPTQ, RMS channel ranking, per-block
+             INT4 rotation, INT8 embedding, blocks of 8 channels (more runtime scales, no stored byte)
 Rows go to bench/results/format_v3.json (resumed by key: a row already there is not recomputed) and a
 markdown table to format_v3.md.
 """
@@ -44,7 +46,7 @@ from cometjax.serving.perplexity import perplexity_of_ids, split_documents  # no
 
 KV_FLOAT_ZERO = qc.default_kv_config()
 KV_INTEGER_ZERO = dataclasses.replace(KV_FLOAT_ZERO, integer_zero=True)
-SECTIONS = ("kv", "scales", "rotation", "weights", "embedding")
+SECTIONS = ("kv", "scales", "rotation", "weights", "embedding", "tune")
 
 
 def _w4ax(**changes) -> qc.QuantConfig:
@@ -79,6 +81,13 @@ def section_rows(section: str) -> list[tuple[str, qc.QuantConfig | None, KVQuant
             ("sym g32 f16", _w4ax(scale_dtype="float16"), KV_FLOAT_ZERO)]
   if section == "embedding":
     return [("preset + int8 embedding", _w4ax(embedding_bits=8), KV_FLOAT_ZERO)]
+  if section == "tune":  # on top of the asymmetric f16 preset
+    asym = dict(symmetric=False, scale_dtype="float16")
+    return [("asym f16 + act-aware gptq", _w4ax(**asym, gptq_act_aware=True), KV_FLOAT_ZERO),
+            ("asym f16 + rms ranking", _w4ax(**asym, acts_ranking="rms"), KV_FLOAT_ZERO),
+            ("asym f16 + int4 block rotation", _w4ax(**asym, acts_rotate_int4="block"), KV_FLOAT_ZERO),
+            ("asym f16 + int8 embedding", _w4ax(**asym, embedding_bits=8), KV_FLOAT_ZERO),
+            ("asym f16 + blocks of 8", _w4ax(**asym, acts_block_size=8), KV_FLOAT_ZERO)]
   raise ValueError(f"unknown section {section!r}; sections: {SECTIONS}")
 
 

@@ -41,6 +41,9 @@ def rows():
       ("w4axkv4 (preset)", preset, kv4, False),
       ("w4axkv4 (preset) + int8 embedding", preset, kv4, True),  # the same quantized linears, embedding INT8
       ("w4a4kv4 rtn", qc.preset("w4a4-kv4"), kv4, False),
+      # the GGUF's Q4_1 grid is asymmetric per 32 inputs (float minimum): asymmetric RTN g32 can hold it exactly
+      ("w4a16 rtn g32 asym", qc.preset("w4a16").replace(weights=W(method="rtn", group_size=32, symmetric=False)),
+       None, False),
       ("w4a16 rtn g128", qc.preset("w4a16").replace(weights=W(method="rtn", group_size=128)), None, False),
       ("w4a16 gptq g128", qc.preset("w4a16").replace(weights=W(method="gptq", group_size=128)), None, False),
   ]
