@@ -66,3 +66,15 @@ def test_one_document_text_without_a_full_window_is_refused(model):
 def test_cli_choices_match_the_library():
   from cometjax.cli import eval_ppl
   assert eval_ppl.WINDOWINGS == WINDOWINGS
+
+
+def test_skip_documents_drops_the_first_documents(model):
+  tokenizer = CharTokenizer(add_bos=True)
+  docs = ["one story here", "a second one", "and a third story", "fourth"]
+  text = "<|endoftext|>".join(docs)
+  skipped = perplexity(model, tokenizer, text, window=16, skip_documents=2, progress=False)
+  rest = perplexity(model, tokenizer, "<|endoftext|>".join(docs[2:]), window=16, progress=False)
+  assert skipped.num_documents == 2 and math.isclose(skipped.ppl, rest.ppl, rel_tol=1e-6)
+  assert not math.isclose(skipped.ppl, perplexity(model, tokenizer, text, window=16, progress=False).ppl)
+  with pytest.raises(ValueError, match="skip_documents"):
+    perplexity(model, tokenizer, text, skip_documents=-1, progress=False)
