@@ -18,6 +18,7 @@ from cometjax.checkpoint.hf import params_from_tensors
 from cometjax.checkpoint.io import gguf_metadata, open_gguf
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import GGUFTokenizer
+from cometjax.checkpoint.validation import build, check_model_config
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import LlamaConfig, RopeScaling
 
@@ -148,12 +149,13 @@ def read_gguf(path: str | Path, dtype=jnp.float32) -> tuple[LlamaConfig, dict[st
   reader = open_gguf(path)
   meta = gguf_metadata(reader)
   names = {t.name for t in reader.tensors}
-  config = config_from_gguf(meta, names, source, dtype=dtype)
+  config = build(lambda: config_from_gguf(meta, names, source, dtype=dtype), source, "(metadata)")
+  check_model_config(config, source)
   heads = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
   tensors = {}
   for tensor in reader.tensors:
     name = hf_name(tensor.name, source)
-    array = dequantize_tensor(tensor, source)
+    array = build(lambda: dequantize_tensor(tensor, source), source, f"tensor {tensor.name!r}")
     projection = name.rsplit(".", 1)[0].split(".", 3)[-1]
     if projection in heads:
       array = unpermute_rows(array, heads[projection])

@@ -20,6 +20,9 @@ from cometjax.checkpoint.io import (from_storable, gguf_metadata, open_gguf, rea
                                     write_safetensors)
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import HFTokenizer, load_tokenizer
+from cometjax.checkpoint.validation import (build, check_all_used, check_dataclass_dict, check_model_config,
+                                            check_quantized_leaf, check_quantized_metadata, check_stored_dtype,
+                                            check_tensor, read_json_file)
 from cometjax.core.formats import ActivationFormat, InputTransformWeight, QuantizedWeight, is_quantized_leaf
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama
@@ -141,25 +144,46 @@ def _quantized_leaf(name: str, info: dict, get):
       region=get(f"{name}.kernel.input_region") if t["region"] else None)
 
 
-def load_quantized(directory) -> LoadedModel:
-  """`LoadedModel` (with `.quant_config`) from a directory written by `save_quantized`; needs no original
-  checkpoint. `cometjax.load(DIR)` dispatches here when DIR holds quantization.json."""
-  directory = Path(directory)
+def _read_metadata(directory: Path) -> tuple[dict, LlamaConfig, QuantConfig]:
+  """(metadata, model config, quant config) of DIR/quantization.json, every field checked."""
   meta_path = directory / METADATA_FILE
-  if not meta_path.exists():
-    raise CheckpointError(f"{directory} has no {METADATA_FILE} (not a cometjax quantized model directory)")
-  meta = json.loads(meta_path.read_text())
+  source = str(meta_path)
+  meta = read_json_file(meta_path, "quantization metadata")
   if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
     raise CheckpointError(f"{meta_path}: expected format {FORMAT} version {FORMAT_VERSION}, got "
                           f"{meta.get('format')!r} version {meta.get('format_version')!r}")
-  config = llama_config_from_dict(meta["model_config"])
-  quant_config = config_from_dict(meta["quant_config"])
-  tensors = read_safetensors(directory / WEIGHTS_FILE)
-  dtypes = meta["dtypes"]
+  check_quantized_metadata(meta, source)
+  check_dataclass_dict(LlamaConfig, meta["model_config"], source, "model_config.")
+  config = build(lambda: llama_config_from_dict(meta["model_config"]), source, "model_config")
+  check_model_config(config, f"{source}: model_config")
+  quant_config = build(lambda: config_from_dict(meta["quant_config"]), source, "quant_config")
+  for name, info in meta["layers"].items():
+    weights, acts = quant_config.weights, quant_config.activations
+    if weights is None or info["bits"] != weights.bits or (info["activation"] is None) != (acts is None):
+      raise CheckpointError(f"{source}: layers.{name} (bits={info['bits']}, activation={info['activation']}) "
+                            f"disagrees with quant_config (weights={weights}, activations={acts})")
+  return meta, config, quant_config
+
+
+def load_quantized(directory) -> LoadedModel:
+  """`LoadedModel` (with `.quant_config`) from a directory written by `save_quantized`; needs no original
+  checkpoint. `cometjax.load(DIR)` dispatches here when DIR holds quantization.json. Every metadata field
+  and tensor is checked (`cometjax.checkpoint.validation`) before the model is returned."""
+  directory = Path(directory)
+  if not (directory / METADATA_FILE).exists():
+    raise CheckpointError(f"{directory} has no {METADATA_FILE} (not a cometjax quantized model directory)")
+  meta, config, quant_config = _read_metadata(directory)
+  weights_path = directory / WEIGHTS_FILE
+  tensors = read_safetensors(weights_path)
+  dtypes, used = meta["dtypes"], set()
 
   def get(key):
     if key not in tensors:
-      raise CheckpointError(f"{directory / WEIGHTS_FILE} lacks tensor {key!r}")
+      raise CheckpointError(f"{weights_path} lacks tensor {key!r}")
+    if key not in dtypes:
+      raise CheckpointError(f"{directory / METADATA_FILE}: field dtypes.{key} is missing")
+    check_stored_dtype(str(weights_path), key, tensors[key], dtypes[key])
+    used.add(key)
     return from_storable(tensors[key], dtypes[key])
 
   graphdef, state = nnx.split(abstract_llama(config))
@@ -167,16 +191,33 @@ def load_quantized(directory) -> LoadedModel:
   for name, path in linear_layers(pure).items():
     node = node_at(pure, path)
     info = meta["layers"].get(name)
-    node["kernel"] = get(f"{name}.kernel") if info is None else _quantized_leaf(name, info, get)
+    expected = tuple(node["kernel"].shape)
+    if info is None:
+      node["kernel"] = get(f"{name}.kernel")
+      check_tensor(str(weights_path), f"{name}.kernel", node["kernel"], expected)
+      continue
+    node["kernel"] = build(lambda: _quantized_leaf(name, info, get), str(directory / METADATA_FILE),
+                           f"layers.{name}")
+    check_quantized_leaf(str(weights_path), name, node["kernel"], expected)
   for key, path in float_leaves(pure).items():
+    expected = tuple(node_at(pure, path).shape)
     node_at(pure, path[:-1])[path[-1]] = get(key)
+    check_tensor(str(weights_path), key, node_at(pure, path), expected)
+  unknown_layers = sorted(set(meta["layers"]) - set(linear_layers(pure)))
+  if unknown_layers:
+    raise CheckpointError(f"{directory / METADATA_FILE}: layers.{unknown_layers[0]} is not a linear layer of "
+                          "this model config")
+  check_all_used(str(weights_path), tensors, used)
   nnx.replace_by_pure_dict(state, pure)
   model = nnx.merge(graphdef, state)
   if device_weight_layout() != "kn":  # the layout the device's preferred GEMM reads
     model = with_weight_layout(model, device_weight_layout())
   tokenizer = None
-  tok = meta.get("tokenizer")
+  tok = meta["tokenizer"]
   if tok is not None:
+    missing = [f for f in tok["files"] if not (directory / f).is_file()]
+    if missing:
+      raise CheckpointError(f"{directory}: tokenizer file {missing[0]} listed in {METADATA_FILE} is missing")
     tokenizer = (HFTokenizer(directory) if tok["kind"] == "hf"
                  else load_tokenizer(directory / tok["files"][0], config.vocab_size))
   return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(directory),
