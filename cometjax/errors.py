@@ -21,3 +21,8 @@ class ConfigError(CometError):
 class UnsupportedError(CometError):
   """An explicitly requested implementation cannot serve this operand (e.g. implementation="pallas" for a
   weight no Pallas kernel tiles); implementation="auto" falls back instead of raising."""
+
+
+class InputError(CometError):
+  """A request's input is outside what the model accepts (token ids outside the vocabulary, a prompt plus
+  max_new_tokens longer than the model's context or the cache)."""

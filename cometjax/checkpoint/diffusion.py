@@ -17,6 +17,8 @@ import numpy as np
 from flax import nnx
 
 from cometjax.checkpoint.io import read_safetensors, write_safetensors
+from cometjax.checkpoint.validation import (build, check_all_used, check_dataclass_dict, check_tensor,
+                                            read_json_file, require)
 from cometjax.data import data_path
 from cometjax.diffusion.attach import attach_quantizers, to_integer
 from cometjax.diffusion.config import DiffusionQuantConfig
@@ -38,7 +40,8 @@ def read_float_checkpoint(folder: Path, config_cls, what: str):
   if not weights.exists():
     raise FileNotFoundError(f"{what} checkpoint not found: {weights} (set COMETJAX_DATA or pass path)")
   config_path = Path(folder) / "config.json"
-  config = config_cls.from_json(config_path) if config_path.exists() else config_cls()
+  config = build(lambda: config_cls.from_json(config_path), str(config_path), "(config)") \
+      if config_path.exists() else config_cls()
   return config, {k: np.asarray(v, np.float32) for k, v in read_safetensors(weights).items()}
 
 
@@ -86,11 +89,23 @@ def save_quantized_diffusion(model, quant: DiffusionQuantConfig, kind: str, sett
        "quant": dataclasses.asdict(quant)}, indent=2))
 
 
+# DiffusionQuantConfig fields a folder written before they existed may lack (their defaults are what it used)
+_QUANT_FIELDS_ADDED_LATER = ("keep_float", "act_bits_overrides", "act_granularity", "weight_group_size", "rotation")
+
+
 def _quant_config(raw: dict) -> DiffusionQuantConfig:
   raw = dict(raw)
   raw["keep_float"] = tuple(raw.get("keep_float", ()))
   raw["act_bits_overrides"] = tuple((pattern, bits) for pattern, bits in raw.get("act_bits_overrides", ()))
   return DiffusionQuantConfig(**raw)
+
+
+def _check_like(source: str, name: str, array: np.ndarray, template: np.ndarray) -> None:
+  """A saved state tensor has the shape and dtype of the variable it restores, and finite floats."""
+  if array.dtype != template.dtype:
+    raise CheckpointError(f"{source}: tensor {name!r} has dtype {array.dtype.name}, expected "
+                          f"{template.dtype.name}")
+  check_tensor(source, name, array, template.shape, kind=template.dtype.name)
 
 
 def load_quantized_diffusion(folder, model_spec: str | None = None):
@@ -100,24 +115,32 @@ def load_quantized_diffusion(folder, model_spec: str | None = None):
   meta_path = folder / METADATA_FILE
   if not meta_path.exists():
     raise CheckpointError(f"{folder} has no {METADATA_FILE} (not a folder written by --save-quantized)")
-  meta = json.loads(meta_path.read_text())
+  meta = read_json_file(meta_path, "quantized diffusion metadata")
   version = meta.get("format_version", 1)
   if meta.get("format", FORMAT) != FORMAT or version != FORMAT_VERSION:
     raise CheckpointError(f"{meta_path}: expected format {FORMAT} version {FORMAT_VERSION}, got "
                           f"{meta.get('format')!r} version {version!r}")
-  quant = _quant_config(meta["quant"])
+  if require(meta, "kind", str, str(meta_path)) not in MODEL_KINDS:
+    raise CheckpointError(f"{meta_path}: field kind must be one of {MODEL_KINDS}, got {meta['kind']!r}")
+  require(meta, "setting", str, str(meta_path))
+  check_dataclass_dict(DiffusionQuantConfig, require(meta, "quant", dict, str(meta_path)), str(meta_path),
+                       "quant.", optional=_QUANT_FIELDS_ADDED_LATER)
+  quant = build(lambda: _quant_config(meta["quant"]), str(meta_path), "quant")
   model, kind = load_diffusion(model_spec if model_spec is not None else meta["kind"])
   if kind != meta["kind"]:
     raise CheckpointError(f"{folder} holds a quantized {meta['kind']!r} model, but the model given is {kind!r}")
   attach_quantizers(model, quant)
   to_integer(model)
+  weights_path = str(folder / WEIGHTS_FILE)
   tensors = read_safetensors(folder / WEIGHTS_FILE)
   flat = []
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     name = ".".join(str(p) for p in path)
     if name not in tensors:
-      raise CheckpointError(f"{folder / WEIGHTS_FILE}: tensor {name} is missing")
+      raise CheckpointError(f"{weights_path}: tensor {name} is missing")
+    _check_like(weights_path, name, tensors[name], np.asarray(variable.get_value()))
     variable.set_value(tensors[name])
     flat.append((path, variable))
+  check_all_used(weights_path, tensors, {".".join(str(p) for p in path) for path, _ in flat})
   nnx.update(model, nnx.from_flat_state(flat))
   return model, kind, quant
