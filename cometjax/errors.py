@@ -26,3 +26,11 @@ class UnsupportedError(CometError):
 class InputError(CometError):
   """A request's input is outside what the model accepts (token ids outside the vocabulary, a prompt plus
   max_new_tokens longer than the model's context or the cache)."""
+
+
+class UsageError(ConfigError):
+  """A command-line flag's value is wrong; prints as `<flag>: <what is wrong>`."""
+
+  def __init__(self, flag: str, message: str):
+    super().__init__(f"{flag}: {message}")
+    self.flag = flag
