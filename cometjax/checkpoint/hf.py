@@ -14,7 +14,8 @@ from flax import nnx
 from cometjax.checkpoint.io import read_safetensors
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import HFTokenizer
-from cometjax.checkpoint.validation import build, check_model_config, check_tensor, read_json_file, require
+from cometjax.checkpoint.validation import (build, check_layer_count, check_model_config, check_tensor, read_json_file,
+                                            require)
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import (SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, Llama, LlamaConfig, RopeScaling,
                                    abstract_llama)
@@ -153,6 +154,7 @@ def read_hf_weights(directory: Path) -> dict[str, np.ndarray]:
 
 def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], source: str) -> Llama:
   """Builds the model from HF-named float tensors, checking names and shapes."""
+  check_layer_count(source, config.num_layers, tensors, "model.layers.{}.input_layernorm.weight")
   expected = hf_tensor_names(config)
   missing = [n for n in expected if n not in tensors]
   if missing:
@@ -163,6 +165,10 @@ def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], sou
   if unexpected:
     raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (a feature this model family "
                           "does not implement, or a config/weights mismatch)")
+  if config.tie_word_embeddings and "lm_head.weight" in tensors and not np.array_equal(
+      np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])):
+    raise CheckpointError(f"{source}: the config ties lm_head to the embedding (tie_word_embeddings), but tensor "
+                          "'lm_head.weight' differs from 'model.embed_tokens.weight'")
   model = abstract_llama(config)
   graphdef, state = nnx.split(model)
   pure = nnx.to_pure_dict(state)

@@ -45,6 +45,9 @@ def read_llama2c(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
       ("freq_cis_imag", (seq_len, hd // 2))]
   if not shared:
     shapes.append(("wcls", (vocab, dim)))
+  if (len(raw) - 28) % 4:
+    raise CheckpointError(f"{path}: {len(raw) - 28} bytes after the header is not a whole number of float32 "
+                          "values (truncated?)")
   floats = np.frombuffer(raw, dtype="<f4", offset=28)
   arrays, offset = {}, 0
   for name, shape in shapes:

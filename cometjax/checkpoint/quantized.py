@@ -2,7 +2,8 @@
 
 DIR/model.safetensors holds every array (packed weights, scales, permutations, input rotations, float
 leaves); DIR/quantization.json holds the format name and version, the Llama config, the QuantConfig, the
-per-layer formats, the dtype of every tensor and how the tokenizer was copied. Format version 2.
+per-layer formats, the dtype of every tensor, how the tokenizer was copied and (optional, checked on load)
+sha256 digests of the weights file and of the metadata. Format version 2.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from cometjax.checkpoint.io import (from_storable, gguf_metadata, open_gguf, rea
                                     write_safetensors)
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import HFTokenizer, load_tokenizer
-from cometjax.checkpoint.validation import (build, check_all_used, check_dataclass_dict, check_model_config,
-                                            check_quantized_leaf, check_quantized_metadata, check_stored_dtype,
-                                            check_tensor, read_json_file)
+from cometjax.checkpoint.validation import (INTEGRITY_FIELD, build, check_all_used, check_dataclass_dict,
+                                            check_digest, check_layer_count, check_model_config, check_quantized_leaf,
+                                            check_quantized_metadata, check_stored_dtype, check_tensor,
+                                            content_digest, read_json_file)
 from cometjax.core.formats import ActivationFormat, InputTransformWeight, QuantizedWeight, is_quantized_leaf
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import LlamaConfig, RopeScaling, abstract_llama
@@ -123,6 +125,7 @@ def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source
   write_safetensors(directory / WEIGHTS_FILE, tensors)
   metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, model_config=llama_config_to_dict(model.config),
                   quant_config=quant_config.to_dict(), layers=layers, dtypes=dtypes, tokenizer=tokenizer)
+  metadata[INTEGRITY_FIELD] = content_digest(json.loads(json.dumps(metadata)), directory / WEIGHTS_FILE)
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
 
 
@@ -174,6 +177,7 @@ def load_quantized(directory) -> LoadedModel:
     raise CheckpointError(f"{directory} has no {METADATA_FILE} (not a cometjax quantized model directory)")
   meta, config, quant_config = _read_metadata(directory)
   weights_path = directory / WEIGHTS_FILE
+  check_digest(meta, weights_path, str(directory))
   tensors = read_safetensors(weights_path)
   dtypes, used = meta["dtypes"], set()
 
@@ -186,6 +190,7 @@ def load_quantized(directory) -> LoadedModel:
     used.add(key)
     return from_storable(tensors[key], dtypes[key])
 
+  check_layer_count(str(weights_path), config.num_layers, tensors, "layers.{}.input_layernorm.weight")
   graphdef, state = nnx.split(abstract_llama(config))
   pure = nnx.to_pure_dict(state)
   for name, path in linear_layers(pure).items():

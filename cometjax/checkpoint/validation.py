@@ -102,8 +102,8 @@ def build(fn: Callable[[], Any], source: str, where: str):
     return fn()
   except CheckpointError:
     raise
-  except (ValueError, TypeError, KeyError) as e:
-    raise CheckpointError(f"{source}: field {where} is invalid: {e}") from None
+  except (ValueError, TypeError, KeyError, ArithmeticError) as e:
+    raise CheckpointError(f"{source}: field {where} is invalid: {type(e).__name__}: {e}") from None
 
 
 def check_model_config(config, source: str) -> None:
@@ -117,11 +117,22 @@ def check_model_config(config, source: str) -> None:
       raise CheckpointError(f"{source}: {name} must be a positive finite number, got {value!r}")
   if config.head_dim is not None and config.head_dim <= 0:
     raise CheckpointError(f"{source}: head_dim must be positive, got {config.head_dim}")
+  eos = config.eos_token_id
+  if not (eos is None or _is(eos, int) or (isinstance(eos, tuple) and eos)):
+    raise CheckpointError(f"{source}: eos_token_id must be null, an id or a non-empty list of ids, got {eos!r}")
   for name, ids in (("bos_token_id", () if config.bos_token_id is None else (config.bos_token_id,)),
                     ("eos_token_id", config.eos_token_ids)):
     bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < config.vocab_size]
     if bad:
       raise CheckpointError(f"{source}: {name} {bad[0]!r} is outside the vocabulary [0, {config.vocab_size})")
+
+
+def check_layer_count(source: str, num_layers: int, tensors, last_layer_tensor: str) -> None:
+  """The last layer's tensor exists before a name table of num_layers layers is built (a corrupt count such
+  as 10**9 would otherwise exhaust memory before any tensor check runs)."""
+  name = last_layer_tensor.format(num_layers - 1)
+  if name not in tensors:
+    raise CheckpointError(f"{source}: missing tensor {name!r} (the config says {num_layers} layers)")
 
 
 def check_tensor(source: str, name: str, array, shape: tuple[int, ...] | None = None, *, kind: str = "float",
@@ -239,3 +250,31 @@ def check_quantized_metadata(meta: dict, source: str) -> None:
     if not files or not all(isinstance(f, str) and f and "/" not in f and f != ".." for f in files):
       raise CheckpointError(f"{source}: field tokenizer.files must list file names in the directory, "
                             f"got {files!r}")
+
+
+INTEGRITY_FIELD = "integrity"
+
+
+def content_digest(meta: dict, weights_path: Path) -> dict:
+  """sha256 of the weights file and of the metadata (without this field): any edit of either shows."""
+  import hashlib
+  body = {k: v for k, v in meta.items() if k != INTEGRITY_FIELD}
+  weights = hashlib.sha256()
+  with open(weights_path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      weights.update(block)
+  metadata = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+  return {"weights_sha256": weights.hexdigest(), "metadata_sha256": metadata}
+
+
+def check_digest(meta: dict, weights_path: Path, source: str) -> None:
+  """A directory written with an integrity field must still match it (absent in older directories)."""
+  recorded = meta.get(INTEGRITY_FIELD)
+  if recorded is None:
+    return
+  actual = content_digest(meta, weights_path)
+  for key, value in actual.items():
+    if not isinstance(recorded, dict) or recorded.get(key) != value:
+      what = "weights file" if key.startswith("weights") else "metadata"
+      raise CheckpointError(f"{source}: the {what} changed after it was written ({INTEGRITY_FIELD}.{key} does "
+                            "not match): corrupted or edited")
