@@ -100,7 +100,8 @@ def _edit_tensor(directory: Path, name: str, fn):
 
 
 @pytest.mark.parametrize("name, fn, match", [
-    ("embed_tokens", lambda a: np.zeros((63, 32), a.dtype), r"'embed_tokens' has shape \[63, 32\], expected \[64, 32\]"),
+    ("embed_tokens", lambda a: np.zeros((63, 32), a.dtype),
+     r"'embed_tokens' has shape \[63, 32\], expected \[64, 32\]"),
     ("norm.weight", lambda a: a[:-1], r"'norm.weight' has shape \[31\], expected \[32\]"),
     ("layers.0.mlp.up_proj.kernel.input_perm", lambda a: a[:-1], "input_perm' has shape"),
     ("layers.0.mlp.up_proj.kernel.input_perm", lambda a: np.zeros_like(a), "not a permutation"),
@@ -302,3 +303,49 @@ def test_a_subcommand_returning_a_path_exits_0(monkeypatch):
 def test_generate_refuses_a_prompt_beyond_the_context_unless_truncated(capsys):
   assert main(["generate", "--max-new-tokens", "600"]) == 2  # the builtin model's context is 512
   assert _error_line(capsys).startswith("error: --max-new-tokens: max_new_tokens (600) leaves no room")
+
+
+# ------------------------------------------------------------------------------------------------
+# Diffusion checkpoints
+
+
+def test_quantized_diffusion_metadata_is_checked(tmp_path):
+  from cometjax.checkpoint.diffusion import load_quantized_diffusion
+  folder = tmp_path / "qd"
+  folder.mkdir()
+  (folder / "quantized.json").write_text('{"format": "cometjax-quantized-diffusion", "format_version": 1, "ki')
+  with pytest.raises(CheckpointError, match="quantized.json is not valid JSON"):
+    load_quantized_diffusion(folder)
+  meta = {"format": "cometjax-quantized-diffusion", "format_version": 1, "kind": "dit", "setting": "w4a4-ptq"}
+  (folder / "quantized.json").write_text(json.dumps(meta))
+  with pytest.raises(CheckpointError, match="field quant is missing"):
+    load_quantized_diffusion(folder)
+  (folder / "quantized.json").write_text(json.dumps(dict(meta, quant={"weight_bits": "4"})))
+  with pytest.raises(CheckpointError, match="field quant.weight_bits must be int, got '4'"):
+    load_quantized_diffusion(folder)
+  (folder / "quantized.json").write_text(json.dumps(dict(meta, kind="unet")))
+  with pytest.raises(CheckpointError, match="field kind must be one of"):
+    load_quantized_diffusion(folder)
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name, edit, match", [
+    ("dits.0.wq.weight", None, "missing tensor 'dits.0.wq.weight'"),
+    ("dits.0.wq.weight", lambda a: a[:-1], "the tensors do not fit the model config"),
+    ("label_emb.weight", lambda a: a[:-1], r"'label_emb.weight' has shape \[9, 64\]"),
+    ("ln.bias", lambda a: np.full_like(a, np.nan), "'ln.bias' holds non-finite values"),
+])
+def test_dit_checkpoint_tensors_are_checked(tmp_path, name, edit, match):
+  from conftest import require_data
+
+  from cometjax.checkpoint.diffusion import load_dit
+  source = require_data("diffusion", "mnist_dit", "model.safetensors")
+  tensors = load_file(str(source))
+  if edit is None:
+    del tensors[name]
+  else:
+    tensors[name] = edit(tensors[name])
+  shutil.copyfile(source.parent / "config.json", tmp_path / "config.json")
+  save_file(tensors, str(tmp_path / "model.safetensors"))
+  with pytest.raises(CheckpointError, match=match):
+    load_dit(tmp_path)

@@ -45,18 +45,45 @@ def read_float_checkpoint(folder: Path, config_cls, what: str):
   return config, {k: np.asarray(v, np.float32) for k, v in read_safetensors(weights).items()}
 
 
+def _checked_model(make, folder: Path, tensors: dict, config, *, with_label: bool):
+  """The model `make` builds from the checkpoint's tensors, once a traced forward pass (no compute) shows
+  every tensor's shape fits: a missing or misshapen tensor is a CheckpointError naming the folder."""
+  import jax
+  import jax.numpy as jnp
+  source = str(Path(folder) / "model.safetensors")
+  for name, array in tensors.items():
+    check_tensor(source, name, array)
+  try:
+    model = make()
+  except KeyError as e:
+    raise CheckpointError(f"{source}: missing tensor {e.args[0]!r}") from None
+  if with_label and tensors["label_emb.weight"].shape != (config.num_classes, config.hidden_size):
+    raise CheckpointError(f"{source}: tensor 'label_emb.weight' has shape {list(tensors['label_emb.weight'].shape)}, "
+                          f"expected {[config.num_classes, config.hidden_size]}")  # a gather clamps, never fails
+  x = jax.ShapeDtypeStruct((1, config.in_channels, config.image_size, config.image_size), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  inputs = (x, t, t) if with_label else (x, t)
+  try:
+    out = jax.eval_shape(lambda *a: model(*a), *inputs)
+  except (ValueError, TypeError, IndexError) as e:
+    raise CheckpointError(f"{source}: the tensors do not fit the model config: {str(e).splitlines()[0]}") from None
+  if out.shape != x.shape:
+    raise CheckpointError(f"{source}: the model maps {list(x.shape)} to {list(out.shape)}, expected the input shape")
+  return model
+
+
 def load_dit(path=None) -> DiT:
   """The MNIST DiT from a folder with config.json + model.safetensors (default: the shared data)."""
   folder = Path(path) if path is not None else data_path("diffusion", "mnist_dit")
   config, tensors = read_float_checkpoint(folder, DiTConfig, "DiT")
-  return DiT(tensors, config)
+  return _checked_model(lambda: DiT(tensors, config), folder, tensors, config, with_label=True)
 
 
 def load_cnn(path=None) -> CNNDenoiser:
   """The MNIST CNN DDPM from a folder with config.json + model.safetensors (default: the shared data)."""
   folder = Path(path) if path is not None else data_path("diffusion", "mnist_cnn")
   config, tensors = read_float_checkpoint(folder, CNNConfig, "CNN")
-  return CNNDenoiser(tensors, config)
+  return _checked_model(lambda: CNNDenoiser(tensors, config), folder, tensors, config, with_label=False)
 
 
 def load_diffusion(spec: str):
