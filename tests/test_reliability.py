@@ -349,3 +349,43 @@ def test_dit_checkpoint_tensors_are_checked(tmp_path, name, edit, match):
   save_file(tensors, str(tmp_path / "model.safetensors"))
   with pytest.raises(CheckpointError, match=match):
     load_dit(tmp_path)
+
+
+def _gguf_with(path: Path, source: Path, key: str, value=None, vtype=None) -> Path:
+  """A copy of the GGUF at `source` with metadata `key` dropped (value None) or replaced."""
+  import gguf
+  reader = gguf.GGUFReader(str(source))
+  writer = gguf.GGUFWriter(str(path), "llama")
+  for k, field in reader.fields.items():
+    if k.startswith("GGUF.") or k in ("general.architecture", key):
+      continue
+    sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+    writer.add_key_value(k, field.contents(), field.types[0], sub)
+  if value is not None:
+    writer.add_key_value(key, value, vtype)
+  for tensor in reader.tensors:
+    writer.add_tensor(tensor.name, np.asarray(tensor.data).reshape(tuple(reversed([int(d) for d in tensor.shape]))))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+@pytest.mark.parametrize("key, value, kind, match", [
+    ("tokenizer.ggml.merges", None, None, "'tokenizer.ggml.merges' is missing"),
+    ("tokenizer.ggml.tokens", "x", "STRING", "tokenizer.ggml.tokens must be a non-empty list of strings"),
+    ("tokenizer.ggml.token_type", 7, "UINT32", "tokenizer.ggml.token_type must be a list of integers"),
+    ("tokenizer.chat_template", 7, "UINT32", "tokenizer.chat_template must be a string"),
+    ("tokenizer.ggml.bos_token_id", 10**6, "UINT32", "outside the vocabulary"),
+])
+def test_gguf_tokenizer_metadata_is_checked(tmp_path, key, value, kind, match):
+  import gguf
+
+  from gguf_files import random_hf_tensors, tiny_config, write_gguf
+  config = tiny_config(273)  # the byte-level test vocabulary's size
+  write_gguf(tmp_path / "good.gguf", config, random_hf_tensors(config))
+  assert load(tmp_path / "good.gguf").tokenizer.encode("the cat")
+  vtype = None if kind is None else getattr(gguf.GGUFValueType, kind)
+  with pytest.raises(CheckpointError, match=match):
+    load(_gguf_with(tmp_path / "bad.gguf", tmp_path / "good.gguf", key, value, vtype))

@@ -167,5 +167,13 @@ def load_gguf(path: str | Path, dtype=jnp.float32) -> LoadedModel:
   path = Path(path)
   config, tensors, meta = read_gguf(path, dtype=dtype)
   model = params_from_tensors(config, tensors, str(path))
-  tokenizer = GGUFTokenizer(meta, str(path)) if "tokenizer.ggml.model" in meta else None
+  tokenizer = None
+  if "tokenizer.ggml.model" in meta:
+    try:
+      tokenizer = GGUFTokenizer(meta, str(path))
+    except CheckpointError:
+      raise
+    except Exception as e:  # the tokenizers library raises bare Exceptions on an inconsistent vocabulary
+      raise CheckpointError(f"{path}: the tokenizer.ggml.* metadata does not build a tokenizer: "
+                            f"{type(e).__name__}: {e}") from None
   return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(path))
