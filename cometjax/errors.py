@@ -21,3 +21,16 @@ class ConfigError(CometError):
 class UnsupportedError(CometError):
   """An explicitly requested implementation cannot serve this operand (e.g. implementation="pallas" for a
   weight no Pallas kernel tiles); implementation="auto" falls back instead of raising."""
+
+
+class InputError(CometError):
+  """A request's input is outside what the model accepts (token ids outside the vocabulary, a prompt plus
+  max_new_tokens longer than the model's context or the cache)."""
+
+
+class UsageError(ConfigError):
+  """A command-line flag's value is wrong; prints as `<flag>: <what is wrong>`."""
+
+  def __init__(self, flag: str, message: str):
+    super().__init__(f"{flag}: {message}")
+    self.flag = flag

@@ -62,7 +62,7 @@ def test_missing_tensor_is_named(tmp_path):
 
 def test_wrong_shape_is_named(tmp_path):
   write_hf(tmp_path, reshape="model.layers.0.self_attn.k_proj.weight")
-  with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \(7, 16\)"):
+  with pytest.raises(CheckpointError, match=r"'model.layers.0.self_attn.k_proj.weight' has shape \[7, 16\]"):
     load(tmp_path)
 
 

@@ -274,7 +274,8 @@ def test_cli_sample_fp_and_saved_quantized(tmp_path):
                             "--out", str(out), "--quiet"])
   args.func(args)
   assert out.read_bytes()[:4] == b"\x89PNG"
-  with pytest.raises(SystemExit, match="classes"):
+  from cometjax.errors import UsageError
+  with pytest.raises(UsageError, match="--classes: must be digits"):
     bad = parser.parse_args(["sample", "--classes", "12", "--count", "2", "--steps", "2", "--out", str(out), "--quiet"])
     bad.func(bad)
 

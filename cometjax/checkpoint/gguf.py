@@ -18,6 +18,7 @@ from cometjax.checkpoint.hf import params_from_tensors
 from cometjax.checkpoint.io import gguf_metadata, open_gguf
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import GGUFTokenizer
+from cometjax.checkpoint.validation import build, check_model_config
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import LlamaConfig, RopeScaling
 
@@ -148,12 +149,13 @@ def read_gguf(path: str | Path, dtype=jnp.float32) -> tuple[LlamaConfig, dict[st
   reader = open_gguf(path)
   meta = gguf_metadata(reader)
   names = {t.name for t in reader.tensors}
-  config = config_from_gguf(meta, names, source, dtype=dtype)
+  config = build(lambda: config_from_gguf(meta, names, source, dtype=dtype), source, "(metadata)")
+  check_model_config(config, source)
   heads = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
   tensors = {}
   for tensor in reader.tensors:
     name = hf_name(tensor.name, source)
-    array = dequantize_tensor(tensor, source)
+    array = build(lambda: dequantize_tensor(tensor, source), source, f"tensor {tensor.name!r}")
     projection = name.rsplit(".", 1)[0].split(".", 3)[-1]
     if projection in heads:
       array = unpermute_rows(array, heads[projection])
@@ -165,5 +167,13 @@ def load_gguf(path: str | Path, dtype=jnp.float32) -> LoadedModel:
   path = Path(path)
   config, tensors, meta = read_gguf(path, dtype=dtype)
   model = params_from_tensors(config, tensors, str(path))
-  tokenizer = GGUFTokenizer(meta, str(path)) if "tokenizer.ggml.model" in meta else None
+  tokenizer = None
+  if "tokenizer.ggml.model" in meta:
+    try:
+      tokenizer = GGUFTokenizer(meta, str(path))
+    except CheckpointError:
+      raise
+    except Exception as e:  # the tokenizers library raises bare Exceptions on an inconsistent vocabulary
+      raise CheckpointError(f"{path}: the tokenizer.ggml.* metadata does not build a tokenizer: "
+                            f"{type(e).__name__}: {e}") from None
   return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(path))

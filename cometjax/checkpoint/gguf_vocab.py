@@ -96,6 +96,29 @@ def _sentencepiece(meta: dict, source: str):
   return tk, None
 
 
+def _check_fields(meta: dict, kind: str, source: str) -> None:
+  """The tokenizer metadata's lists hold what they must, one entry per token (a byte-level vocabulary needs
+  its merges: without them every word would split into bytes, silently)."""
+  tokens = meta["tokenizer.ggml.tokens"]
+  if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    raise CheckpointError(f"{source}: metadata tokenizer.ggml.tokens must be a non-empty list of strings")
+  if kind == "gpt2" and "tokenizer.ggml.merges" not in meta:
+    raise CheckpointError(f"{source}: metadata key 'tokenizer.ggml.merges' is missing (a gpt2 vocabulary needs it)")
+  for key, kind_ok, what in (("tokenizer.ggml.merges", lambda v: isinstance(v, str), "strings"),
+                             ("tokenizer.ggml.token_type", lambda v: isinstance(v, int), "integers"),
+                             ("tokenizer.ggml.scores", lambda v: isinstance(v, (int, float)), "numbers")):
+    value = meta.get(key)
+    if value is None:
+      continue
+    if not isinstance(value, list) or not all(kind_ok(v) for v in value):
+      raise CheckpointError(f"{source}: metadata {key} must be a list of {what}")
+    if key != "tokenizer.ggml.merges" and len(value) != len(tokens):
+      raise CheckpointError(f"{source}: metadata {key} has {len(value)} entries, tokenizer.ggml.tokens {len(tokens)}")
+  template = meta.get("tokenizer.chat_template")
+  if template is not None and not isinstance(template, str):
+    raise CheckpointError(f"{source}: metadata tokenizer.chat_template must be a string, got {type(template).__name__}")
+
+
 def build_tokenizer(meta: dict, source: str):
   """(tokenizers.Tokenizer, frozenset of special token ids) for GGUF tokenizer metadata."""
   from tokenizers import AddedToken
@@ -105,6 +128,7 @@ def build_tokenizer(meta: dict, source: str):
                           f"(supported: {', '.join(SUPPORTED_MODELS)})")
   if "tokenizer.ggml.tokens" not in meta:
     raise CheckpointError(f"{source}: metadata key 'tokenizer.ggml.tokens' is missing")
+  _check_fields(meta, kind, source)
   tk, alphabet = _byte_level(meta) if kind == "gpt2" else _sentencepiece(meta, source)
   tokens = meta["tokenizer.ggml.tokens"]
   types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,8 @@ from flax import nnx
 from cometjax.checkpoint.io import read_safetensors
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import HFTokenizer
+from cometjax.checkpoint.validation import (build, check_layer_count, check_model_config, check_tensor, read_json_file,
+                                            require)
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import (SUPPORTED_MODEL_TYPES, SUPPORTED_ROPE_TYPES, Llama, LlamaConfig, RopeScaling,
                                    abstract_llama)
@@ -71,6 +72,24 @@ def config_from_hf(d: dict[str, Any], dtype=jnp.float32) -> LlamaConfig:
       model_type=model_type, dtype=dtype)
 
 
+_REQUIRED_INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                        "num_attention_heads")
+
+
+def checked_config_from_hf(d: dict[str, Any], source: str, dtype=jnp.float32) -> LlamaConfig:
+  """config_from_hf with every field it reads present and of its type (CheckpointError naming `source`)."""
+  for key in _REQUIRED_INT_FIELDS:
+    require(d, key, int, source)
+  for key, kind in (("num_key_value_heads", (int, type(None))), ("head_dim", (int, type(None))),
+                    ("max_position_embeddings", int), ("rms_norm_eps", float), ("rope_theta", float),
+                    ("tie_word_embeddings", bool)):
+    if key in d:
+      require(d, key, kind, source)
+  config = build(lambda: config_from_hf(d, dtype=dtype), source, "(config)")
+  check_model_config(config, source)
+  return config
+
+
 def _as_ids(value):
   return tuple(value) if isinstance(value, list) else value
 
@@ -110,7 +129,9 @@ def read_hf_weights(directory: Path) -> dict[str, np.ndarray]:
   """Every tensor of a HF directory: model.safetensors, or the shards model.safetensors.index.json lists."""
   index = directory / "model.safetensors.index.json"
   if index.exists():
-    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map = require(read_json_file(index, "shard index"), "weight_map", dict, str(index))
+    if not all(isinstance(f, str) and f and "/" not in f for f in weight_map.values()):
+      raise CheckpointError(f"{index}: field weight_map must map tensor names to file names in {directory}")
     files = sorted(set(weight_map.values()))
   elif (directory / "model.safetensors").exists():
     weight_map, files = None, ["model.safetensors"]
@@ -133,6 +154,7 @@ def read_hf_weights(directory: Path) -> dict[str, np.ndarray]:
 
 def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], source: str) -> Llama:
   """Builds the model from HF-named float tensors, checking names and shapes."""
+  check_layer_count(source, config.num_layers, tensors, "model.layers.{}.input_layernorm.weight")
   expected = hf_tensor_names(config)
   missing = [n for n in expected if n not in tensors]
   if missing:
@@ -143,15 +165,16 @@ def params_from_tensors(config: LlamaConfig, tensors: dict[str, np.ndarray], sou
   if unexpected:
     raise CheckpointError(f"{source}: unexpected tensor {unexpected[0]!r} (a feature this model family "
                           "does not implement, or a config/weights mismatch)")
+  if config.tie_word_embeddings and "lm_head.weight" in tensors and not np.array_equal(
+      np.asarray(tensors["lm_head.weight"]), np.asarray(tensors["model.embed_tokens.weight"])):
+    raise CheckpointError(f"{source}: the config ties lm_head to the embedding (tie_word_embeddings), but tensor "
+                          "'lm_head.weight' differs from 'model.embed_tokens.weight'")
   model = abstract_llama(config)
   graphdef, state = nnx.split(model)
   pure = nnx.to_pure_dict(state)
   for name, (path, shape, transpose) in expected.items():
     array = np.asarray(tensors[name])
-    if tuple(array.shape) != shape:
-      raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(array.shape)}, expected {shape}")
-    if not np.issubdtype(array.dtype, np.floating) and array.dtype.name != "bfloat16":
-      raise CheckpointError(f"{source}: tensor {name!r} has dtype {array.dtype}, expected a float type")
+    check_tensor(source, name, array, shape)
     node_at(pure, path[:-1])[path[-1]] = jnp.asarray(array.T if transpose else array, dtype=config.dtype)
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
@@ -162,7 +185,7 @@ def load_hf(directory: str | Path, dtype=jnp.float32) -> LoadedModel:
   config_path = directory / "config.json"
   if not config_path.exists():
     raise CheckpointError(f"{directory} has no config.json (expected a Hugging Face model directory)")
-  config = config_from_hf(json.loads(config_path.read_text()), dtype=dtype)
+  config = checked_config_from_hf(read_json_file(config_path, "model config"), str(config_path), dtype=dtype)
   model = params_from_tensors(config, read_hf_weights(directory), str(directory))
   tokenizer = None
   if any((directory / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):

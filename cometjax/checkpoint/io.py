@@ -39,6 +39,10 @@ def open_gguf(path: str | Path):
     if tensor.data.nbytes != tensor.n_bytes:
       raise CheckpointError(f"GGUF file {path} is truncated: tensor {tensor.name!r} needs {tensor.n_bytes} "
                             f"bytes at offset {tensor.data_offset}, the file holds {tensor.data.nbytes} of them")
+  spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in reader.tensors)
+  for (_, end, name), (start, _, next_name) in zip(spans, spans[1:]):
+    if start < end:  # a corrupted offset would read another tensor's bytes
+      raise CheckpointError(f"GGUF file {path}: tensor {next_name!r} overlaps tensor {name!r} (corrupted offsets)")
   return reader
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from cometjax.checkpoint.hf import params_from_tensors
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import load_tokenizer
+from cometjax.checkpoint.validation import build, check_model_config
 from cometjax.errors import CheckpointError
 from cometjax.models.llama import LlamaConfig
 
@@ -44,6 +45,9 @@ def read_llama2c(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
       ("freq_cis_imag", (seq_len, hd // 2))]
   if not shared:
     shapes.append(("wcls", (vocab, dim)))
+  if (len(raw) - 28) % 4:
+    raise CheckpointError(f"{path}: {len(raw) - 28} bytes after the header is not a whole number of float32 "
+                          "values (truncated?)")
   floats = np.frombuffer(raw, dtype="<f4", offset=28)
   arrays, offset = {}, 0
   for name, shape in shapes:
@@ -56,10 +60,11 @@ def read_llama2c(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
   if offset != floats.size:
     raise CheckpointError(f"{path} has {(floats.size - offset) * 4} trailing bytes after the last tensor "
                           "(not a llama2.c v0 file of this header?)")
-  config = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_layers=n_layers,
+  config = build(lambda: LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_layers=n_layers,
                        num_heads=n_heads, num_kv_heads=n_kv, rms_norm_eps=1e-5, rope_theta=10000.0,
                        max_position_embeddings=seq_len, tie_word_embeddings=shared, bos_token_id=1,
-                       eos_token_id=2, model_type="llama")
+                       eos_token_id=2, model_type="llama"), str(path), "header")
+  check_model_config(config, str(path))
   tensors = {"model.embed_tokens.weight": arrays["token_embedding"], "model.norm.weight": arrays["rms_final"]}
   if not shared:
     tensors["lm_head.weight"] = arrays["wcls"]

@@ -3,7 +3,8 @@
 DIR/model.safetensors holds every array (packed weights, scales, zero points, permutations, rotation signs,
 the float or INT8 embedding, float leaves); DIR/quantization.json holds the format name and version, the
 Llama config, the QuantConfig, the per-layer formats, the dtype of every tensor and how the tokenizer was
-copied. The tensor bytes are exactly `quantization_report(model)["total_bytes"]`.
+copied and (optional, checked on load) sha256 digests of the weights file and of the metadata.
+The tensor bytes are exactly `quantization_report(model)["total_bytes"]`.
 
 Format version 3 (written): a per-token activation scale per FMPQ block (`ActivationFormat` saved whole),
 asymmetric weights (`.kernel.zeros`), rotations as signed Hadamard blocks (`.kernel.input_rotation_signs`,
@@ -27,6 +28,10 @@ from cometjax.checkpoint.io import (from_storable, gguf_metadata, open_gguf, rea
                                     write_safetensors)
 from cometjax.checkpoint.loaded import LoadedModel
 from cometjax.checkpoint.tokenizers import HFTokenizer, load_tokenizer
+from cometjax.checkpoint.validation import (INTEGRITY_FIELD, build, check_all_used, check_dataclass_dict,
+                                            check_digest, check_layer_count, check_model_config, check_quantized_leaf,
+                                            check_quantized_metadata, check_stored_dtype, check_tensor,
+                                            content_digest, read_json_file)
 from cometjax.core.formats import (ActivationFormat, InputTransformWeight, QuantizedEmbedding, QuantizedWeight,
                                    is_quantized_leaf)
 from cometjax.core.rotations import HadamardRotation
@@ -147,6 +152,7 @@ def save_quantized(directory, model, quant_config: QuantConfig, tokenizer_source
   metadata = dict(format=FORMAT, format_version=FORMAT_VERSION, model_config=llama_config_to_dict(model.config),
                   quant_config=quant_config.to_dict(), layers=layers, dtypes=dtypes, tokenizer=tokenizer,
                   embedding="int8" if isinstance(embedding, QuantizedEmbedding) else "float")
+  metadata[INTEGRITY_FIELD] = content_digest(json.loads(json.dumps(metadata)), directory / WEIGHTS_FILE)
   (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=1))
 
 
@@ -179,48 +185,92 @@ def _quantized_leaf(name: str, info: dict, get, version: int):
       region=_input_rotation(t["region"], t.get("region_block"), name, "region", get))
 
 
-def load_quantized(directory) -> LoadedModel:
-  """`LoadedModel` (with `.quant_config`) from a directory written by `save_quantized`; needs no original
-  checkpoint. `cometjax.load(DIR)` dispatches here when DIR holds quantization.json."""
-  directory = Path(directory)
+def _read_metadata(directory: Path) -> tuple[dict, LlamaConfig, QuantConfig]:
+  """(metadata, model config, quant config) of DIR/quantization.json, every field checked."""
   meta_path = directory / METADATA_FILE
-  if not meta_path.exists():
-    raise CheckpointError(f"{directory} has no {METADATA_FILE} (not a cometjax quantized model directory)")
-  meta = json.loads(meta_path.read_text())
+  source = str(meta_path)
+  meta = read_json_file(meta_path, "quantization metadata")
   if meta.get("format") != FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
     raise CheckpointError(f"{meta_path}: expected format {FORMAT} version {' or '.join(map(str, READABLE_VERSIONS))}, "
                           f"got {meta.get('format')!r} version {meta.get('format_version')!r}")
+  check_quantized_metadata(meta, source)
+  check_dataclass_dict(LlamaConfig, meta["model_config"], source, "model_config.")
+  config = build(lambda: llama_config_from_dict(meta["model_config"]), source, "model_config")
+  check_model_config(config, f"{source}: model_config")
+  quant_config = build(lambda: config_from_dict(meta["quant_config"]), source, "quant_config")
+  for name, info in meta["layers"].items():
+    weights, acts = quant_config.weights, quant_config.activations
+    if weights is None or info["bits"] != weights.bits or (info["activation"] is None) != (acts is None):
+      raise CheckpointError(f"{source}: layers.{name} (bits={info['bits']}, activation={info['activation']}) "
+                            f"disagrees with quant_config (weights={weights}, activations={acts})")
+  return meta, config, quant_config
+
+
+def load_quantized(directory) -> LoadedModel:
+  """`LoadedModel` (with `.quant_config`) from a directory written by `save_quantized`; needs no original
+  checkpoint. `cometjax.load(DIR)` dispatches here when DIR holds quantization.json. Every metadata field
+  and tensor is checked (`cometjax.checkpoint.validation`) before the model is returned."""
+  directory = Path(directory)
+  if not (directory / METADATA_FILE).exists():
+    raise CheckpointError(f"{directory} has no {METADATA_FILE} (not a cometjax quantized model directory)")
+  meta, config, quant_config = _read_metadata(directory)
+  weights_path = directory / WEIGHTS_FILE
+  check_digest(meta, weights_path, str(directory))
+  tensors = read_safetensors(weights_path)
+  dtypes, used = meta["dtypes"], set()
   version = meta["format_version"]
-  config = llama_config_from_dict(meta["model_config"])
-  quant_config = config_from_dict(meta["quant_config"])
-  tensors = read_safetensors(directory / WEIGHTS_FILE)
-  dtypes = meta["dtypes"]
 
   def get(key):
     if key not in tensors:
-      raise CheckpointError(f"{directory / WEIGHTS_FILE} lacks tensor {key!r}")
+      raise CheckpointError(f"{weights_path} lacks tensor {key!r}")
+    if key not in dtypes:
+      raise CheckpointError(f"{directory / METADATA_FILE}: field dtypes.{key} is missing")
+    check_stored_dtype(str(weights_path), key, tensors[key], dtypes[key])
+    used.add(key)
     return from_storable(tensors[key], dtypes[key])
 
+  check_layer_count(str(weights_path), config.num_layers, tensors, "layers.{}.input_layernorm.weight")
   graphdef, state = nnx.split(abstract_llama(config))
   pure = nnx.to_pure_dict(state)
   for name, path in linear_layers(pure).items():
     node = node_at(pure, path)
     info = meta["layers"].get(name)
-    node["kernel"] = get(f"{name}.kernel") if info is None else _quantized_leaf(name, info, get, version)
-  int8_embedding = meta.get("embedding") == "int8"
+    expected = tuple(node["kernel"].shape)
+    if info is None:
+      node["kernel"] = get(f"{name}.kernel")
+      check_tensor(str(weights_path), f"{name}.kernel", node["kernel"], expected)
+      continue
+    node["kernel"] = build(lambda: _quantized_leaf(name, info, get, version), str(directory / METADATA_FILE),
+                           f"layers.{name}")
+    check_quantized_leaf(str(weights_path), name, node["kernel"], expected)
+  embedding_shape = tuple(pure["embed_tokens"].shape)
+  int8_embedding = meta.get("embedding", "float") == "int8"
   if int8_embedding:
     pure["embed_tokens"] = None
   for key, path in float_leaves(pure).items():
+    expected = tuple(node_at(pure, path).shape)
     node_at(pure, path[:-1])[path[-1]] = get(key)
+    check_tensor(str(weights_path), key, node_at(pure, path), expected)
   if int8_embedding:
-    pure["embed_tokens"] = QuantizedEmbedding(data=get("embed_tokens.data"), scales=get("embed_tokens.scales"))
+    embedding = QuantizedEmbedding(data=get("embed_tokens.data"), scales=get("embed_tokens.scales"))
+    check_tensor(str(weights_path), "embed_tokens.data", embedding.data, embedding_shape, kind="int8")
+    check_tensor(str(weights_path), "embed_tokens.scales", embedding.scales, embedding_shape[:1])
+    pure["embed_tokens"] = embedding
+  unknown_layers = sorted(set(meta["layers"]) - set(linear_layers(pure)))
+  if unknown_layers:
+    raise CheckpointError(f"{directory / METADATA_FILE}: layers.{unknown_layers[0]} is not a linear layer of "
+                          "this model config")
+  check_all_used(str(weights_path), tensors, used)
   nnx.replace_by_pure_dict(state, pure)
   model = nnx.merge(graphdef, state)
   if device_weight_layout() != "kn":  # the layout the device's preferred GEMM reads
     model = with_weight_layout(model, device_weight_layout())
   tokenizer = None
-  tok = meta.get("tokenizer")
+  tok = meta["tokenizer"]
   if tok is not None:
+    missing = [f for f in tok["files"] if not (directory / f).is_file()]
+    if missing:
+      raise CheckpointError(f"{directory}: tokenizer file {missing[0]} listed in {METADATA_FILE} is missing")
     tokenizer = (HFTokenizer(directory) if tok["kind"] == "hf"
                  else load_tokenizer(directory / tok["files"][0], config.vocab_size))
   return LoadedModel(model=model, tokenizer=tokenizer, config=config, source=str(directory),

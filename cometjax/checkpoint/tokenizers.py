@@ -60,7 +60,11 @@ class HFTokenizer(_ChatTemplated):
 
   def __init__(self, directory: str | Path):
     from transformers import AutoTokenizer
-    self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    try:
+      self._tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError) as e:  # transformers' errors on missing / bad files
+      raise CheckpointError(f"tokenizer in {directory} cannot be read: {type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
     self.bos_id = self._tok.bos_token_id
     self.eos_id = self._tok.eos_token_id
     self.vocab_size = len(self._tok)
@@ -129,7 +133,11 @@ class SentencePieceTokenizer(_ChatTemplated):
 
   def __init__(self, path: str | Path):
     import sentencepiece
-    self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    try:
+      self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:  # sentencepiece's own parse / open failures
+      raise CheckpointError(f"tokenizer {path} is not a readable SentencePiece model: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
     self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
     self.vocab_size = self._sp.get_piece_size()
@@ -214,6 +222,8 @@ def load_tokenizer(path: str | Path, vocab_size: int) -> Tokenizer:
   """A tokenizer from a HF directory, a GGUF file (its metadata), a SentencePiece .model, a llama2.c .bin,
   or the `tokenizer.gguf.json` a quantized directory keeps for a GGUF model."""
   path = Path(path)
+  if not path.exists():
+    raise CheckpointError(f"tokenizer {path} does not exist")
   if path.is_dir():
     return HFTokenizer(path)
   if path.suffix == ".gguf":

@@ -13,17 +13,22 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="cometjax", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   for command in (generate, eval_ppl, quantize, sample, serve):
-    command.add_command(sub)
+    command_parser = command.add_command(sub)
+    command_parser.set_defaults(command_parser=command_parser)
   return parser
 
 
 def main(argv=None) -> int:
-  args = build_parser().parse_args(argv)
+  """Runs one subcommand; 0 on success, 2 on a user error (one line `error: <flag>: <what is wrong>`)."""
+  args, unknown = build_parser().parse_known_args(argv)
+  if unknown:  # the subcommand's usage, not the top level's
+    args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   try:
-    return args.func(args)
-  except (ValueError, FileNotFoundError) as e:  # named, user-facing errors (CheckpointError is a ValueError)
+    status = args.func(args)
+  except (ValueError, OSError) as e:  # named, user-facing errors (CheckpointError, UsageError are ValueErrors)
     print(f"error: {e}", file=sys.stderr)
     return 2
+  return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ import json
 import textwrap
 from pathlib import Path
 
-from cometjax.cli.common import add_kv_arg, add_model_args, load_model
+from cometjax.cli.common import add_kv_arg, add_model_args, at_least, check_model_paths, load_model, read_text_file
+from cometjax.errors import UsageError
 
 DEFAULT_SEPARATOR = "<|endoftext|>"
 WINDOWINGS = ("stream", "disjoint")  # cometjax.serving.perplexity.WINDOWINGS, without importing jax
@@ -49,15 +50,22 @@ def add_command(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+  check_model_paths(args)
+  at_least("--window", args.window, 2)
+  at_least("--batch-size", args.batch_size, 1)
+  at_least("--max-documents", args.max_documents, 1, allow_none=True)
+  at_least("--max-windows", args.max_windows, 1, allow_none=True)
+  text_path = Path(args.text)
+  text = read_text_file("--text", text_path)
   from cometjax.serving.perplexity import perplexity
 
   model, tokenizer, kv = load_model(args)
   if tokenizer is None:
-    raise SystemExit(f"error: eval-ppl needs a tokenizer; none was found for {args.model} (pass --tokenizer)")
-  text_path = Path(args.text)
-  if not text_path.is_file():
-    raise SystemExit(f"error: --text file not found: {text_path}")
-  result = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"), window=args.window,
+    raise UsageError("--tokenizer", f"eval-ppl needs a tokenizer; none was found for {args.model}")
+  if args.window > model.config.max_position_embeddings:
+    raise UsageError("--window", f"{args.window} exceeds the model's context "
+                                 f"({model.config.max_position_embeddings} tokens)")
+  result = perplexity(model, tokenizer, text, window=args.window,
                       separator=args.separator or None, per_document=args.per_document,
                       batch_size=args.batch_size, max_documents=args.max_documents,
                       max_windows=args.max_windows, windowing=args.windowing, kv=kv, progress=not args.json,

@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cometjax.cli.common import at_least, check_output_dir, check_output_file, int_list
+from cometjax.errors import UsageError
+
 MODEL_CHOICES = ("dit", "cnn")
 SETTING_CHOICES = "fp | w8a8 | w4a8 | w4a4-ptq | w4a4-quest | a folder from --save-quantized"
 
@@ -24,7 +27,8 @@ def add_command(subparsers) -> argparse.ArgumentParser:
   parser.add_argument("--steps", type=int, default=None,
                       help="DDIM steps (default: the checkpoint's DDPM sampler over all 1000 steps)")
   parser.add_argument("--out", default="samples.png", help="output PNG grid")
-  parser.add_argument("--save-quantized", default=None, help="folder to keep the quantized model in")
+  parser.add_argument("--save-quantized", default=None, help="folder to keep the quantized model in (new or empty)")
+  parser.add_argument("--force", action="store_true", help="write --save-quantized into a non-empty folder")
   parser.add_argument("--quiet", action="store_true")
   parser.set_defaults(func=run)
   return parser
@@ -46,11 +50,38 @@ def _quantized_model(args):
     return model, kind, quant
   if Path(args.setting).is_dir():
     return load_quantized_diffusion(args.setting, args.model)
-  raise SystemExit(f"--setting must be one of {SETTINGS} or a folder written by --save-quantized, "
-                   f"got {args.setting!r}")
+  raise UsageError("--setting", f"must be one of {SETTINGS} or a folder written by --save-quantized, "
+                                f"got {args.setting!r}")
+
+
+def check_args(args) -> list[int] | None:
+  """Everything checkable before a model loads; returns the --classes digits (or None)."""
+  from calib.quest import SETTINGS
+  at_least("--count", args.count, 1)
+  at_least("--steps", args.steps, 1, allow_none=True)
+  if args.model not in ("dit", "cnn") and not Path(args.model).is_dir():
+    raise UsageError("--model", f"must be dit, cnn or a checkpoint folder, got {args.model!r}")
+  if args.setting not in SETTINGS and not Path(args.setting).is_dir():
+    raise UsageError("--setting", f"must be one of {SETTINGS} or a folder written by --save-quantized, "
+                                  f"got {args.setting!r}")
+  check_output_file("--out", args.out)
+  if args.save_quantized is not None:
+    if args.setting not in SETTINGS or args.setting == "fp":
+      raise UsageError("--save-quantized", "applies to a quantized --setting (w8a8, w4a8, w4a4-ptq, w4a4-quest)")
+    check_output_dir("--save-quantized", args.save_quantized,
+                     (args.model if Path(args.model).exists() else None,), args.force)
+  if args.classes is None:
+    return None
+  if args.model == "cnn":
+    raise UsageError("--classes", "only applies to the class-conditional DiT (--model dit)")
+  classes = int_list("--classes", args.classes)
+  if any(not 0 <= c <= 9 for c in classes):
+    raise UsageError("--classes", f"must be digits 0..9 separated by commas, got {args.classes!r}")
+  return classes
 
 
 def run(args) -> int:
+  classes = check_args(args)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -58,18 +89,14 @@ def run(args) -> int:
   from cometjax.diffusion.images import image_grid, write_png
   from cometjax.diffusion.sampling import ddim_sample, ddpm_sample, schedule_for
 
-  if args.count < 1:
-    raise SystemExit(f"--count must be >= 1, got {args.count}")
   model, kind, quant = _quantized_model(args)
   schedule = schedule_for(model)
   labels = None
   if kind == "dit":
-    classes = [int(c) for c in args.classes.split(",")] if args.classes else list(range(10))
-    if any(not 0 <= c <= 9 for c in classes):
-      raise SystemExit(f"--classes must be digits 0..9 separated by commas, got {args.classes!r}")
+    classes = classes or list(range(10))
     labels = jnp.asarray([classes[i % len(classes)] for i in range(args.count)], jnp.int32)
-  elif args.classes:
-    raise SystemExit("--classes only applies to the class-conditional DiT (--model dit)")
+  elif classes:
+    raise UsageError("--classes", "only applies to the class-conditional DiT (--model dit)")
   key = jax.random.key(args.seed)
   noise_key, step_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, (args.count, 1, 28, 28))

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from cometjax.cli.common import add_kv_arg, add_model_args, kv_config, load_model
+from cometjax.cli.common import (add_kv_arg, add_model_args, at_least, calibration_windows_from_text,
+                                 check_model_paths, kv_config, load_model, read_text_file)
+from cometjax.errors import UsageError
+
+DEFAULT_SEPARATOR = "<|endoftext|>"
 
 
 def add_command(sub) -> argparse.ArgumentParser:
@@ -42,39 +45,61 @@ def add_command(sub) -> argparse.ArgumentParser:
   return p
 
 
-def _quantize(model, tokenizer, args):
+def _quantize(model, tokenizer, config, text: str | None):
   from calib.pipeline import calibrate_and_quantize
-  from calib.stats import calibration_windows
-  from cometjax.quant.config import preset
-  from cometjax.serving.perplexity import split_documents
 
-  config = preset(args.preset)
   windows = None
-  if config.needs_calibration:
-    if args.calib_text is None:
-      raise ValueError(f"--calib-text is required: preset {args.preset!r} calibrates on text")
-    path = Path(args.calib_text)
-    if not path.is_file():
-      raise FileNotFoundError(f"--calib-text file not found: {path}")
-    windows = calibration_windows(tokenizer, split_documents(path.read_text(encoding="utf-8"))[:50], 512)
+  if text is not None:
+    windows = calibration_windows_from_text(tokenizer, text, separator=DEFAULT_SEPARATOR, documents=50,
+                                            window=512, max_windows=None)
   quantized, _ = calibrate_and_quantize(model, config, windows, progress=False)
-  return quantized, config.kv
+  return quantized
+
+
+def check_args(args):
+  """Everything checkable before the model loads; returns (preset config or None, calibration text or None)."""
+  check_model_paths(args)
+  for flag, value, minimum in (("--slots", args.slots, 1), ("--max-len", args.max_len, 1), ("--chunk", args.chunk, 1),
+                               ("--num-pages", args.num_pages, 1), ("--port", args.port, 0)):
+    at_least(flag, value, minimum, allow_none=True)
+  if args.port > 65535:
+    raise UsageError("--port", f"must be <= 65535, got {args.port}")
+  if args.max_len % args.chunk:
+    raise UsageError("--max-len", f"{args.max_len} must be a multiple of --chunk ({args.chunk})")
+  if args.preset is None:
+    if args.calib_text is not None:
+      raise UsageError("--calib-text", "only applies with --preset")
+    return None, None
+  from cometjax.quant.config import preset
+  try:
+    config = preset(args.preset)
+  except ValueError as e:
+    raise UsageError("--preset", str(e)) from None
+  if not config.needs_calibration:
+    return config, None
+  if args.calib_text is None:
+    raise UsageError("--calib-text", f"missing: preset {args.preset!r} calibrates on text; pass a UTF-8 text file")
+  return config, read_text_file("--calib-text", args.calib_text)
 
 
 def build_engine(args):
   """(Engine, tokenizer, served model name) from the parsed arguments."""
+  config, text = check_args(args)
   import jax
 
   from cometjax.serving.engine import Engine
 
   model, tokenizer, kv = load_model(args)
   if tokenizer is None:
-    raise ValueError(f"--model {args.model} has no tokenizer; the server needs one (pass --tokenizer)")
-  if args.preset is not None:
-    model, preset_kv = _quantize(model, tokenizer, args)
-    kv = kv_config(args.kv) if args.kv is not None else preset_kv
-  engine = Engine(model, slots=args.slots, max_len=args.max_len, chunk=args.chunk, kv=kv,
-                  num_pages=args.num_pages, key=jax.random.key(args.seed))
+    raise UsageError("--tokenizer", f"--model {args.model} has no tokenizer; the server needs one")
+  if config is not None:
+    model = _quantize(model, tokenizer, config, text)
+    kv = kv_config(args.kv) if args.kv is not None else config.kv
+  try:
+    engine = Engine(model, slots=args.slots, max_len=args.max_len, chunk=args.chunk, kv=kv,
+                    num_pages=args.num_pages, key=jax.random.key(args.seed))
+  except ValueError as e:  # chunk vs the INT4 cache's prefill group, pool sizes
+    raise UsageError("--chunk/--max-len/--num-pages", str(e)) from None
   return engine, tokenizer, args.model_name or args.model
 
 

@@ -18,11 +18,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
 from cometjax.core.formats import (WEIGHT_LAYOUTS, InputTransformWeight, QuantizedWeight, is_quantized_leaf,
                                    quantize_embedding, quantize_weight)
+from cometjax.errors import ConfigError
 from cometjax.ops import registry
 from cometjax.quant.config import QuantConfig
 from cometjax.quant.layer import quantize_layer
@@ -94,6 +96,17 @@ def with_int8_embeddings(model, scale_dtype: str = "float32"):
   return nnx.merge(graphdef, state)
 
 
+def _check_finite_stats(name: str, layer_stats) -> None:
+  """NaN / inf in a layer's statistics would rank channels and scale weights silently wrong."""
+  if layer_stats is None:
+    return
+  for field in ("absmax", "sumsq", "hessian", "samples"):
+    value = getattr(layer_stats, field, None)
+    if value is not None and not np.isfinite(np.asarray(value)).all():
+      raise ConfigError(f"calibration stats of layer {name!r}: {field} holds non-finite values (NaN or inf); "
+                        "the calibration forward pass overflowed or the model has non-finite weights")
+
+
 def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
   """The quantized model: every linear kernel config.quantizes() replaced by a quantized leaf.
 
@@ -118,6 +131,7 @@ def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
   for name, path in tqdm(layers.items(), desc="quantize", unit="layer", disable=not progress):
     node = node_at(pure, path)
     layer_stats = stats.layer(name) if stats is not None else None
+    _check_finite_stats(name, layer_stats)
     node["kernel"] = quantize_layer(name, node["kernel"], config, layer_stats)
   if config.embedding_bits == 8:
     _int8_embeddings(pure, config.weights.scale_dtype)

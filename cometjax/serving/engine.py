@@ -27,8 +27,10 @@ import numpy as np
 from flax import nnx
 
 from cometjax.core.kv import KVQuantConfig
+from cometjax.errors import InputError
 from cometjax.serving.generate import SamplingConfig, sample_logits_rows
 from cometjax.serving.kvcache import create_cache, prefill_chunk
+from cometjax.serving.limits import check_token_ids, fit_context
 
 TRACE_COUNTS = {"prefill": 0, "decode": 0}
 
@@ -138,11 +140,10 @@ class Engine:
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if len(prompt) + max_new_tokens > self.max_len:
-      raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+      raise InputError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
                        f"max_len ({self.max_len})")
-    vocab = self.model.config.vocab_size
-    if min(prompt) < 0 or max(prompt) >= vocab:
-      raise ValueError(f"prompt token ids must be in [0, vocab_size) = [0, {vocab})")
+    check_token_ids(prompt, self.model.config.vocab_size)
+    fit_context(prompt, max_new_tokens, self.model.config.max_position_embeddings)
     if self._paged and self.pages_needed(len(prompt), max_new_tokens) > self._cache.num_pages:
       raise ValueError(f"the request needs {self.pages_needed(len(prompt), max_new_tokens)} pages, more than "
                        f"the pool's num_pages ({self._cache.num_pages})")
@@ -186,8 +187,10 @@ class Engine:
 
   @property
   def max_request_tokens(self) -> int:
-    """The most prompt + new tokens one request may hold: max_len, or less when the page pool is smaller."""
-    return min(self.max_len, self._cache.num_pages * self._page_size) if self._paged else self.max_len
+    """The most prompt + new tokens one request may hold: max_len, or less when the page pool or the model's
+    context (max_position_embeddings) is smaller."""
+    capacity = min(self.max_len, self._cache.num_pages * self._page_size) if self._paged else self.max_len
+    return min(capacity, self.model.config.max_position_embeddings)
 
   @property
   def num_pages(self) -> int | None:

@@ -19,6 +19,7 @@ from flax import nnx
 
 from cometjax.core.kv import KVQuantConfig
 from cometjax.serving.kvcache import create_cache, prefill_chunk
+from cometjax.serving.limits import check_request
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -221,11 +222,14 @@ class GenerateResult:
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              stop_at_eos: bool = True, eos_ids: Sequence[int] | None = None,
-             kv: KVQuantConfig | None = None, cache_dtype=None) -> GenerateResult:
+             kv: KVQuantConfig | None = None, cache_dtype=None, truncate: str | None = None) -> GenerateResult:
   """Generates up to `max_new_tokens` for each prompt (a list of token ids, at least one each).
 
   `kv` selects the KV cache: None is a float cache (model dtype, or `cache_dtype`), a `KVQuantConfig`
   an INT4 cache.
+
+  Token ids outside the vocabulary, and a prompt + max_new_tokens longer than the model's context
+  (config.max_position_embeddings), raise `InputError`; truncate="left" drops the oldest prompt tokens instead.
 
   `key` is required when sampling (temperature > 0). Timings exclude nothing: the first call for a
   new shape bucket includes compilation; call once to warm up when measuring throughput.
@@ -238,9 +242,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     raise ValueError("key (a jax.random key) is required when sampling with temperature > 0")
   key = jax.random.key(0) if key is None else key
   config = model.config
+  prompts = check_request(config, prompts, max_new_tokens, truncate=truncate)
   lengths = np.array([len(p) for p in prompts], np.int32)
-  if np.any(np.concatenate([np.asarray(p) for p in prompts]) >= config.vocab_size):
-    raise ValueError(f"prompt token ids must be < vocab_size ({config.vocab_size})")
   chunk = prefill_chunk(kv)
   prompt_len = round_up(bucket(int(lengths.max())), chunk)
   cache_len = round_up(bucket(prompt_len + max_new_tokens), chunk)
