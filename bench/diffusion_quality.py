@@ -136,7 +136,7 @@ def smoke_recipe(kind: str):
   """The default recipe shrunk to seconds (CI): same steps, tiny calibration and training budgets."""
   recipe = default_recipe(kind)
   return dataclasses.replace(
-    recipe, calibration=dataclasses.replace(recipe.calibration, num_trajectories=4, ddim_steps=4, num_samples=16,
+    recipe, calibration=dataclasses.replace(recipe.calibration, num_trajectories=4, steps=4, num_samples=16,
                                             record_samples=8),
     adaround=dataclasses.replace(recipe.adaround, iterations=2, batch_samples=4),
     quest=dataclasses.replace(recipe.quest, steps=3, batch_size=4))

@@ -305,7 +305,7 @@ def default_recipe(kind: str) -> SettingRecipe:
     # QuEST starts from round-to-nearest weights: with the gain terms, class accuracy over finetuning seeds
     # 0/1/2 was 0.845/0.880/0.680 from round-to-nearest and 0.715/0.718/0.775 from AdaRound (FP 0.795; 400
     # samples, float simulation).  Averaging the second half's iterates: 0.835/0.895/0.735.
-    return SettingRecipe(CalibrationConfig(num_trajectories=256, ddim_steps=100, num_samples=4096, record_samples=128,
+    return SettingRecipe(CalibrationConfig(num_trajectories=256, steps=100, num_samples=4096, record_samples=128,
                                            eta=1.0),
                          AdaRoundConfig(iterations=100, batch_samples=32),
                          dataclasses.replace(DIT_QUEST, steps=1000, weight_learning_rate=2e-3,
@@ -313,7 +313,7 @@ def default_recipe(kind: str) -> SettingRecipe:
                                              eps_gain_weight=1.0, class_gain_weight=1.0, average_fraction=0.5),
                          act_bits_overrides=DIT_CONDITIONING_A8, act_granularity="token", quest_from_adaround=False)
   if kind == "cnn":
-    return SettingRecipe(CalibrationConfig(num_trajectories=32, ddim_steps=25, num_samples=384, record_samples=32,
+    return SettingRecipe(CalibrationConfig(num_trajectories=32, steps=25, num_samples=384, record_samples=32,
                                            eta=1.0),
                          AdaRoundConfig(iterations=50, batch_samples=8),
                          dataclasses.replace(CNN_QUEST, steps=150, batch_size=16, weight_learning_rate=1e-3,

@@ -17,7 +17,7 @@ from cometjax.diffusion.sampling import schedule_for
 from cometjax.models.layers import QuantLinear
 from tests.conftest import require_data
 
-TINY_CALIBRATION = CalibrationConfig(num_trajectories=8, ddim_steps=4, num_samples=32, record_samples=16)
+TINY_CALIBRATION = CalibrationConfig(num_trajectories=8, steps=4, num_samples=32, record_samples=16)
 TINY_ADAROUND = AdaRoundConfig(iterations=4, batch_samples=4)
 
 
@@ -193,7 +193,7 @@ def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rot
   schedule = schedule_for(model)
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", weight_group_size=16,
                               quantize_attention_matmuls=False, rotation=rotation)
-  calibration = CalibrationConfig(num_trajectories=4, ddim_steps=3, num_samples=8, record_samples=4)
+  calibration = CalibrationConfig(num_trajectories=4, steps=3, num_samples=8, record_samples=4)
   adaround = AdaRoundConfig(iterations=3, batch_samples=4) if rotation else None
   model, calib, report = run_ptq(model, schedule, PTQConfig(quant, calibration, adaround), progress=False)
   if rotation:
@@ -225,7 +225,7 @@ def test_cnn_quest_smoke():
   model = load_cnn()
   schedule = schedule_for(model)
   quant = preset("w4a4")
-  calibration = CalibrationConfig(num_trajectories=4, ddim_steps=3, num_samples=8, record_samples=4)
+  calibration = CalibrationConfig(num_trajectories=4, steps=3, num_samples=8, record_samples=4)
   model, calib, _ = run_ptq(model, schedule, PTQConfig(quant, calibration, None), progress=False)
   report = quest_finetune(model, schedule, quant, calib, dataclasses.replace(CNN_QUEST, steps=2, batch_size=2),
                           progress=False)
@@ -289,7 +289,7 @@ def test_saved_rotated_token_model_reloads_with_the_same_output(tmp_path):
   model = load_dit()
   schedule = schedule_for(model)
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", rotation="hadamard")
-  calibration = CalibrationConfig(num_trajectories=4, ddim_steps=3, num_samples=8, record_samples=4)
+  calibration = CalibrationConfig(num_trajectories=4, steps=3, num_samples=8, record_samples=4)
   model, calib, _ = run_ptq(model, schedule, PTQConfig(quant, calibration, None), progress=False)
   with pytest.raises(ValueError, match="attach quantizers to a freshly loaded model"):
     attach_quantizers(model, quant)  # its kernels are already R^T W
