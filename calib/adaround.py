@@ -103,20 +103,34 @@ def _float_eps(graphdef, state, schedule, x, index, labels):
 
 
 def build_calibration_set(model, schedule: NoiseSchedule, config: CalibrationConfig = CalibrationConfig(),
-                          progress: bool = True) -> CalibrationSet:
-  """Run the float model's paths (`config.sampler`) and keep `num_samples` random (x_t, t) pairs with its eps."""
+                          progress: bool = True, paths_per_call: int = 32) -> CalibrationSet:
+  """Run the float model's paths (`config.sampler`) and keep `num_samples` random (x_t, t) pairs with its eps.
+
+  The paths run `paths_per_call` at a time (a progress bar counts them), each batch with its own PRNG key.
+  """
   rng = np.random.default_rng(config.seed)
   noise = jnp.asarray(rng.standard_normal((config.num_trajectories, 1, 28, 28)).astype(np.float32))
   labels = None
   if schedule.kind == "dit":
     labels = jnp.arange(config.num_trajectories, dtype=jnp.int32) % 10
   start = time.time()
-  key = jax.random.key(config.seed)
-  if config.sampler == "ddpm":
-    xs, eps, indices = ddpm_trajectory(model, schedule, noise, labels, key=key, steps=config.steps)  # [S, B, ...]
-  else:
-    xs, eps, indices = ddim_trajectory(model, schedule, noise, labels, steps=config.steps, eta=config.eta, key=key)
-  xs, eps = np.asarray(xs), np.asarray(eps)
+  xs, eps = [], []
+  bar = tqdm(total=config.num_trajectories, desc=f"calibration paths ({config.sampler.upper()})", unit="path",
+             disable=not progress)
+  for first in range(0, config.num_trajectories, paths_per_call):
+    part = slice(first, first + paths_per_call)
+    part_labels = None if labels is None else labels[part]
+    key = jax.random.fold_in(jax.random.key(config.seed), first)
+    if config.sampler == "ddpm":
+      x, e, indices = ddpm_trajectory(model, schedule, noise[part], part_labels, key=key, steps=config.steps)
+    else:
+      x, e, indices = ddim_trajectory(model, schedule, noise[part], part_labels, steps=config.steps, eta=config.eta,
+                                      key=key)
+    xs.append(np.asarray(x))  # [S, b, ...]
+    eps.append(np.asarray(e))
+    bar.update(x.shape[1])
+  bar.close()
+  xs, eps = np.concatenate(xs, axis=1), np.concatenate(eps, axis=1)  # [S, B, ...]
   steps, batch = xs.shape[:2]
   flat = rng.choice(steps * batch, size=config.num_samples, replace=False)
   step_of, path_of = flat // batch, flat % batch

@@ -63,13 +63,19 @@ def test_adaround_one_layer(dit_ptq):
   x = jnp.asarray(records["blocks.0.ff1"])
   target = x @ layer.kernel[...] + layer.bias[...]
   nearest = float(((layer(x, jnp.asarray(groups)) - target) ** 2).mean())
+  float_ratio = np.asarray(layer.kernel[...] / layer.quant.weight.scale[...])
   error = adaround_layer(layer, records["blocks.0.ff1"], groups, AdaRoundConfig(iterations=60, batch_samples=8))
   adarounded = float(((layer(x, jnp.asarray(groups)) - target) ** 2).mean())
   assert error > 0 and adarounded < nearest * 1.05
-  # the hard rounding is folded into the kernel: kernel / scale is integer again
-  ratio = np.asarray(layer.kernel[...] / layer.quant.weight.scale[...])
-  np.testing.assert_allclose(ratio, np.round(ratio), atol=1e-4)
+  # the hard rounding is folded into the kernel: nearest rounding gives AdaRound's codes, each floor(W / s) or
+  # floor(W / s) + 1, and the kernel stays within a step of the float weight (QuEST's finetuning start)
   assert layer.quant.weight.rounding == "nearest"
+  ratio = np.asarray(layer.kernel[...] / layer.quant.weight.scale[...])
+  codes = np.asarray(layer.quant.weight.integer_values(layer.kernel[...]))
+  inside = np.abs(float_ratio) < 7  # unclipped
+  assert np.all(np.isin(codes[inside] - np.floor(float_ratio[inside]), (0.0, 1.0)))
+  assert np.abs(ratio - float_ratio).max() <= 0.5 + 1e-4
+  assert 0.05 < float(np.mean(codes != np.floor(float_ratio + 0.5))) < 0.5  # some roundings changed, not all
 
 
 @pytest.mark.slow
