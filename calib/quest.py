@@ -142,19 +142,20 @@ def gain_penalty(pred: jax.Array, ref: jax.Array) -> jax.Array:
   return ((1.0 - gain) ** 2).mean()
 
 
-def _quest_loss(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, weights: tuple[float, float],
-                batch: dict) -> jax.Array:
-  """The global loss of one batch: MSE to the float eps, plus the optional gain terms."""
+def _quest_losses(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, weights: tuple[float, float],
+                  batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(MSE to the float eps, the finetuning objective: that MSE plus the optional gain terms) of one batch."""
   eps_gain_weight, class_gain_weight = weights
   group = quant.timestep_group(batch["index"])
   eps = predict_noise(model, schedule, batch["x"], batch["index"], batch.get("labels"), group)
-  loss = ((eps - batch["eps"]) ** 2).mean()
+  mse = ((eps - batch["eps"]) ** 2).mean()
+  loss = mse
   if eps_gain_weight:
     loss = loss + eps_gain_weight * gain_penalty(eps, batch["eps"])
   if class_gain_weight:
     other = predict_noise(model, schedule, batch["x"], batch["index"], batch["other_labels"], group)
     loss = loss + class_gain_weight * gain_penalty(eps - other, batch["eps"] - batch["other_eps"])
-  return loss
+  return mse, loss
 
 
 def _keep_positive(params):
@@ -175,7 +176,7 @@ def _quest_steps(graphdef, rest, carry, data, rows, add_to_average, schedule, qu
     step_rows, add = inputs
     batch = {name: values[step_rows] for name, values in data.items()}
     loss, grads = jax.value_and_grad(
-      lambda t: _quest_loss(nnx.merge(graphdef, *t, rest), schedule, quant, weights, batch))(trained)
+      lambda t: _quest_losses(nnx.merge(graphdef, *t, rest), schedule, quant, weights, batch)[1])(trained)
     new_trained, new_states = [], []
     for params, grad, optimizer, opt_state in zip(trained, grads, optimizers, opt_states):
       updates, opt_state = optimizer.update(grad, opt_state, params)
@@ -194,24 +195,35 @@ def chunk_length(steps: int, longest: int = 25) -> int:
   return max(d for d in range(1, min(steps, longest) + 1) if steps % d == 0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "quant"))
-def _global_loss(graphdef, state, schedule, quant, x, index, labels, target):
-  model = nnx.merge(graphdef, state)
-  eps = predict_noise(model, schedule, x, index, labels, quant.timestep_group(index))
-  return ((eps - target) ** 2).mean()
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "quant", "weights"))
+def _batch_losses(graphdef, state, schedule, quant, weights, batch):
+  return _quest_losses(nnx.merge(graphdef, state), schedule, quant, weights, batch)
+
+
+def calibration_losses(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, calib: CalibrationSet,
+                       config: QuestConfig | None = None, batch_size: int = 64) -> tuple[float, float]:
+  """(MSE between `model`'s and the float model's eps, `config`'s finetuning objective) over `calib`
+  (without `config`, or without gain terms, the two are equal)."""
+  weights = (0.0, 0.0) if config is None else (float(config.eps_gain_weight), float(config.class_gain_weight))
+  if weights[1] and calib.other_eps is None:
+    raise ValueError("class_gain_weight > 0 needs a calibration set with other_labels/other_eps "
+                     "(calib.adaround.with_other_labels)")
+  graphdef, state = nnx.split(model)
+  data = _device_data(calib, bool(weights[1]))
+  mse = objective = 0.0
+  for start in range(0, len(calib), batch_size):
+    rows = jnp.arange(start, min(start + batch_size, len(calib)))
+    part_mse, part_objective = _batch_losses(graphdef, state, schedule, quant, weights,
+                                             {name: values[rows] for name, values in data.items()})
+    mse += float(part_mse) * len(rows)
+    objective += float(part_objective) * len(rows)
+  return mse / len(calib), objective / len(calib)
 
 
 def global_loss(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, calib: CalibrationSet,
                 batch_size: int = 64) -> float:
   """Mean MSE between `model`'s and the float model's noise prediction over the calibration set."""
-  graphdef, state = nnx.split(model)
-  total = 0.0
-  for start in range(0, len(calib), batch_size):
-    part = calib.take(np.arange(start, min(start + batch_size, len(calib))))
-    labels = None if part.labels is None else jnp.asarray(part.labels)
-    total += float(_global_loss(graphdef, state, schedule, quant, jnp.asarray(part.x), jnp.asarray(part.index),
-                                labels, jnp.asarray(part.eps))) * len(part)
-  return total / len(calib)
+  return calibration_losses(model, schedule, quant, calib, None, batch_size)[0]
 
 
 def _device_data(calib: CalibrationSet, with_other_labels: bool) -> dict:
@@ -241,14 +253,15 @@ def _trained_report(model, config: QuestConfig, states) -> dict:
 def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, calib: CalibrationSet,
                    config: QuestConfig, progress: bool = True) -> dict:
   """Finetune a fake-quantized model in place.  Returns a report: trained parameters and counts,
-  the global loss before and after, the loss per chunk of steps, and the time taken."""
+  the global loss (MSE to the float eps) and the finetuning objective over `calib` before and after, the
+  objective per chunk of steps, and the time taken."""
   start = time.time()
   if config.needs_other_labels and calib.other_eps is None:
     raise ValueError("class_gain_weight > 0 needs a calibration set with other_labels/other_eps "
                      "(calib.adaround.with_other_labels)")
   graphdef, *states, rest = nnx.split(model, *trainable_filters(model, config), ...)
   report = _trained_report(model, config, states)
-  report["global_loss_before"] = global_loss(model, schedule, quant, calib)
+  report["global_loss_before"], report["objective_before"] = calibration_losses(model, schedule, quant, calib, config)
 
   def adam(learning_rate):  # cosine decay to 10% over the run
     return optax.adam(optax.cosine_decay_schedule(learning_rate, max(config.steps, 1), alpha=0.1))
@@ -284,7 +297,7 @@ def quest_finetune(model, schedule: NoiseSchedule, quant: DiffusionQuantConfig, 
   nnx.update(model, *trained)
   report["loss_per_chunk"] = losses
   report["steps_per_chunk"] = chunk
-  report["global_loss_after"] = global_loss(model, schedule, quant, calib)
+  report["global_loss_after"], report["objective_after"] = calibration_losses(model, schedule, quant, calib, config)
   report["seconds"] = time.time() - start
   return report
 
@@ -293,7 +306,8 @@ def format_report(report: dict) -> str:
   lines = [f"QuEST: {report['num_tla_layers']} TLA layers, {report['num_cma_layers']} CMA layers; "
            f"{report['num_trained_tensors']} tensors / {report['num_trained_values']:,} values trained "
            f"({report['num_weight_values']:,} weights, {report['num_scale_values']:,} quantizer scales); "
-           f"global loss {report['global_loss_before']:.5f} -> {report['global_loss_after']:.5f} "
+           f"global loss (eps MSE) {report['global_loss_before']:.5f} -> {report['global_loss_after']:.5f}, "
+           f"objective {report['objective_before']:.5f} -> {report['objective_after']:.5f} "
            f"in {report['seconds']:.0f}s"]
   for name, kind in sorted(report["layers"].items()):
     lines.append(f"  {kind} {name}")
@@ -338,17 +352,14 @@ DIT_CONDITIONING_A8 = ((r"^time_mlp\d$|^blocks\.\d+\.(gamma|beta|alpha)[12]$", 8
 
 def default_recipe(kind: str) -> SettingRecipe:
   if kind == "dit":
-    # Calibration states from 100-step ancestral paths, so the time-embedding layers that TLA trains see
-    # 100 timesteps (a 25-step grid overfits them to 25 timesteps and hurts the 1000-step sampler).
-    # QuEST starts from round-to-nearest weights: with the gain terms, class accuracy over finetuning seeds
-    # 0/1/2 was 0.845/0.880/0.680 from round-to-nearest and 0.715/0.718/0.775 from AdaRound (FP 0.795; 400
-    # samples, float simulation).  Averaging the second half's iterates: 0.835/0.895/0.735.
-    return SettingRecipe(CalibrationConfig(num_trajectories=256, steps=100, num_samples=4096, record_samples=128,
-                                           eta=1.0),
+    # Calibration states from the checkpoint's own 1000-step DDPM sampler (every 10th step recorded), the
+    # states the evaluation visits.  QuEST follows the paper's rates (QuestConfig's defaults) from
+    # round-to-nearest weights, plus the gain terms: with MSE alone the finetuned model loses class signal
+    # (class accuracy 0.585 vs 0.67 before finetuning; with the gain terms 0.85, FP 0.825; docs/quest.md).
+    return SettingRecipe(CalibrationConfig(num_trajectories=32, steps=100, num_samples=2048, record_samples=128,
+                                           eta=1.0, sampler="ddpm"),
                          AdaRoundConfig(iterations=100, batch_samples=32),
-                         dataclasses.replace(DIT_QUEST, steps=1000, weight_learning_rate=2e-3,
-                                             scale_learning_rate=5e-3, weight_scale_learning_rate=2e-5,
-                                             eps_gain_weight=1.0, class_gain_weight=1.0, average_fraction=0.5),
+                         dataclasses.replace(DIT_QUEST, steps=400, eps_gain_weight=1.0, class_gain_weight=1.0),
                          act_bits_overrides=DIT_CONDITIONING_A8, act_granularity="token", quest_from_adaround=False)
   if kind == "cnn":
     return SettingRecipe(CalibrationConfig(num_trajectories=32, steps=25, num_samples=384, record_samples=32,
@@ -357,6 +368,48 @@ def default_recipe(kind: str) -> SettingRecipe:
                          dataclasses.replace(CNN_QUEST, steps=150, batch_size=16, weight_learning_rate=1e-3,
                                              scale_learning_rate=5e-3, weight_scale_learning_rate=2e-5))
   raise ValueError(f"kind must be 'dit' or 'cnn', got {kind!r}")
+
+
+# Seconds on 2 shared CPU cores (measured 2026-12-02 with `nice`, other jobs running): one float model call on
+# one state (calibration paths), one finetuning step at the recipe's batch (both forwards of the gain terms and
+# the backward pass), compiling the finetuning step, and what the rest of PTQ costs.
+_MODEL_CALL_SECONDS = {"dit": 0.9e-3, "cnn": 36e-3}
+_QUEST_STEP_SECONDS = {"dit": 0.45, "cnn": 0.6}
+_QUEST_COMPILE_SECONDS = {"dit": 45.0, "cnn": 60.0}
+_PTQ_SECONDS = {"dit": 25.0, "cnn": 30.0}
+_ADAROUND_SECONDS_PER_ITERATION = {"dit": 0.3, "cnn": 1.2}
+
+
+def estimated_seconds(kind: str, setting: str, recipe: SettingRecipe | None = None) -> float:
+  """About how long `quantize_for_setting(..., setting)` takes on 2 CPU cores (0 for fp)."""
+  if setting not in SETTINGS:
+    raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+  if setting == "fp":
+    return 0.0
+  recipe = recipe or default_recipe(kind)
+  calibration = recipe.calibration
+  path_steps = 1000 if calibration.sampler == "ddpm" else calibration.steps
+  seconds = calibration.num_trajectories * path_steps * _MODEL_CALL_SECONDS[kind] + _PTQ_SECONDS[kind]
+  if recipe.ptq_adaround(setting) is not None:
+    seconds += recipe.adaround.iterations * _ADAROUND_SECONDS_PER_ITERATION[kind]
+  if setting == "w4a4-quest":
+    batch_scale = recipe.quest.batch_size / (32 if kind == "dit" else 16)
+    seconds += _QUEST_COMPILE_SECONDS[kind] + recipe.quest.steps * _QUEST_STEP_SECONDS[kind] * batch_scale
+  return seconds
+
+
+def describe_plan(kind: str, setting: str, recipe: SettingRecipe | None = None) -> str:
+  """One line: what `quantize_for_setting` will run for `setting` and about how long it takes."""
+  recipe = recipe or default_recipe(kind)
+  calibration = recipe.calibration
+  parts = [f"calibration: {calibration.num_trajectories} {calibration.sampler.upper()} paths of the float model"]
+  adaround = recipe.ptq_adaround(setting)
+  parts.append("PTQ: activation ranges, " + ("round-to-nearest weights" if adaround is None else
+                                             f"AdaRound ({adaround.iterations} iterations per layer)"))
+  if setting == "w4a4-quest":
+    parts.append(f"QuEST: {recipe.quest.steps} finetuning steps of batch {recipe.quest.batch_size}")
+  minutes = estimated_seconds(kind, setting, recipe) / 60
+  return f"{setting} on the {kind}: " + "; ".join(parts) + f". About {minutes:.1f} min on 2 CPU cores."
 
 
 def quantize_for_setting(model, schedule: NoiseSchedule, setting: str, *, recipe: SettingRecipe | None = None,

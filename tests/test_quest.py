@@ -123,22 +123,32 @@ def test_quest_iterate_averaging(dit_ptq):
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_class_gain_loss_needs_and_uses_other_labels(dit_ptq):
-  from calib.adaround import with_other_labels
+def test_default_recipe_finetuning_lowers_its_objective_and_not_held_out_error(dit_ptq):
+  from calib.adaround import build_calibration_set, with_other_labels
+  from calib.quest import calibration_losses, default_recipe
   from cometjax.checkpoint.diffusion import load_dit
   model, schedule, quant, calib, _ = dit_ptq
-  config = dataclasses.replace(DIT_QUEST, steps=2, batch_size=8, class_gain_weight=1.0, eps_gain_weight=1.0)
+  config = dataclasses.replace(default_recipe("dit").quest, steps=16, batch_size=16)
+  assert config.needs_other_labels
   with pytest.raises(ValueError, match="other_labels"):
     quest_finetune(nnx.clone(model), schedule, quant, calib, config, progress=False)
-  contrasted = with_other_labels(load_dit(), schedule, calib)
+  float_model = load_dit()
+  contrasted = with_other_labels(float_model, schedule, calib)
   assert np.all(contrasted.other_labels != contrasted.labels)
   assert np.all((contrasted.other_labels >= 0) & (contrasted.other_labels <= 9))
   # the float eps for another class differs, but only slightly (the class signal is small)
   difference = np.abs(contrasted.other_eps - contrasted.eps).mean()
   assert 0 < difference < 0.5 * np.abs(contrasted.eps).mean()
   assert contrasted.take(np.arange(4)).other_eps.shape == (4, 1, 28, 28)
-  report = quest_finetune(nnx.clone(model), schedule, quant, contrasted, config, progress=False)
-  assert np.isfinite(report["global_loss_after"])
+  # held out: states of other float paths (another seed), never seen by the finetuning
+  held_out = build_calibration_set(float_model, schedule, dataclasses.replace(TINY_CALIBRATION, seed=1),
+                                   progress=False)
+  tuned = nnx.clone(model)
+  held_out_before = calibration_losses(tuned, schedule, quant, held_out)[0]
+  report = quest_finetune(tuned, schedule, quant, contrasted, config, progress=False)
+  assert report["objective_after"] < report["objective_before"]
+  assert report["objective_before"] > report["global_loss_before"]  # the gain terms are in the objective
+  assert calibration_losses(tuned, schedule, quant, held_out)[0] <= held_out_before
   with pytest.raises(ValueError, match="eps_gain_weight must be >= 0"):
     dataclasses.replace(DIT_QUEST, eps_gain_weight=-1.0)
 
@@ -258,6 +268,19 @@ def test_gain_penalty_sees_shrinkage_not_orthogonal_noise():
     dataclasses.replace(DIT_QUEST, class_gain_weight=-1.0)
   assert dataclasses.replace(DIT_QUEST, class_gain_weight=1.0).needs_other_labels
   assert not dataclasses.replace(DIT_QUEST, eps_gain_weight=1.0).needs_other_labels
+
+
+def test_plan_states_the_work_and_its_expected_time():
+  from calib.quest import default_recipe, describe_plan, estimated_seconds
+  recipe = default_recipe("dit")
+  longer = dataclasses.replace(recipe, quest=dataclasses.replace(recipe.quest, steps=2 * recipe.quest.steps))
+  assert estimated_seconds("dit", "fp") == 0
+  quest_seconds = estimated_seconds("dit", "w4a4-quest", recipe)
+  assert estimated_seconds("dit", "w4a4-quest", longer) > quest_seconds > estimated_seconds("dit", "w8a8", recipe) > 0
+  plan = describe_plan("dit", "w4a4-quest", recipe)
+  assert f"{recipe.quest.steps} finetuning steps" in plan and f"About {quest_seconds / 60:.1f} min" in plan
+  with pytest.raises(ValueError, match="setting must be one of"):
+    estimated_seconds("dit", "w3a3")
 
 
 def test_setting_errors():
