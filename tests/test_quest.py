@@ -127,28 +127,39 @@ def test_default_recipe_finetuning_lowers_its_objective_and_not_held_out_error(d
   from calib.adaround import build_calibration_set, with_other_labels
   from calib.quest import calibration_losses, default_recipe
   from cometjax.checkpoint.diffusion import load_dit
-  model, schedule, quant, calib, _ = dit_ptq
-  config = dataclasses.replace(default_recipe("dit").quest, steps=16, batch_size=16)
-  assert config.needs_other_labels
+  model, schedule, quant, tiny_calib, _ = dit_ptq
+  recipe = default_recipe("dit")
+  # the recipe's quantizers and objective on a small calibration budget: a few paths of the DDPM sampler
+  calibration = dataclasses.replace(recipe.calibration, num_trajectories=8, steps=20, num_samples=128,
+                                    record_samples=32)
+  recipe = dataclasses.replace(recipe, calibration=calibration,
+                               quest=dataclasses.replace(recipe.quest, steps=40, batch_size=16))
   with pytest.raises(ValueError, match="other_labels"):
-    quest_finetune(nnx.clone(model), schedule, quant, calib, config, progress=False)
+    quest_finetune(nnx.clone(model), schedule, quant, tiny_calib, recipe.quest, progress=False)
   float_model = load_dit()
-  contrasted = with_other_labels(float_model, schedule, calib)
-  assert np.all(contrasted.other_labels != contrasted.labels)
-  assert np.all((contrasted.other_labels >= 0) & (contrasted.other_labels <= 9))
+  calib = with_other_labels(float_model, schedule, build_calibration_set(float_model, schedule, calibration,
+                                                                         progress=False))
+  assert np.all(calib.other_labels != calib.labels)
+  assert np.all((calib.other_labels >= 0) & (calib.other_labels <= 9))
   # the float eps for another class differs, but only slightly (the class signal is small)
-  difference = np.abs(contrasted.other_eps - contrasted.eps).mean()
-  assert 0 < difference < 0.5 * np.abs(contrasted.eps).mean()
-  assert contrasted.take(np.arange(4)).other_eps.shape == (4, 1, 28, 28)
+  difference = np.abs(calib.other_eps - calib.eps).mean()
+  assert 0 < difference < 0.5 * np.abs(calib.eps).mean()
+  assert calib.take(np.arange(4)).other_eps.shape == (4, 1, 28, 28)
   # held out: states of other float paths (another seed), never seen by the finetuning
-  held_out = build_calibration_set(float_model, schedule, dataclasses.replace(TINY_CALIBRATION, seed=1),
-                                   progress=False)
-  tuned = nnx.clone(model)
-  held_out_before = calibration_losses(tuned, schedule, quant, held_out)[0]
-  report = quest_finetune(tuned, schedule, quant, contrasted, config, progress=False)
+  held_out = build_calibration_set(float_model, schedule, dataclasses.replace(calibration, seed=1), progress=False)
+
+  def quantized(steps):
+    steps_recipe = dataclasses.replace(recipe, quest=dataclasses.replace(recipe.quest, steps=steps))
+    return quantize_for_setting(load_dit(), schedule, "w4a4-quest", recipe=steps_recipe, calib=calib,
+                                progress=False, integer=False)
+
+  start, start_quant, _ = quantized(0)
+  tuned, tuned_quant, report = quantized(recipe.quest.steps)
+  report = report["quest"]
   assert report["objective_after"] < report["objective_before"]
   assert report["objective_before"] > report["global_loss_before"]  # the gain terms are in the objective
-  assert calibration_losses(tuned, schedule, quant, held_out)[0] <= held_out_before
+  held_out_before = calibration_losses(start, schedule, start_quant, held_out)[0]
+  assert calibration_losses(tuned, schedule, tuned_quant, held_out)[0] <= held_out_before
   with pytest.raises(ValueError, match="eps_gain_weight must be >= 0"):
     dataclasses.replace(DIT_QUEST, eps_gain_weight=-1.0)
 
