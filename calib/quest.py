@@ -5,10 +5,10 @@
 - CMA, critical-module alignment: finetune the modules that break first at 4 bit (attention q/k/v/out
   and feed-forward in the DiT; the conv blocks in the CNN) plus *all* activation step sizes.
 - Global loss: MSE between the quantized and the float model's noise prediction on the calibration set,
-  each sample using the activation scales of its timestep group.
+  each sample using the activation scales of its timestep group; optional gain terms (QuestConfig).
 Rounding is straight-through: weights stay on the integer grid in the forward pass, gradients reach the
-latent float weights, the per-channel weight scales and the activation steps/zero points. Optax Adam,
-one learning rate for weights and one for quantizer scales.
+latent float weights and biases and the activation step sizes (optionally zero points and weight scales).
+Optax Adam, one learning rate each for weights, activation steps and weight scales.
 """
 
 from __future__ import annotations
