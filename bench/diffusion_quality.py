@@ -7,9 +7,10 @@ For each model (mnist_dit, class-conditional; mnist_cnn, unconditional) and sett
     of held-out real MNIST test images (few samples -> biased upwards; compare within a column);
   - psnr: PSNR (dB, pixels in [0,1]) of each sample against the float model's sample from the same noise.
 The classifier is a small Flax CNN trained here on the first 8000 MNIST test images; its accuracy on the
-other 2000 is reported. Sampling is DDIM with `--steps` steps (25 by default, the grid of the calibration trajectories) and
-`--eta` 1.0 by default (ancestral: the same initial and per-step noise in every setting, so PSNR compares
-like with like); quantized settings run real integer layers (packed INT4/INT8 weights, int8 activations).
+other 2000 is reported. The DiT samples with its checkpoint's own sampler (ancestral DDPM, 1000 steps) by
+default, the CNN with DDIM (`--steps` 25, `--eta` 1.0); either way the same initial and per-step noise in every
+setting, so PSNR compares like with like. Quantized settings run real integer layers (packed INT4/INT8 weights,
+int8 activations). One calibration set per model (the float model's paths) serves every setting and seed.
 
 Writes bench/results/diffusion_quality.json, .md and one PNG grid per model and setting.
 """
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
+from calib.adaround import build_calibration_set, with_other_labels  # noqa: E402
 from calib.quest import SETTINGS, default_recipe, format_report, quantize_for_setting  # noqa: E402
 from cometjax.diffusion.sampling import ddim_sample, ddpm_sample, schedule_for  # noqa: E402
 from cometjax.diffusion.images import image_grid, write_png  # noqa: E402
@@ -136,10 +138,27 @@ def smoke_recipe(kind: str):
   """The default recipe shrunk to seconds (CI): same steps, tiny calibration and training budgets."""
   recipe = default_recipe(kind)
   return dataclasses.replace(
-    recipe, calibration=dataclasses.replace(recipe.calibration, num_trajectories=4, ddim_steps=4, num_samples=16,
+    recipe, calibration=dataclasses.replace(recipe.calibration, num_trajectories=4, steps=4, num_samples=16,
                                             record_samples=8),
     adaround=dataclasses.replace(recipe.adaround, iterations=2, batch_samples=4),
     quest=dataclasses.replace(recipe.quest, steps=3, batch_size=4))
+
+
+def shared_calibration_set(loader, recipe, runs, progress: bool):
+  """(calibration set, seconds) that every quantized setting of one model reuses (None if only fp): the float
+  model's paths do not depend on the setting or the finetuning seed, so they run once per model."""
+  if all(setting == "fp" for setting, _ in runs):
+    return None, None
+  t0 = time.time()
+  model = loader()
+  schedule = schedule_for(model)
+  calib = build_calibration_set(model, schedule, recipe.calibration, progress)
+  if any(setting == "w4a4-quest" for setting, _ in runs) and recipe.quest.needs_other_labels:
+    calib = with_other_labels(model, schedule, calib, seed=recipe.calibration.seed)
+  seconds = round(time.time() - t0, 1)
+  print(f"calibration set: {len(calib)} states from {recipe.calibration.num_trajectories} "
+        f"{recipe.calibration.sampler.upper()} paths ({seconds:.0f}s)", flush=True)
+  return calib, seconds
 
 
 def sampler_for(args, kind: str) -> str:
@@ -210,14 +229,17 @@ def run(args) -> dict:
     runs = [(setting, None) for setting in args.settings if setting != "w4a4-quest"]
     if "w4a4-quest" in args.settings:  # the finetuning outcome varies with its seed: one row per seed
       runs += [("w4a4-quest", seed) for seed in args.quest_seeds]
+    base_recipe = smoke_recipe(kind) if args.smoke else default_recipe(kind)
+    calib, calibration_seconds = shared_calibration_set(loader, base_recipe, runs, args.progress)
     for setting, quest_seed in runs:
       t0 = time.time()
       model = loader()
       schedule = schedule_for(model)
-      recipe = smoke_recipe(kind) if args.smoke else default_recipe(kind)
+      recipe = base_recipe
       if quest_seed is not None:
         recipe = dataclasses.replace(recipe, quest=dataclasses.replace(recipe.quest, seed=quest_seed))
-      model, quant, report = quantize_for_setting(model, schedule, setting, recipe=recipe, progress=args.progress)
+      model, quant, report = quantize_for_setting(model, schedule, setting, recipe=recipe, calib=calib,
+                                                  progress=args.progress)
       quant_seconds = time.time() - t0
       t1 = time.time()
       group_fn = quant.timestep_group if quant is not None else None
@@ -239,6 +261,7 @@ def run(args) -> dict:
         "psnr": None if fp_pixels is None or setting == "fp" else psnr(pixels, fp_pixels),
         "samples": count, "sampler": sampler_name(args, kind), "integer_execution": setting != "fp",
         "quantize_seconds": round(quant_seconds, 1), "sample_seconds": round(sample_seconds, 1),
+        "calibration_set_seconds": None if setting == "fp" else calibration_seconds,
       }
       if "quest" in report:
         q = report["quest"]

@@ -1,6 +1,6 @@
 """Post-training quantization base for the diffusion models (Q-Diffusion style).
 
-1. `build_calibration_set`: (x_t, t, label) pairs sampled from DDIM trajectories of the float model, with
+1. `build_calibration_set`: (x_t, t, label) pairs sampled from DDIM or DDPM paths of the float model, with
    the float model's noise prediction there (the target of QuEST's global loss).
 2. `record_layer_inputs`: the float inputs of every quantizable layer/matmul on the calibration set.
 3. `calibrate_activations`: per timestep group, the (step, zero point) of every activation quantizer by
@@ -32,26 +32,34 @@ from cometjax.core.numerics import signed_range
 from cometjax.diffusion.attach import attach_quantizers, named_modules, set_recording
 from cometjax.diffusion.config import DiffusionQuantConfig
 from cometjax.diffusion.quantizers import ActQuantizer, AdaRoundParam, rectified_sigmoid
-from cometjax.diffusion.sampling import NoiseSchedule, ddim_trajectory, predict_noise
+from cometjax.diffusion.sampling import NoiseSchedule, ddim_trajectory, ddpm_trajectory, predict_noise
 from cometjax.models.cnn_ddpm import QuantConv
 from cometjax.models.layers import QuantLinear, QuantMatmul
 
 
+CALIBRATION_SAMPLERS = ("ddim", "ddpm")
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
-  num_trajectories: int = 64  # DDIM paths of the float model (labels cycle 0..9 for the DiT)
-  ddim_steps: int = 25
-  num_samples: int = 512  # (x_t, t) pairs kept, drawn uniformly from all paths and steps
+  num_trajectories: int = 64  # paths of the float model (labels cycle 0..9 for the DiT)
+  steps: int = 25  # timesteps recorded per path: DDIM's grid, or every (num_steps / steps)-th DDPM step
+  num_samples: int = 512  # (x_t, t) pairs kept, drawn uniformly from all paths and recorded steps
   record_samples: int = 128  # of those, how many feed activation ranges and AdaRound
-  eta: float = 0.0  # DDIM eta of the calibration paths (1.0: ancestral, as the evaluation sampler may use)
+  eta: float = 0.0  # DDIM eta of the calibration paths (1.0: ancestral)
+  # "ddim": strided DDIM paths; "ddpm": the checkpoint's own ancestral sampler over every timestep, so the
+  # states are those the evaluation sampler visits
+  sampler: str = "ddim"
   seed: int = 0
 
   def __post_init__(self):
+    if self.sampler not in CALIBRATION_SAMPLERS:
+      raise ValueError(f"sampler must be one of {CALIBRATION_SAMPLERS}, got {self.sampler!r}")
     if self.record_samples > self.num_samples:
       raise ValueError(f"record_samples ({self.record_samples}) must be <= num_samples ({self.num_samples})")
-    if self.num_samples > self.num_trajectories * self.ddim_steps:
-      raise ValueError(f"num_samples must be <= num_trajectories * ddim_steps = "
-                       f"{self.num_trajectories * self.ddim_steps}, got {self.num_samples}")
+    if self.num_samples > self.num_trajectories * self.steps:
+      raise ValueError(f"num_samples must be <= num_trajectories * steps = "
+                       f"{self.num_trajectories * self.steps}, got {self.num_samples}")
 
 
 @dataclass
@@ -95,22 +103,39 @@ def _float_eps(graphdef, state, schedule, x, index, labels):
 
 
 def build_calibration_set(model, schedule: NoiseSchedule, config: CalibrationConfig = CalibrationConfig(),
-                          progress: bool = True) -> CalibrationSet:
-  """Run the float model's DDIM paths and keep `num_samples` random (x_t, t) pairs with its eps."""
+                          progress: bool = True, paths_per_call: int = 32) -> CalibrationSet:
+  """Run the float model's paths (`config.sampler`) and keep `num_samples` random (x_t, t) pairs with its eps.
+
+  The paths run `paths_per_call` at a time (a progress bar counts them), each batch with its own PRNG key.
+  """
   rng = np.random.default_rng(config.seed)
   noise = jnp.asarray(rng.standard_normal((config.num_trajectories, 1, 28, 28)).astype(np.float32))
   labels = None
   if schedule.kind == "dit":
     labels = jnp.arange(config.num_trajectories, dtype=jnp.int32) % 10
   start = time.time()
-  xs, eps, indices = ddim_trajectory(model, schedule, noise, labels, steps=config.ddim_steps, eta=config.eta,
-                                     key=jax.random.key(config.seed))  # [S, B, ...]
-  xs, eps = np.asarray(xs), np.asarray(eps)
+  xs, eps = [], []
+  bar = tqdm(total=config.num_trajectories, desc=f"calibration paths ({config.sampler.upper()})", unit="path",
+             disable=not progress)
+  for first in range(0, config.num_trajectories, paths_per_call):
+    part = slice(first, first + paths_per_call)
+    part_labels = None if labels is None else labels[part]
+    key = jax.random.fold_in(jax.random.key(config.seed), first)
+    if config.sampler == "ddpm":
+      x, e, indices = ddpm_trajectory(model, schedule, noise[part], part_labels, key=key, steps=config.steps)
+    else:
+      x, e, indices = ddim_trajectory(model, schedule, noise[part], part_labels, steps=config.steps, eta=config.eta,
+                                      key=key)
+    xs.append(np.asarray(x))  # [S, b, ...]
+    eps.append(np.asarray(e))
+    bar.update(x.shape[1])
+  bar.close()
+  xs, eps = np.concatenate(xs, axis=1), np.concatenate(eps, axis=1)  # [S, B, ...]
   steps, batch = xs.shape[:2]
   flat = rng.choice(steps * batch, size=config.num_samples, replace=False)
   step_of, path_of = flat // batch, flat % batch
   if progress:
-    tqdm.write(f"calibration set: {config.num_samples} of {steps}x{batch} DDIM states "
+    tqdm.write(f"calibration set: {config.num_samples} of {steps}x{batch} {config.sampler.upper()} states "
                f"({time.time() - start:.1f}s)")
   return CalibrationSet(
     x=xs[step_of, path_of], index=indices[step_of].astype(np.int32),

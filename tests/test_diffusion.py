@@ -21,7 +21,7 @@ from cometjax.diffusion.evaluation import load_mnist_test, noise_prediction_loss
 from cometjax.diffusion.images import image_grid, write_png
 from cometjax.diffusion.quantizers import (LinearQuantizer, MatmulQuantizer, TokenActQuantizer, WeightQuantizer,
                                            best_weight_scale, fake_static_codes, integer_act_matmul, rotation_blocks)
-from cometjax.diffusion.sampling import cnn_schedule, ddim_sample, ddpm_sample, dit_schedule
+from cometjax.diffusion.sampling import cnn_schedule, ddim_sample, ddpm_sample, ddpm_trajectory, dit_schedule
 from cometjax.models.layers import QuantLinear
 from cometjax.pallas.quantize_act import quantize_act_reference
 from tests.conftest import require_data
@@ -199,6 +199,17 @@ def test_samplers_recover_a_point_mass(kind):
   out = ddpm_sample(model, schedule, noise, labels, key=jax.random.key(1))
   # DDPM keeps some noise from its last noisy step (the CNN rule adds sqrt(beta_2) ~ 0.011 at i = 2).
   assert float(jnp.abs(out - x0).mean()) < 1e-2
+  xs, eps, indices = ddpm_trajectory(model, schedule, noise, labels, key=jax.random.key(1), steps=10)
+  assert indices.tolist() == list(range(schedule.last_index, schedule.first_index - 1, -100))
+  assert xs.shape == eps.shape == (10, 2, 1, 28, 28)
+  np.testing.assert_array_equal(np.asarray(xs[0]), np.asarray(noise))  # recorded before its step
+  for s in (3, 9):  # the recorded eps is the model's at the recorded state
+    want = model(xs[s], jnp.full((2,), indices[s]) if kind == "dit" else jnp.full((2,), indices[s] / 1000.0))
+    np.testing.assert_allclose(np.asarray(eps[s]), np.asarray(want), rtol=1e-4, atol=1e-4)
+  ab = schedule.alpha_bars[indices[-1]]  # the path ends near sqrt(ab) x0, noise of std sqrt(1 - ab) around it
+  assert float(jnp.abs(xs[-1] - np.sqrt(ab) * x0).mean()) < np.sqrt(1 - ab)
+  with pytest.raises(ValueError, match="divide"):
+    ddpm_trajectory(model, schedule, noise, labels, key=jax.random.key(1), steps=7)
 
 
 def test_timestep_groups():

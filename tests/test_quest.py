@@ -17,7 +17,7 @@ from cometjax.diffusion.sampling import schedule_for
 from cometjax.models.layers import QuantLinear
 from tests.conftest import require_data
 
-TINY_CALIBRATION = CalibrationConfig(num_trajectories=8, ddim_steps=4, num_samples=32, record_samples=16)
+TINY_CALIBRATION = CalibrationConfig(num_trajectories=8, steps=4, num_samples=32, record_samples=16)
 TINY_ADAROUND = AdaRoundConfig(iterations=4, batch_samples=4)
 
 
@@ -63,13 +63,19 @@ def test_adaround_one_layer(dit_ptq):
   x = jnp.asarray(records["blocks.0.ff1"])
   target = x @ layer.kernel[...] + layer.bias[...]
   nearest = float(((layer(x, jnp.asarray(groups)) - target) ** 2).mean())
+  float_ratio = np.asarray(layer.kernel[...] / layer.quant.weight.scale[...])
   error = adaround_layer(layer, records["blocks.0.ff1"], groups, AdaRoundConfig(iterations=60, batch_samples=8))
   adarounded = float(((layer(x, jnp.asarray(groups)) - target) ** 2).mean())
   assert error > 0 and adarounded < nearest * 1.05
-  # the hard rounding is folded into the kernel: kernel / scale is integer again
-  ratio = np.asarray(layer.kernel[...] / layer.quant.weight.scale[...])
-  np.testing.assert_allclose(ratio, np.round(ratio), atol=1e-4)
+  # the hard rounding is folded into the kernel: nearest rounding gives AdaRound's codes, each floor(W / s) or
+  # floor(W / s) + 1, and the kernel stays within a step of the float weight (QuEST's finetuning start)
   assert layer.quant.weight.rounding == "nearest"
+  ratio = np.asarray(layer.kernel[...] / layer.quant.weight.scale[...])
+  codes = np.asarray(layer.quant.weight.integer_values(layer.kernel[...]))
+  inside = np.abs(float_ratio) < 7  # unclipped
+  assert np.all(np.isin(codes[inside] - np.floor(float_ratio[inside]), (0.0, 1.0)))
+  assert np.abs(ratio - float_ratio).max() <= 0.5 + 1e-4
+  assert 0.05 < float(np.mean(codes != np.floor(float_ratio + 0.5))) < 0.5  # some roundings changed, not all
 
 
 @pytest.mark.slow
@@ -117,22 +123,43 @@ def test_quest_iterate_averaging(dit_ptq):
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_class_gain_loss_needs_and_uses_other_labels(dit_ptq):
-  from calib.adaround import with_other_labels
+def test_default_recipe_finetuning_lowers_its_objective_and_not_held_out_error(dit_ptq):
+  from calib.adaround import build_calibration_set, with_other_labels
+  from calib.quest import calibration_losses, default_recipe
   from cometjax.checkpoint.diffusion import load_dit
-  model, schedule, quant, calib, _ = dit_ptq
-  config = dataclasses.replace(DIT_QUEST, steps=2, batch_size=8, class_gain_weight=1.0, eps_gain_weight=1.0)
+  model, schedule, quant, tiny_calib, _ = dit_ptq
+  recipe = default_recipe("dit")
+  # the recipe's quantizers and objective on a small calibration budget: a few paths of the DDPM sampler
+  calibration = dataclasses.replace(recipe.calibration, num_trajectories=8, steps=20, num_samples=128,
+                                    record_samples=32)
+  recipe = dataclasses.replace(recipe, calibration=calibration,
+                               quest=dataclasses.replace(recipe.quest, steps=40, batch_size=16))
   with pytest.raises(ValueError, match="other_labels"):
-    quest_finetune(nnx.clone(model), schedule, quant, calib, config, progress=False)
-  contrasted = with_other_labels(load_dit(), schedule, calib)
-  assert np.all(contrasted.other_labels != contrasted.labels)
-  assert np.all((contrasted.other_labels >= 0) & (contrasted.other_labels <= 9))
+    quest_finetune(nnx.clone(model), schedule, quant, tiny_calib, recipe.quest, progress=False)
+  float_model = load_dit()
+  calib = with_other_labels(float_model, schedule, build_calibration_set(float_model, schedule, calibration,
+                                                                         progress=False))
+  assert np.all(calib.other_labels != calib.labels)
+  assert np.all((calib.other_labels >= 0) & (calib.other_labels <= 9))
   # the float eps for another class differs, but only slightly (the class signal is small)
-  difference = np.abs(contrasted.other_eps - contrasted.eps).mean()
-  assert 0 < difference < 0.5 * np.abs(contrasted.eps).mean()
-  assert contrasted.take(np.arange(4)).other_eps.shape == (4, 1, 28, 28)
-  report = quest_finetune(nnx.clone(model), schedule, quant, contrasted, config, progress=False)
-  assert np.isfinite(report["global_loss_after"])
+  difference = np.abs(calib.other_eps - calib.eps).mean()
+  assert 0 < difference < 0.5 * np.abs(calib.eps).mean()
+  assert calib.take(np.arange(4)).other_eps.shape == (4, 1, 28, 28)
+  # held out: states of other float paths (another seed), never seen by the finetuning
+  held_out = build_calibration_set(float_model, schedule, dataclasses.replace(calibration, seed=1), progress=False)
+
+  def quantized(steps):
+    steps_recipe = dataclasses.replace(recipe, quest=dataclasses.replace(recipe.quest, steps=steps))
+    return quantize_for_setting(load_dit(), schedule, "w4a4-quest", recipe=steps_recipe, calib=calib,
+                                progress=False, integer=False)
+
+  start, start_quant, _ = quantized(0)
+  tuned, tuned_quant, report = quantized(recipe.quest.steps)
+  report = report["quest"]
+  assert report["objective_after"] < report["objective_before"]
+  assert report["objective_before"] > report["global_loss_before"]  # the gain terms are in the objective
+  held_out_before = calibration_losses(start, schedule, start_quant, held_out)[0]
+  assert calibration_losses(tuned, schedule, tuned_quant, held_out)[0] <= held_out_before
   with pytest.raises(ValueError, match="eps_gain_weight must be >= 0"):
     dataclasses.replace(DIT_QUEST, eps_gain_weight=-1.0)
 
@@ -193,7 +220,7 @@ def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rot
   schedule = schedule_for(model)
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", weight_group_size=16,
                               quantize_attention_matmuls=False, rotation=rotation)
-  calibration = CalibrationConfig(num_trajectories=4, ddim_steps=3, num_samples=8, record_samples=4)
+  calibration = CalibrationConfig(num_trajectories=4, steps=3, num_samples=8, record_samples=4)
   adaround = AdaRoundConfig(iterations=3, batch_samples=4) if rotation else None
   model, calib, report = run_ptq(model, schedule, PTQConfig(quant, calibration, adaround), progress=False)
   if rotation:
@@ -225,7 +252,7 @@ def test_cnn_quest_smoke():
   model = load_cnn()
   schedule = schedule_for(model)
   quant = preset("w4a4")
-  calibration = CalibrationConfig(num_trajectories=4, ddim_steps=3, num_samples=8, record_samples=4)
+  calibration = CalibrationConfig(num_trajectories=4, steps=3, num_samples=8, record_samples=4)
   model, calib, _ = run_ptq(model, schedule, PTQConfig(quant, calibration, None), progress=False)
   report = quest_finetune(model, schedule, quant, calib, dataclasses.replace(CNN_QUEST, steps=2, batch_size=2),
                           progress=False)
@@ -252,6 +279,19 @@ def test_gain_penalty_sees_shrinkage_not_orthogonal_noise():
     dataclasses.replace(DIT_QUEST, class_gain_weight=-1.0)
   assert dataclasses.replace(DIT_QUEST, class_gain_weight=1.0).needs_other_labels
   assert not dataclasses.replace(DIT_QUEST, eps_gain_weight=1.0).needs_other_labels
+
+
+def test_plan_states_the_work_and_its_expected_time():
+  from calib.quest import default_recipe, describe_plan, estimated_seconds
+  recipe = default_recipe("dit")
+  longer = dataclasses.replace(recipe, quest=dataclasses.replace(recipe.quest, steps=2 * recipe.quest.steps))
+  assert estimated_seconds("dit", "fp") == 0
+  quest_seconds = estimated_seconds("dit", "w4a4-quest", recipe)
+  assert estimated_seconds("dit", "w4a4-quest", longer) > quest_seconds > estimated_seconds("dit", "w8a8", recipe) > 0
+  plan = describe_plan("dit", "w4a4-quest", recipe)
+  assert f"{recipe.quest.steps} finetuning steps" in plan and f"About {quest_seconds / 60:.1f} min" in plan
+  with pytest.raises(ValueError, match="setting must be one of"):
+    estimated_seconds("dit", "w3a3")
 
 
 def test_setting_errors():
@@ -290,7 +330,7 @@ def test_saved_rotated_token_model_reloads_with_the_same_output(tmp_path):
   model = load_dit()
   schedule = schedule_for(model)
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", rotation="hadamard")
-  calibration = CalibrationConfig(num_trajectories=4, ddim_steps=3, num_samples=8, record_samples=4)
+  calibration = CalibrationConfig(num_trajectories=4, steps=3, num_samples=8, record_samples=4)
   model, calib, _ = run_ptq(model, schedule, PTQConfig(quant, calibration, None), progress=False)
   with pytest.raises(ValueError, match="attach quantizers to a freshly loaded model"):
     attach_quantizers(model, quant)  # its kernels are already R^T W

@@ -1,12 +1,14 @@
 """`cometjax sample`: draw MNIST samples from the diffusion models, float or quantized, into a PNG grid.
 
-Quantized settings calibrate (and for w4a4-quest finetune) on the fly with the default CPU-sized recipe;
-`--save-quantized DIR` keeps the result and `--setting DIR` reloads it.
+Quantized settings calibrate (and for w4a4-quest finetune) on the fly with the default CPU-sized recipe,
+printing the plan and its expected time first (w4a4-quest on the DiT: about 3-4 minutes on 2 CPU cores) and
+progress bars while it runs; `--save-quantized DIR` keeps the result and `--setting DIR` reloads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from cometjax.cli.common import at_least, check_output_dir, check_output_file, int_list
@@ -36,13 +38,18 @@ def add_command(subparsers) -> argparse.ArgumentParser:
 
 def _quantized_model(args):
   """(model, kind, quant config or None) for --model / --setting."""
-  from calib.quest import SETTINGS, format_report, quantize_for_setting
+  from calib.quest import SETTINGS, describe_plan, format_report, quantize_for_setting
   from cometjax.checkpoint.diffusion import load_diffusion, load_quantized_diffusion, save_quantized_diffusion
   from cometjax.diffusion.sampling import schedule_for
 
   if args.setting in SETTINGS:
     model, kind = load_diffusion(args.model)
+    if args.setting != "fp" and not args.quiet:
+      print(describe_plan(kind, args.setting), flush=True)
+    start = time.time()
     model, quant, report = quantize_for_setting(model, schedule_for(model), args.setting, progress=not args.quiet)
+    if args.setting != "fp" and not args.quiet:
+      print(f"quantized in {time.time() - start:.0f}s", flush=True)
     if "quest" in report and not args.quiet:
       print(format_report(report["quest"]))
     if args.save_quantized and quant is not None:

@@ -163,12 +163,24 @@ def ddim_sample(model, schedule: NoiseSchedule, noise: jax.Array, labels=None, *
                     jnp.float32(eta), key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "group_fn"))
-def _ddpm_loop(graphdef, state, schedule, group_fn, noise, labels, key):
+def _ddpm_update(schedule: NoiseSchedule, x: jax.Array, eps: jax.Array, index: jax.Array, z: jax.Array) -> jax.Array:
+  """One step of the checkpoint's own ancestral rule from timestep `index` (module docstring)."""
   betas = jnp.asarray(schedule.betas, jnp.float32)
   table = jnp.asarray(schedule.alpha_bars, jnp.float32)
+  beta, ab = betas[index], table[index]
+  if schedule.kind == "dit":
+    ab_prev = jnp.where(index > 0, table[jnp.maximum(index - 1, 0)], 1.0)
+    mean = (x - beta / jnp.sqrt(1 - ab) * eps) / jnp.sqrt(1 - beta)
+    sigma = jnp.sqrt(beta * (1 - ab_prev) / (1 - ab))
+    x = mean + jnp.where(index > 0, sigma, 0.0) * z
+    return jnp.clip(x, schedule.data_low, schedule.data_high)
+  x = (x - beta / jnp.sqrt(1 - ab) * eps) / jnp.sqrt(1 - beta)
+  return x + jnp.where(index > schedule.first_index, jnp.sqrt(beta), 0.0) * z
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "group_fn"))
+def _ddpm_loop(graphdef, state, schedule, group_fn, noise, labels, key):
   batch = noise.shape[0]
-  n = schedule.num_steps
 
   def body(i, carry):
     x, key = carry
@@ -177,19 +189,9 @@ def _ddpm_loop(graphdef, state, schedule, group_fn, noise, labels, key):
     z = jax.random.normal(sub, x.shape, x.dtype)
     model = nnx.merge(graphdef, state)
     eps = predict_noise(model, schedule, x, jnp.full((batch,), index, jnp.int32), labels, group_fn(index))
-    beta, ab = betas[index], table[index]
-    if schedule.kind == "dit":
-      ab_prev = jnp.where(index > 0, table[jnp.maximum(index - 1, 0)], 1.0)
-      mean = (x - beta / jnp.sqrt(1 - ab) * eps) / jnp.sqrt(1 - beta)
-      sigma = jnp.sqrt(beta * (1 - ab_prev) / (1 - ab))
-      x = mean + jnp.where(index > 0, sigma, 0.0) * z
-      x = jnp.clip(x, schedule.data_low, schedule.data_high)
-    else:
-      x = (x - beta / jnp.sqrt(1 - ab) * eps) / jnp.sqrt(1 - beta)
-      x = x + jnp.where(index > schedule.first_index, jnp.sqrt(beta), 0.0) * z
-    return x, key
+    return _ddpm_update(schedule, x, eps, index, z), key
 
-  x, _ = jax.lax.fori_loop(0, n, body, (noise, key))
+  x, _ = jax.lax.fori_loop(0, schedule.num_steps, body, (noise, key))
   return x
 
 
@@ -233,3 +235,38 @@ def ddim_trajectory(model, schedule: NoiseSchedule, noise: jax.Array, labels=Non
   key = key if key is not None else jax.random.key(0)
   xs, eps = _ddim_trajectory(graphdef, state, schedule, indices, noise, labels, jnp.float32(eta), key)
   return xs, eps, np.asarray(indices, np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "record_every"))
+def _ddpm_trajectory(graphdef, state, schedule, record_every, noise, labels, key):
+  batch = noise.shape[0]
+
+  def step(carry, i):
+    x, key = carry
+    index = schedule.last_index - i
+    key, sub = jax.random.split(key)
+    z = jax.random.normal(sub, x.shape, x.dtype)
+    eps = predict_noise(nnx.merge(graphdef, state), schedule, x, jnp.full((batch,), index, jnp.int32), labels)
+    return (_ddpm_update(schedule, x, eps, index, z), key), (x, eps)
+
+  def stride(carry, first):  # `record_every` steps; the first one's input and eps are kept
+    carry, (x, eps) = step(carry, first)
+    carry = jax.lax.fori_loop(first + 1, first + record_every, lambda i, c: step(c, i)[0], carry)
+    return carry, (x, eps)
+
+  firsts = jnp.arange(0, schedule.num_steps, record_every, dtype=jnp.int32)
+  _, (xs, eps) = jax.lax.scan(stride, (noise, key), firsts)
+  return xs, eps
+
+
+def ddpm_trajectory(model, schedule: NoiseSchedule, noise: jax.Array, labels=None, *, key: jax.Array,
+                    steps: int = 100):
+  """The checkpoint's own ancestral DDPM path of a float model over all timesteps, recorded at `steps`
+  evenly spaced ones (every num_steps / steps-th, from last_index): (x_t [S,B,...], eps [S,B,...], indices [S])."""
+  if steps < 1 or schedule.num_steps % steps:
+    raise ValueError(f"steps must be >= 1 and divide the {schedule.num_steps} timesteps, got {steps}")
+  graphdef, state = nnx.split(model)
+  record_every = schedule.num_steps // steps
+  xs, eps = _ddpm_trajectory(graphdef, state, schedule, record_every, noise, labels, key)
+  indices = schedule.last_index - np.arange(0, schedule.num_steps, record_every)
+  return xs, eps, indices.astype(np.int32)
