@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from cometjax.cli import eval_ppl, generate, quantize, sample, serve
+from cometjax.compile_cache import enable_compilation_cache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  enable_compilation_cache()  # every command compiles; a second run reuses the cache (docs: README)
   try:
     return args.func(args)
   except (ValueError, FileNotFoundError) as e:  # named, user-facing errors (CheckpointError is a ValueError)
