@@ -14,12 +14,14 @@ Workloads on stories260K (shared data; `run` reads the llama2.c .bin, the others
 - eval_ppl: the first 200 stories of tinystories_val.txt under `cometjax.perplexity`'s protocol (512-token
   windows, batches of 8); torch scores the same windows; both perplexities are recorded.
 - w4axkv4_decode_b1: decode_b1 for the `w4ax-kv4` preset (calibrated on 8 windows) against the float model.
-- cli_generate_wall: `python -m cometjax.cli generate` (stories260K, 256 tokens) as a subprocess, wall
-  seconds, with an empty and then a filled persistent compilation cache; `run`'s whole process beside it.
+- cli_generate_wall: the default main job, `python -m cometjax.cli generate` (stories260K's llama2.c file,
+  256 tokens) as a subprocess, wall
+  seconds, with an empty and then a filled persistent compilation cache (all cores, as a user runs it);
+  `run`'s whole process beside it.
 - smollm2_eval_ppl (--smollm2): SmolLM2-135M-Instruct from its GGUF, the first --smollm2-windows disjoint
   512-token windows of wikitext2_test.raw; torch loads the same GGUF through transformers.
 Every number is the median of --reps runs after a warm-up; peers run interleaved with cometjax (paired) so a
-noisy machine moves both. Results: bench/results/cpu_speed_<device>.json.
+noisy machine moves both. Both sides run on --threads threads (default 1). Results: bench/results/cpu_speed_<device>.json.
 """
 
 from __future__ import annotations
@@ -38,12 +40,12 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from bench.common import RESULTS, device_tag, run_metadata, write_json  # noqa: E402
-from cometjax.data import data_path  # noqa: E402
+from cometjax.data import data_path  # noqa: E402  (no jax: XLA_FLAGS must be set before jax is imported)
 
 STORIES_HF = ("llama", "stories260K", "hf")
 STORIES_BIN = ("llama", "stories260K", "llama2c", "stories260K.bin")
 STORIES_TOK = ("llama", "stories260K", "llama2c", "tok512.bin")
+USER_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 SMOLLM2 = ("llama", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -202,11 +204,10 @@ def quantized_row(model, tokenizer, documents, reps: int, new_tokens: int) -> di
 
 
 def cli_rows(llama2c: pathlib.Path | None, new_tokens: int) -> list[dict]:
-  command = [sys.executable, "-m", "cometjax.cli", "generate", "--model", str(data_path(*STORIES_HF)),
-             "--max-new-tokens", str(new_tokens), "--no-stop"]
+  command = [sys.executable, "-m", "cometjax.cli", "generate", "--max-new-tokens", str(new_tokens), "--no-stop"]
   rows = []
   with tempfile.TemporaryDirectory() as cache:
-    env = {**os.environ, "COMETJAX_CACHE_DIR": cache}
+    env = {**os.environ, "COMETJAX_CACHE_DIR": cache, "XLA_FLAGS": USER_XLA_FLAGS}
     for label in ("empty", "filled"):
       wall = timed(lambda: subprocess.run(command, env=env, check=True, capture_output=True))
       rows.append(dict(workload=f"cli_generate_wall_{label}_cache", unit="s", cometjax=wall,
@@ -220,8 +221,10 @@ def cli_rows(llama2c: pathlib.Path | None, new_tokens: int) -> list[dict]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--llama2c-run", type=pathlib.Path, default=None, help="llama2.c's compiled `run` binary")
-  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (jax uses "
-                      "all cores; the default matches)")
+  parser.add_argument("--threads", type=int, default=1,
+                      help="threads for both: torch.set_num_threads, and for jax 1 = XLA's single-threaded CPU "
+                           "runtime; more than 1 leaves jax on all cores (default 1: on a shared machine a "
+                           "descheduled OpenMP thread stalls every torch op)")
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--smollm2", action="store_true", help="add SmolLM2-135M eval-ppl (minutes on 2 cores)")
   parser.add_argument("--smollm2-windows", type=int, default=8)
@@ -233,31 +236,40 @@ def main(argv=None) -> int:
     parser.error(f"--llama2c-run {args.llama2c_run} is not a file")
   if not data_path(*STORIES_HF).is_dir():
     parser.error(f"stories260K not found at {data_path(*STORIES_HF)} (set COMETJAX_DATA)")
+  if args.threads == 1:
+    os.environ["XLA_FLAGS"] = (USER_XLA_FLAGS + " --xla_cpu_multi_thread_eigen=false "
+                               "intra_op_parallelism_threads=1").strip()
   import cometjax
+  from bench.common import RESULTS, device_tag, run_metadata, write_json
   from cometjax.serving.perplexity import split_documents
 
   reps, new_tokens, stories = (2, 64, 20) if args.smoke else (args.reps, 256, 200)
   loaded = cometjax.load(data_path(*STORIES_HF))
   peer = Torch(data_path(*STORIES_HF), args.threads)
   documents = split_documents(data_path("text", "tinystories_val.txt").read_text())[:stories]
-  rows = decode_rows(loaded.model, peer, args.llama2c_run, reps, new_tokens)
+  out = args.out or RESULTS / f"cpu_speed_{device_tag()}{'_smoke' if args.smoke else ''}.json"
+  meta = {**run_metadata(), "threads": args.threads, "cpu_count": os.cpu_count(), "reps": reps,
+          "smoke": args.smoke}
+  rows = []
+  save = lambda: write_json(out, {**meta, "rows": rows})  # after every section: a stopped run keeps its rows
+  rows += decode_rows(loaded.model, peer, args.llama2c_run, reps, new_tokens)
+  save()
   rows.append(prefill_row(loaded.model, peer, reps, 256 if not args.smoke else 64))
-  rows.append(eval_ppl_row("eval_ppl", loaded.model, peer, [[i for d in documents
-                                                              for i in loaded.tokenizer.encode(d)]],
-                           reps, "stream"))
+  stream = [[i for d in documents for i in loaded.tokenizer.encode(d)]]
+  rows.append(eval_ppl_row("eval_ppl", loaded.model, peer, stream, reps, "stream"))
+  save()
+  rows += cli_rows(args.llama2c_run, new_tokens)
+  save()
   if not args.skip_quantized:
     rows.append(quantized_row(loaded.model, loaded.tokenizer, documents, reps, new_tokens))
-  rows += cli_rows(args.llama2c_run, new_tokens)
+    save()
   if args.smollm2:
     gguf = data_path(*SMOLLM2)
     smol = cometjax.load(gguf)
     text = data_path("text", "wikitext2_test.raw").read_text()
     rows.append(eval_ppl_row("smollm2_eval_ppl", smol.model, Torch(gguf, args.threads),
                              [smol.tokenizer.encode(text)], max(1, reps // 2), "disjoint", args.smollm2_windows))
-  payload = {**run_metadata(), "torch_threads": args.threads, "cpu_count": os.cpu_count(), "reps": reps,
-             "smoke": args.smoke, "rows": rows}
-  out = args.out or RESULTS / f"cpu_speed_{device_tag()}{'_smoke' if args.smoke else ''}.json"
-  write_json(out, payload)
+    save()
   for r in rows:
     ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
     ours = f"{r['cometjax']:.1f}" if "cometjax" in r else ""

@@ -21,7 +21,7 @@ def test_default_main_job_without_shared_data_says_it_uses_the_random_model(caps
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_default_main_job_prints_stories260k_text(capsys):
-  stories = require_data("llama", "stories260K", "hf")
+  stories = require_data("llama", "stories260K", "llama2c", "stories260K.bin")
   assert main(["generate", "--max-new-tokens", "24", "--json"]) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out["model"] == str(stories)

@@ -8,7 +8,8 @@ import sys
 from cometjax.core.kv_config import K_MODES, KVQuantConfig
 
 BUILTIN_MODEL = "builtin:tiny"
-DEFAULT_MODEL_PARTS = ("llama", "stories260K", "hf")  # under the shared data folder
+# under the shared data folder; the llama2.c file and tokenizer load without transformers (and torch), seconds sooner
+DEFAULT_MODEL_PARTS = ("llama", "stories260K", "llama2c", "stories260K.bin")
 DEFAULT_MODEL_HELP = "stories260K from the shared data (COMETJAX_DATA) when present, else " + BUILTIN_MODEL
 DTYPES = ("float32", "bfloat16")
 
@@ -30,7 +31,7 @@ def default_model() -> str:
   from cometjax.data import data_path
 
   stories = data_path(*DEFAULT_MODEL_PARTS)
-  if stories.is_dir():
+  if stories.is_file():
     return str(stories)
   print(f"note: {stories} not found (set COMETJAX_DATA); using {BUILTIN_MODEL}, a random model whose tokens "
         "mean nothing", file=sys.stderr)
