@@ -17,6 +17,7 @@ _EXPORTS = {
     "load_quantized": "cometjax.checkpoint.quantized",
     "load_dit": "cometjax.checkpoint.diffusion",
     "load_cnn": "cometjax.checkpoint.diffusion",
+    "enable_compilation_cache": "cometjax.compile_cache",
     "CheckpointError": "cometjax.errors",
     "ConfigError": "cometjax.errors",
     "UnsupportedError": "cometjax.errors",

@@ -5,6 +5,8 @@ import sys
 
 # pytest -n N runs N processes: on a GPU none may take most of its memory up front
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# CLI tests run in-process: keep them off the user's persistent compilation cache
+os.environ.setdefault("COMETJAX_CACHE_DIR", "off")
 
 import jax
 import pytest

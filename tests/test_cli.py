@@ -3,14 +3,29 @@ import json
 import pytest
 
 from cometjax.cli import main
+from tests.conftest import require_data
 
 
 @pytest.mark.slow
-def test_default_main_job_runs(capsys):
+def test_default_main_job_without_shared_data_says_it_uses_the_random_model(capsys, monkeypatch, tmp_path):
+  monkeypatch.setenv("COMETJAX_DATA", str(tmp_path))  # no stories260K there
   assert main(["generate", "--max-new-tokens", "8", "--json"]) == 0
-  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert len(out["token_ids"]) == 8 and out["text"] is None and out["decode_tokens_per_s"] > 0
+  captured = capsys.readouterr()
+  out = json.loads(captured.out.strip().splitlines()[-1])
+  assert "builtin:tiny" in captured.err and str(tmp_path) in captured.err
+  assert out["model"] == "builtin:tiny" and out["text"] is None
+  assert len(out["token_ids"]) == 8 and out["decode_tokens_per_s"] > 0
   assert len(set(out["token_ids"])) > 1  # the builtin random model's untied head gives varied tokens
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_default_main_job_prints_stories260k_text(capsys):
+  stories = require_data("llama", "stories260K", "llama2c", "stories260K.bin")
+  assert main(["generate", "--max-new-tokens", "24", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["model"] == str(stories)
+  assert len(out["text"].split()) >= 4 and out["text"].isascii()  # words, not ids
 
 
 @pytest.mark.slow
@@ -25,7 +40,7 @@ def test_missing_model_is_a_clear_error(capsys, tmp_path):
 
 
 def test_prompt_without_tokenizer_is_refused(capsys):
-  assert main(["generate", "--prompt", "hello", "--max-new-tokens", "2"]) == 2
+  assert main(["generate", "--model", "builtin:tiny", "--prompt", "hello", "--max-new-tokens", "2"]) == 2
   assert capsys.readouterr().err.startswith("error: --prompt: text (and --chat) needs a tokenizer")
 
 

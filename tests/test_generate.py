@@ -87,6 +87,15 @@ def test_timings_are_reported(model):
   assert result.prefill_s > 0 and result.decode_s > 0 and result.decode_tokens_per_s > 0
 
 
+def test_compiling_call_is_flagged_and_warmup_keeps_it_out_of_the_timings(model):
+  prompt = [1] * 40  # prompt bucket 64, cache 128: used by no other test here
+  cold = generate(model, [prompt], 7, stop_at_eos=False)
+  assert cold.compiled and cold.warmup_s is None
+  warm = generate(model, [prompt], 7, stop_at_eos=False, warmup=True)
+  assert not warm.compiled and warm.warmup_s > 0 and warm.tokens == cold.tokens
+  assert warm.timings()["compiled"] is False
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(prompts=[[]], max_new_tokens=3), "non-empty"),
     (dict(prompts=[[1]], max_new_tokens=0), "max_new_tokens"),

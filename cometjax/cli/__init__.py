@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from cometjax.cli import eval_ppl, generate, quantize, sample, serve
+from cometjax.compile_cache import enable_compilation_cache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,7 @@ def main(argv=None) -> int:
   args, unknown = build_parser().parse_known_args(argv)
   if unknown:  # the subcommand's usage, not the top level's
     args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  enable_compilation_cache()  # every command compiles; a second run reuses the cache (docs: README)
   try:
     status = args.func(args)
   except (ValueError, OSError) as e:  # named, user-facing errors (CheckpointError, UsageError are ValueErrors)

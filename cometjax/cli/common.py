@@ -8,24 +8,41 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from cometjax.core.kv_config import K_MODES, KVQuantConfig
 from cometjax.errors import CheckpointError, UsageError
 
 BUILTIN_MODEL = "builtin:tiny"
+# under the shared data folder; the llama2.c file and tokenizer load without transformers (and torch), seconds sooner
+DEFAULT_MODEL_PARTS = ("llama", "stories260K", "llama2c", "stories260K.bin")
+DEFAULT_MODEL_HELP = "stories260K from the shared data (COMETJAX_DATA) when present, else " + BUILTIN_MODEL
 DTYPES = ("float32", "bfloat16")
 
 
-def add_model_args(p: argparse.ArgumentParser, default_model: str | None):
-  p.add_argument("--model", default=default_model, required=default_model is None,
-                 help="Hugging Face model directory, llama.cpp .gguf file, llama2.c .bin file, or a directory "
-                      "written by `cometjax quantize`" + (f", or {BUILTIN_MODEL} (a small random Llama; the default)"
-                                                if default_model else ""))
+def add_model_args(p: argparse.ArgumentParser, default_help: str | None):
+  """--model (required unless `default_help` describes what an absent --model means), --tokenizer, --dtype."""
+  p.add_argument("--model", default=None, required=default_help is None,
+                 help="Hugging Face model directory, llama.cpp .gguf file, llama2.c .bin file, a directory "
+                      f"written by `cometjax quantize`, or {BUILTIN_MODEL} (a small random Llama)"
+                      + (f"; default: {default_help}" if default_help else ""))
   p.add_argument("--tokenizer", default=None,
                  help="tokenizer (HF dir, .gguf file, SentencePiece .model or llama2.c .bin); default: the "
                       "model's own (inside a GGUF / quantized dir, or beside the model)")
   p.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
+def default_model() -> str:
+  """stories260K from the shared data when it is there, else the builtin random model (saying so)."""
+  from cometjax.data import data_path
+
+  stories = data_path(*DEFAULT_MODEL_PARTS)
+  if stories.is_file():
+    return str(stories)
+  print(f"note: {stories} not found (set COMETJAX_DATA); using {BUILTIN_MODEL}, a random model whose tokens "
+        "mean nothing", file=sys.stderr)
+  return BUILTIN_MODEL
 
 
 def kv_config(name: str | None) -> KVQuantConfig | None:
@@ -44,6 +61,8 @@ def load_model(args):
   import jax.numpy as jnp
 
   dtype = jnp.dtype(args.dtype)
+  if args.model is None:
+    args.model = default_model()
   if args.model == BUILTIN_MODEL:
     from cometjax.models.llama import TINY_CONFIG, init_llama
 
@@ -67,7 +86,9 @@ def load_model(args):
 
 
 def check_model_paths(args) -> None:
-  """--model (unless the builtin) and --tokenizer exist."""
+  """--model (unless the builtin) and --tokenizer exist; no --model picks the default one first."""
+  if args.model is None:
+    args.model = default_model()
   if args.model != BUILTIN_MODEL and not Path(args.model).exists():
     raise UsageError("--model", f"{args.model} does not exist (a HF directory, .gguf, llama2.c .bin or a "
                                 "quantized directory)")

@@ -6,13 +6,14 @@ import argparse
 import json
 import sys
 
-from cometjax.cli.common import BUILTIN_MODEL, add_kv_arg, add_model_args, at_least, check_model_paths, load_model
+from cometjax.cli.common import (DEFAULT_MODEL_HELP, add_kv_arg, add_model_args, at_least, check_model_paths,
+                                 load_model)
 from cometjax.errors import UsageError
 
 
 def add_command(sub) -> argparse.ArgumentParser:
   g = sub.add_parser("generate", help="generate text (jitted prefill + decode) and report tokens/s")
-  add_model_args(g, BUILTIN_MODEL)
+  add_model_args(g, DEFAULT_MODEL_HELP)
   g.add_argument("--prompt", default="", help="prompt text, tokenized with the tokenizer's own BOS rule; empty "
                  "(default) starts from BOS alone")
   g.add_argument("--chat", action="store_true",
@@ -83,9 +84,7 @@ def run(args) -> int:
   key = jax.random.key(args.seed)
   kwargs = dict(sampling=sampling, key=key, stop_at_eos=not args.no_stop, kv=kv,
                 eos_ids=() if args.no_stop else eos_ids)
-  if args.warmup:
-    generate(model, [prompt], args.max_new_tokens, **kwargs)  # compiles this shape bucket
-  result = generate(model, [prompt], args.max_new_tokens, **kwargs)
+  result = generate(model, [prompt], args.max_new_tokens, warmup=args.warmup, **kwargs)
   ids = result.tokens[0]
   text = tokenizer.decode(ids) if tokenizer is not None else None
   t = result.timings()
@@ -93,7 +92,9 @@ def run(args) -> int:
     print(text if text is not None else f"(no tokenizer) token ids: {ids}")
   print(f"prefill: {t['prompt_tokens']} tokens in {t['prefill_s'] * 1e3:.1f} ms "
         f"({t['prefill_tokens_per_s']:.1f} tokens/s); decode: {len(ids)} tokens in {t['decode_s'] * 1e3:.1f} ms "
-        f"({t['decode_tokens_per_s']:.1f} tokens/s)", file=sys.stderr if args.json else sys.stdout)
+        f"({t['decode_tokens_per_s']:.1f} tokens/s)"
+        + (f"; warm-up call (compiling) {t['warmup_s']:.2f} s" if t["warmup_s"] is not None else ""),
+        file=sys.stderr if args.json else sys.stdout)
   if args.json:
     print(json.dumps({"model": args.model, "prompt_ids": prompt, "token_ids": ids, "text": text, **t}))
   return 0

@@ -177,7 +177,7 @@ class Attention(nnx.Module):
     self.o_proj = Linear(config.num_heads * hd, dim, use_bias=config.o_bias, dtype=config.dtype, rngs=rngs)
     self.implementation = "auto"  # backend of INT4-cache decode attention; see set_matmul_implementation
 
-  def __call__(self, x, positions, inv_freq, cache, key_valid):
+  def __call__(self, x, positions, inv_freq, cache, key_valid, causal_prefix=False):
     cfg = self.config
     b, t, _ = x.shape
     hd = cfg.resolved_head_dim
@@ -201,22 +201,57 @@ class Attention(nnx.Module):
       cache, keys, values = cache.update(self.layer_index, k, v, positions)
       key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
     mask = attention_mask(positions, key_positions, key_valid, cfg.sliding_window)
-    out = grouped_query_attention(q, keys, values, mask)
+    out = grouped_query_attention(q, keys, values, mask, causal_prefix=causal_prefix)
     return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
 
 
-def grouped_query_attention(q, k, v, mask):
-  """Softmax attention in float32.  q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S]."""
+# Scores per query chunk: B * Hq * chunk * S float32 elements. Chunks of about 4M elements stay in the CPU's
+# caches; one [B, H, T, S] score tensor per layer does not (it ran 3-6x slower on stories260K windows).
+SCORE_CHUNK_ELEMENTS = 1 << 22
+
+
+def query_chunk(batch: int, heads: int, queries: int, keys: int) -> int:
+  """Queries per attention chunk: a power of two (at least 16) keeping a chunk's scores near the budget."""
+  budget = max(1, SCORE_CHUNK_ELEMENTS // max(1, batch * heads * keys))
+  return min(queries, max(16, 1 << (budget.bit_length() - 1)))
+
+
+def grouped_query_attention(q, k, v, mask, *, causal_prefix: bool = False):
+  """Softmax attention in float32.  q: [B, T, Hq, D]; k, v: [B, S, Hkv, D]; mask: [B, T, S].
+
+  Queries run in chunks (`query_chunk`). causal_prefix: query i sees no key index above i (a sequence
+  from position 0 whose key index is its position), so a chunk reads only the keys up to its last query.
+  """
+  t, s = q.shape[1], k.shape[1]
+  chunk = query_chunk(q.shape[0], q.shape[2], t, s)
+  if chunk >= t:
+    return _attend(q, k, v, mask)
+  outs = []
+  for start in range(0, t, chunk):
+    stop = min(start + chunk, t)
+    keys = min(stop, s) if causal_prefix else s
+    outs.append(_attend(q[:, start:stop], k[:, :keys], v[:, :keys], mask[:, start:stop, :keys]))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _attend(q, k, v, mask):
+  """One chunk of `grouped_query_attention`, laid out [B, Hkv, G * T, D] so both products are plain batched
+  matmuls; a row with no visible key (padding) gives 0, not NaN."""
   b, t, hq, d = q.shape
-  hkv = k.shape[2]
+  s, hkv = k.shape[1], k.shape[2]
+  g = hq // hkv
   out_dtype = q.dtype
-  q = q.reshape(b, t, hkv, hq // hkv, d).astype(jnp.float32)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(jnp.float32)) / math.sqrt(d)
+  q = q.astype(jnp.float32).reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, g * t, d)
+  k = k.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
+  v = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkqd,bksd->bkqs", q * (1.0 / math.sqrt(d)), k).reshape(b, hkv, g, t, s)
   scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-  probs = jax.nn.softmax(scores, axis=-1)
-  probs = jnp.where(mask[:, None, None], probs, 0.0)  # rows with no visible key (padding) give 0, not NaN
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(jnp.float32))
-  return out.reshape(b, t, hq, d).astype(out_dtype)
+  peak = jnp.max(scores, axis=-1, keepdims=True)
+  weights = jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0))  # masked keys: exp(-inf) = 0
+  total = jnp.sum(weights, axis=-1)  # [B, Hkv, G, T]
+  out = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(b, hkv, g * t, s), v).reshape(b, hkv, g, t, d)
+  out = out / jnp.where(total > 0, total, 1.0)[..., None]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(out_dtype)
 
 
 class MLP(nnx.Module):
@@ -240,8 +275,8 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, inv_freq, cache, key_valid):
-    attn, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, key_valid)
+  def __call__(self, x, positions, inv_freq, cache, key_valid, causal_prefix=False):
+    attn, cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, cache, key_valid, causal_prefix)
     x = x + attn
     return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -259,13 +294,18 @@ class Llama(nnx.Module):
                     Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=config.dtype, rngs=rngs))
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, cache=None,
-               key_valid: jax.Array | None = None):
+               key_valid: jax.Array | None = None, causal_prefix: bool | None = None):
     """tokens: [B, T] int; positions: [B, T] (default 0..T-1); cache: a KV cache or None.
 
     key_valid: [B, S] bool marks keys that may be attended (S = T without cache, the cache length
-    with one); None means all. Returns float32 logits [B, T, vocab] and the updated cache.
+    with one); None means all. causal_prefix (static; default: positions is None) promises that token i
+    sees no key index above i, i.e. a sequence from position 0 into an empty cache (padding tokens
+    excepted: their outputs may differ, and are the caller's to ignore); attention then skips those keys.
+    Returns float32 logits [B, T, vocab] and the updated cache.
     """
     b, t = tokens.shape
+    if causal_prefix is None:
+      causal_prefix = positions is None
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     embedding = self.embed_tokens.get_value()  # float [V, d] or a QuantizedEmbedding (INT8 per row)
@@ -275,7 +315,7 @@ class Llama(nnx.Module):
       x = jnp.take(embedding, tokens, axis=0).astype(self.config.dtype)
     inv_freq = rope_inverse_frequencies(self.config)
     for layer in self.layers:
-      x, cache = layer(x, positions, inv_freq, cache, key_valid)
+      x, cache = layer(x, positions, inv_freq, cache, key_valid, causal_prefix)
     x = self.norm(x)
     if self.lm_head is None and isinstance(embedding, QuantizedEmbedding):
       logits = embedding.logits(x)

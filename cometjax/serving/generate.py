@@ -117,7 +117,8 @@ class _Static:
 
 
 def forward_with_cache(model, tokens: jax.Array, lengths: jax.Array, cache):
-  """Prefill: tokens [B, T] right-padded to T, lengths [B] -> (logits [B, T, V], cache).
+  """Prefill into an empty cache: tokens [B, T] right-padded to T, lengths [B] -> (logits [B, T, V], cache);
+  the logits at padding positions are meaningless.
 
   Padding positions are set to the cache length, which caches drop. A cache with a `prefill_chunk`
   (e.g. KV4 with per-channel K groups) is filled in chunks of that many tokens.
@@ -127,7 +128,7 @@ def forward_with_cache(model, tokens: jax.Array, lengths: jax.Array, cache):
   positions = jnp.where(steps[None, :] < lengths[:, None], steps[None, :], cache.max_len)
   chunk = cache.prefill_chunk
   if chunk is None or chunk >= t:
-    return model(tokens, positions=positions, cache=cache)
+    return model(tokens, positions=positions, cache=cache, causal_prefix=True)  # the cache starts empty
   if t % chunk:
     raise ValueError(f"prefill length {t} must be a multiple of the cache's prefill_chunk {chunk}")
 
@@ -202,6 +203,8 @@ class GenerateResult:
   decode_s: float
   prompt_tokens: int
   generated_tokens: int
+  compiled: bool = False  # the timed call traced and compiled a new shape bucket (its timings include that)
+  warmup_s: float | None = None  # the untimed warm-up call (compiling on a new bucket), when warmup=True
 
   @property
   def prefill_tokens_per_s(self) -> float:
@@ -216,13 +219,15 @@ class GenerateResult:
   def timings(self) -> dict:
     return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens, "prefill_tokens_per_s": self.prefill_tokens_per_s,
-            "decode_tokens_per_s": self.decode_tokens_per_s}
+            "decode_tokens_per_s": self.decode_tokens_per_s, "compiled": self.compiled,
+            "warmup_s": self.warmup_s}
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              stop_at_eos: bool = True, eos_ids: Sequence[int] | None = None,
-             kv: KVQuantConfig | None = None, cache_dtype=None, truncate: str | None = None) -> GenerateResult:
+             kv: KVQuantConfig | None = None, cache_dtype=None, truncate: str | None = None,
+             warmup: bool = False) -> GenerateResult:
   """Generates up to `max_new_tokens` for each prompt (a list of token ids, at least one each).
 
   `kv` selects the KV cache: None is a float cache (model dtype, or `cache_dtype`), a `KVQuantConfig`
@@ -231,8 +236,9 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   Token ids outside the vocabulary, and a prompt + max_new_tokens longer than the model's context
   (config.max_position_embeddings), raise `InputError`; truncate="left" drops the oldest prompt tokens instead.
 
-  `key` is required when sampling (temperature > 0). Timings exclude nothing: the first call for a
-  new shape bucket includes compilation; call once to warm up when measuring throughput.
+  `key` is required when sampling (temperature > 0). The first call for a new shape bucket compiles
+  (seconds; `compiled` is then True and the timings include it). `warmup=True` first runs the same call
+  untimed (its wall time in `warmup_s`), so the timings are steady-state speed.
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -255,22 +261,29 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
 
   graphdef, state = nnx.split(model)
   static = _Static(graphdef, sampling, tuple(int(e) for e in eos_ids))
-  cache = create_cache(kv, config, len(prompts), cache_len, dtype=cache_dtype)
   prefill_key, decode_key = jax.random.split(key)
   lengths_j = jnp.asarray(lengths)
 
-  start = time.perf_counter()
-  first, cache = _jitted("prefill")(static, state, jnp.asarray(tokens), lengths_j, cache, prefill_key)
-  first.block_until_ready()
-  prefill_s = time.perf_counter() - start
+  def run():
+    cache = create_cache(kv, config, len(prompts), cache_len, dtype=cache_dtype)  # donated off CPU: one per call
+    start = time.perf_counter()
+    first, filled = _jitted("prefill")(static, state, jnp.asarray(tokens), lengths_j, cache, prefill_key)
+    first.block_until_ready()
+    prefill_s = time.perf_counter() - start
+    start = time.perf_counter()
+    out, counts = _jitted("decode")(static, state, first, lengths_j, filled, decode_key,
+                                    jnp.int32(max_new_tokens), cache_len - prompt_len)
+    out = np.asarray(out)
+    return out, np.asarray(counts), prefill_s, time.perf_counter() - start
 
-  start = time.perf_counter()
-  out, counts = _jitted("decode")(static, state, first, lengths_j, cache, decode_key, jnp.int32(max_new_tokens),
-                            cache_len - prompt_len)
-  out = np.asarray(out)
-  decode_s = time.perf_counter() - start
-
-  counts = np.asarray(counts)
+  warmup_s = None
+  if warmup:
+    start = time.perf_counter()
+    run()
+    warmup_s = time.perf_counter() - start
+  traces = sum(TRACE_COUNTS.values())
+  out, counts, prefill_s, decode_s = run()
   generated = [out[i, :counts[i]].tolist() for i in range(len(prompts))]
   return GenerateResult(tokens=generated, prefill_s=prefill_s, decode_s=decode_s,
-                        prompt_tokens=int(lengths.sum()), generated_tokens=int(counts.sum()))
+                        prompt_tokens=int(lengths.sum()), generated_tokens=int(counts.sum()),
+                        compiled=sum(TRACE_COUNTS.values()) > traces, warmup_s=warmup_s)

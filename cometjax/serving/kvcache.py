@@ -42,9 +42,8 @@ class KVCache:
 
   def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
     """k_new, v_new: [B, T, Hkv, D] written at positions [B, T]; returns (cache, keys, values)."""
-    rows = jnp.arange(k_new.shape[0])[:, None]
-    k = self.k.at[layer, rows, positions].set(k_new.astype(self.k.dtype), mode="drop")
-    v = self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype), mode="drop")
+    k = _write_rows(self.k, layer, k_new, positions)
+    v = _write_rows(self.v, layer, v_new, positions)
     return KVCache(k, v), k[layer], v[layer]
 
   def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
@@ -57,6 +56,27 @@ class KVCache:
     """Frees batch rows (bool [B]) for new sequences. A float cache keeps no per-row state: a new
     sequence rewrites every position before its queries can see it."""
     return self
+
+
+def _write_rows(pool: jax.Array, layer: int, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """pool [L, B, S, H, D] with new [B, T, H, D] written at positions [B, T] (>= S dropped).
+
+  A decode step (T = 1) avoids XLA's scatter, which on CPU costs more than the rest of a small model's
+  step: one row is a dynamic-update-slice, several rows a select against a one-hot of their positions.
+  """
+  new = new.astype(pool.dtype)
+  b, t = positions.shape
+  max_len = pool.shape[2]
+  if t != 1:
+    rows = jnp.arange(b)[:, None]
+    return pool.at[layer, rows, positions].set(new, mode="drop")
+  if b == 1:
+    start = (layer, 0, jnp.minimum(positions[0, 0], max_len - 1), 0, 0)
+    kept = jax.lax.dynamic_slice(pool, start, (1, 1, 1) + new.shape[2:])[0]
+    new = jnp.where(positions[0, 0] < max_len, new, kept)  # out of range: rewrite what is there
+    return jax.lax.dynamic_update_slice(pool, new[None], start)
+  hit = jnp.arange(max_len)[None, :] == positions  # [B, S]
+  return pool.at[layer].set(jnp.where(hit[:, :, None, None], new, pool[layer]))
 
 
 @jax.tree_util.register_dataclass
