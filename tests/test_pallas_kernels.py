@@ -19,6 +19,7 @@ from cometjax.errors import UnsupportedError
 from cometjax.pallas.kv4_attention import kv4_attention, kv4_attention_reference, kv4_decode_attention
 from cometjax.pallas.quantize_act import quantize_act, quantize_act_reference
 from cometjax.pallas.w4ax_matmul import w4ax_matmul, w4ax_matmul_reference
+from cometjax.pallas import w4ax_matmul as w4ax_matmul_module
 
 from kernel_cases import MODES, integer_gemm_case, interpreted, lowered_for_cuda
 
@@ -142,6 +143,17 @@ def test_w4ax_matmul_integer_accumulation_is_exact(zero_group, mode):
   got = w4ax_matmul(qx, qw, interpret=interpreted(mode), **tiles)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
   np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw)).astype(np.int64), exact)
+  assert w4ax_matmul_module.float_sums_are_exact(qw)
+  np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw, float_sums=True)).astype(np.int64), exact)
+
+
+@pytest.mark.parametrize("symmetric,group_size", [(True, None), (True, 32), (False, 32), (False, None)])
+def test_w4ax_float_sums_equal_the_int32_reference_bit_for_bit(symmetric, group_size):
+  # the CPU path of ops.linear (float32 segment dots) must not move a single bit against the int32 sums
+  _, qw, qx = _problem(m=7, k=256, n=48, block_size=64, num_int8_blocks=1, group_size=group_size,
+                       symmetric=symmetric, seed=11)
+  np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw, float_sums=True)),
+                                np.asarray(w4ax_matmul_reference(qx, qw)))
 
 
 @pytest.mark.parametrize("mode", MODES)

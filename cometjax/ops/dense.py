@@ -51,51 +51,10 @@ def _quantized_weight_xla(x, qw: QuantizedWeight, implementation: str):
     y = jnp.dot(qw.permute_input(x2d), w, preferred_element_type=jnp.float32).astype(x.dtype)
   else:
     qx = quantize_act.quantize_act_reference(x2d, qw.perm, qw.activation)
-    if _float_sums_are_exact(qw):
-      y = _w4ax_float_sums(qx, qw, out_dtype=x.dtype)
-    else:
-      y = w4ax_matmul.w4ax_matmul_reference(qx, qw, out_dtype=x.dtype)
+    # float32 segment sums where they are exact: int8 dots are the slow part of quantized decode on CPU
+    y = w4ax_matmul.w4ax_matmul_reference(qx, qw, out_dtype=x.dtype,
+                                          float_sums=w4ax_matmul.float_sums_are_exact(qw))
   return y.reshape(*x.shape[:-1], n)
-
-
-# A float32 sum of integer products is exact below 2**24: INT8 activations (|code| <= 127) times INT4 weights
-# (|code| <= 8) stay there for segments up to 16k channels.
-_EXACT_FLOAT_SUM = 1 << 24
-
-
-def _float_sums_are_exact(qw: QuantizedWeight) -> bool:
-  from cometjax.pallas import w4ax_matmul
-  return qw.bits == 4 and max(w4ax_matmul.segment_lengths(qw)) * 127 * 8 < _EXACT_FLOAT_SUM
-
-
-def _w4ax_float_sums(qx, qw: QuantizedWeight, out_dtype) -> jax.Array:
-  """`w4ax_matmul_reference` bit for bit, faster on CPU: the same scan over segments, but each segment's
-  integer dot product runs as a float32 matmul (exact, see `_float_sums_are_exact`), not an int8 dot."""
-  from cometjax.pallas import w4ax_matmul
-  fmt = qx.format
-  m = qx.int8_scale.shape[0]
-  k, n = qw.shape
-  w_values = qw.int_values().astype(jnp.float32)  # [K, N]
-  y = jnp.zeros((m, n), jnp.float32)
-  for x_values, x_scale, first, segment in zip(qx.int_values(), (qx.int8_scale, qx.int4_scale),
-                                               (0, fmt.int8_channels), w4ax_matmul.segment_lengths(qw)):
-    channels = x_values.shape[1]
-    if not channels:
-      continue
-    num_segments = channels // segment
-    x_seg = x_values.astype(jnp.float32).reshape(m, num_segments, segment).transpose(1, 0, 2)  # [S, M, seg]
-    w_seg = w_values[first:first + channels].reshape(num_segments, segment, n)  # [S, seg, N]
-    starts = first + segment * jnp.arange(num_segments)
-    groups = jnp.zeros_like(starts) if qw.group_size is None else starts // qw.group_size
-    w_scales = qw.scales.astype(jnp.float32)[groups]  # [S, N]
-
-    def add_segment(acc, operands, x_scale=x_scale):
-      x_s, w_s, w_scale = operands
-      sums = jnp.dot(x_s, w_s, precision=jax.lax.Precision.HIGHEST)  # integer-valued, exact
-      return acc + sums * (x_scale[:, None] * w_scale[None, :]), None
-
-    y, _ = jax.lax.scan(add_segment, y, (x_seg, w_seg, w_scales))
-  return y.astype(out_dtype)
 
 
 def _quantized_weight_pallas(x, qw: QuantizedWeight, implementation: str):

@@ -102,6 +102,16 @@ def segment_length(qw: QuantizedWeight) -> int:
   return block if qw.group_size is None else math.gcd(qw.group_size, block)
 
 
+# A float32 sum of integer products is exact below 2**24: |activation code| <= 127 times |weight code| <= 15
+# (asymmetric INT4 codes reach 15) over one segment.
+_EXACT_FLOAT_SUM = 1 << 24
+
+
+def float_sums_are_exact(qw: QuantizedWeight) -> bool:
+  """Whether `w4ax_matmul_reference(..., float_sums=True)` equals the int32 reference bit for bit."""
+  return qw.bits == 4 and segment_length(qw) * 127 * 15 < _EXACT_FLOAT_SUM
+
+
 def _w4ax_kernel(
     *refs,  # [int8_part [2, bm, K8 // 2]] [int4_part [bm, K4 // 2]] x_scales [num_blocks, bm]
             # [code_sums [K // segment, bm]] w [K // 2, bn] uint8, w_scales [G, bn] f32, [w_zeros [G, bn] f32],
@@ -254,13 +264,18 @@ def w4ax_matmul(
   return out[:m]
 
 
-@functools.partial(jax.jit, static_argnames=["out_dtype"])
+@functools.partial(jax.jit, static_argnames=["out_dtype", "float_sums"])
 def w4ax_matmul_reference(
     qx: QuantizedActivation,
     qw: QuantizedWeight,  # bits=4 or 8
     out_dtype=jnp.float32,
+    *,
+    float_sums: bool = False,
 ) -> jax.Array:  # [M, N]
-  """Plain-jnp W4Ax / W8Ax GEMM with the kernel's segments: exact int32 sums, f32 scaling in K order."""
+  """Plain-jnp W4Ax / W8Ax GEMM with the kernel's segments: exact int32 sums, f32 scaling in K order.
+
+  float_sums=True runs each segment's integer dot as a float32 matmul (faster than int8 dots on CPU); it is
+  bit for bit the same only while the sums stay below 2**24 (`float_sums_are_exact`)."""
   check_operands(qx, qw)
   fmt = qx.format
   m = qx.int4_part.shape[0]
@@ -279,7 +294,10 @@ def w4ax_matmul_reference(
 
   def add_segment(acc, operands):  # one [M, N] term at a time: no [S, M, N] buffer
     x_s, w_s, x_scale, w_scale, zero, code_sum = operands
-    total = jnp.dot(x_s, w_s, preferred_element_type=jnp.int32).astype(jnp.float32)
+    if float_sums:
+      total = jnp.dot(x_s.astype(jnp.float32), w_s.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    else:
+      total = jnp.dot(x_s, w_s, preferred_element_type=jnp.int32).astype(jnp.float32)
     if zero is not None:
       total = total - code_sum[:, None] * zero[None, :]
     return acc + total * (x_scale[:, None] * w_scale[None, :]), None
