@@ -104,3 +104,29 @@ def write_gguf(path, config: LlamaConfig, tensors: dict[str, np.ndarray], *, lin
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
+
+
+def rewrite_gguf_metadata(source, path, key: str | None, value=None, vtype=None, architecture: str = "llama"):
+  """Writes to `path` a copy of the GGUF at `source` whose metadata `key` is dropped (value None) or replaced
+  by `value` of GGUFValueType `vtype`; tensors unchanged. `path` may equal `source`."""
+  from pathlib import Path
+
+  import gguf
+  reader = gguf.GGUFReader(str(source))
+  tmp = Path(str(path) + ".tmp")
+  writer = gguf.GGUFWriter(str(tmp), architecture)
+  for k, field in reader.fields.items():
+    if k.startswith("GGUF.") or k in ("general.architecture", key):
+      continue
+    sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+    writer.add_key_value(k, field.contents(), field.types[0], sub)
+  if value is not None:
+    writer.add_key_value(key, value, vtype)
+  for tensor in reader.tensors:
+    writer.add_tensor(tensor.name, np.asarray(tensor.data).reshape(tuple(reversed([int(d) for d in tensor.shape]))))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  tmp.replace(path)
+  return Path(path)

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from cometjax.checkpoint import load
 from cometjax.errors import CheckpointError
-from gguf_files import random_hf_tensors, write_gguf
+from gguf_files import random_hf_tensors, rewrite_gguf_metadata, write_gguf
 from cometjax.models.llama import LlamaConfig
 
 SEED = 17
@@ -236,27 +236,11 @@ GGUF_KEYS = ("llama.block_count", "llama.embedding_length", "llama.feed_forward_
 
 def write_gguf_variant(path: Path, tensors: dict, *, drop_key=None, key_value=None, architecture="llama"):
   """The tiny GGUF with one metadata key dropped or replaced by (key, value, GGUFValueType)."""
-  import gguf
   write_gguf(path, CONFIG.replace(rms_norm_eps=1e-5), tensors, tokenizer=False, architecture=architecture)
   if drop_key is None and key_value is None:
     return
-  reader = gguf.GGUFReader(str(path))
-  writer = gguf.GGUFWriter(str(path) + ".tmp", architecture)
-  for key, field in reader.fields.items():
-    if key.startswith("GGUF.") or key == "general.architecture" or key == drop_key:
-      continue
-    if key_value is not None and key == key_value[0]:
-      continue
-    writer.add_key_value(key, field.contents(), field.types[0])
-  if key_value is not None:
-    writer.add_key_value(*key_value)
-  for tensor in reader.tensors:
-    writer.add_tensor(tensor.name, np.asarray(tensor.data).reshape(tuple(reversed([int(d) for d in tensor.shape]))))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  Path(str(path) + ".tmp").replace(path)
+  key, value, vtype = (drop_key, None, None) if key_value is None else key_value
+  rewrite_gguf_metadata(path, path, key, value, vtype, architecture)
 
 
 def test_gguf_corruptions_raise_or_load_the_same_model(tmp_path):

@@ -353,23 +353,8 @@ def test_dit_checkpoint_tensors_are_checked(tmp_path, name, edit, match):
 
 def _gguf_with(path: Path, source: Path, key: str, value=None, vtype=None) -> Path:
   """A copy of the GGUF at `source` with metadata `key` dropped (value None) or replaced."""
-  import gguf
-  reader = gguf.GGUFReader(str(source))
-  writer = gguf.GGUFWriter(str(path), "llama")
-  for k, field in reader.fields.items():
-    if k.startswith("GGUF.") or k in ("general.architecture", key):
-      continue
-    sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-    writer.add_key_value(k, field.contents(), field.types[0], sub)
-  if value is not None:
-    writer.add_key_value(key, value, vtype)
-  for tensor in reader.tensors:
-    writer.add_tensor(tensor.name, np.asarray(tensor.data).reshape(tuple(reversed([int(d) for d in tensor.shape]))))
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return path
+  from gguf_files import rewrite_gguf_metadata
+  return rewrite_gguf_metadata(source, path, key, value, vtype)
 
 
 @pytest.mark.parametrize("key, value, kind, match", [
