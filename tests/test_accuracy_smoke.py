@@ -23,6 +23,8 @@ def test_accuracy_smoke(tmp_path):
   w4a4 = by[("w4a4", "rtn")]["ppl"]
   fmpq = [r for r in rows if r["preset"] == "w4ax"]
   assert fmpq and all(r["int4_block_fraction"] >= 0.75 for r in fmpq)
-  # the outlier channels break per-token INT4; FMPQ keeps them at INT8
-  assert min(r["ppl"] for r in fmpq) - fp < 0.5 * (w4a4 - fp)
-  assert all(0.5 < r["bytes_per_param"] < 0.8 for r in rows if r["weight_bytes"])  # 4-bit codes + scales
+  # the outlier channels break INT4 blocks; FMPQ keeps them at INT8. (With one scale per block, format v3, W4A4
+  # already isolates the outliers' blocks: its increase fell about 3x from v2, so the margin here is smaller.)
+  assert min(r["ppl"] for r in fmpq) - fp < 0.9 * (w4a4 - fp)
+  # 4-bit codes + scales per quantized parameter (bytes_per_param counts every stored byte, embedding included)
+  assert all(0.5 < r["weight_bytes"] / r["quantized_params"] < 0.8 for r in rows if r["weight_bytes"])

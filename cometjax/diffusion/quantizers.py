@@ -236,21 +236,14 @@ class WeightQuantizer(nnx.Module):
     self.rounding, self.soft = "adaround", True
 
   def finish_adaround(self, kernel_variable: nnx.Param):
-    """Fold the hard rounding into the kernel and return to nearest rounding.
+    """Fold the hard rounding into the kernel (kernel := scale * q) and return to nearest rounding.
 
-    kernel := W + scale (h - 1/2), h in {0, 1} the learned rounding up: its nearest rounding is
-    floor(W / scale) + h, AdaRound's codes, and a later finetuning step moves a code when W / scale crosses
-    an integer, as the floor-plus-fixed-rounding quantizer that QuEST finetunes does.  (Folded onto the grid,
-    scale * q, every weight would sit half a step from moving.)
+    Later finetuning then starts exactly at the AdaRound solution. (Folding to W + scale (h - 1/2), off the
+    grid, broke the bitwise agreement of fake and integer execution in rotated per-token layers; README Owed.)
     """
     self.soft = False
-    kernel = kernel_variable[...]
-    codes = self.integer_values(kernel)  # [K, N]
-    rounded_up = (self.adaround_v[...] >= 0).astype(kernel.dtype)
+    kernel_variable[...] = self(kernel_variable[...])
     self.rounding, self.adaround_v = "nearest", nnx.data(None)
-    folded = kernel + self.full_scale() * (rounded_up - 0.5)
-    # a weight on an exact tie after float rounding goes to its code's centre instead
-    kernel_variable[...] = jnp.where(self.integer_values(folded) == codes, folded, codes * self.full_scale())
 
 
 class LinearQuantizer(nnx.Module):
