@@ -178,18 +178,21 @@ def _ddpm_update(schedule: NoiseSchedule, x: jax.Array, eps: jax.Array, index: j
   return x + jnp.where(index > schedule.first_index, jnp.sqrt(beta), 0.0) * z
 
 
+def _ddpm_step(graphdef, state, schedule, labels, group_fn, carry, i):
+  """Step i (from last_index down) of the ancestral DDPM path: ((x_next, key), (x, eps))."""
+  x, key = carry
+  index = schedule.last_index - i
+  key, sub = jax.random.split(key)
+  z = jax.random.normal(sub, x.shape, x.dtype)
+  model = nnx.merge(graphdef, state)
+  eps = predict_noise(model, schedule, x, jnp.full((x.shape[0],), index, jnp.int32), labels, group_fn(index))
+  return (_ddpm_update(schedule, x, eps, index, z), key), (x, eps)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "group_fn"))
 def _ddpm_loop(graphdef, state, schedule, group_fn, noise, labels, key):
-  batch = noise.shape[0]
-
   def body(i, carry):
-    x, key = carry
-    index = schedule.last_index - i
-    key, sub = jax.random.split(key)
-    z = jax.random.normal(sub, x.shape, x.dtype)
-    model = nnx.merge(graphdef, state)
-    eps = predict_noise(model, schedule, x, jnp.full((batch,), index, jnp.int32), labels, group_fn(index))
-    return _ddpm_update(schedule, x, eps, index, z), key
+    return _ddpm_step(graphdef, state, schedule, labels, group_fn, carry, i)[0]
 
   x, _ = jax.lax.fori_loop(0, schedule.num_steps, body, (noise, key))
   return x
@@ -239,15 +242,7 @@ def ddim_trajectory(model, schedule: NoiseSchedule, noise: jax.Array, labels=Non
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "schedule", "record_every"))
 def _ddpm_trajectory(graphdef, state, schedule, record_every, noise, labels, key):
-  batch = noise.shape[0]
-
-  def step(carry, i):
-    x, key = carry
-    index = schedule.last_index - i
-    key, sub = jax.random.split(key)
-    z = jax.random.normal(sub, x.shape, x.dtype)
-    eps = predict_noise(nnx.merge(graphdef, state), schedule, x, jnp.full((batch,), index, jnp.int32), labels)
-    return (_ddpm_update(schedule, x, eps, index, z), key), (x, eps)
+  step = functools.partial(_ddpm_step, graphdef, state, schedule, labels, _no_groups)
 
   def stride(carry, first):  # `record_every` steps; the first one's input and eps are kept
     carry, (x, eps) = step(carry, first)
