@@ -58,6 +58,8 @@ def describe(config: qc.QuantConfig) -> str:
   acts = config.activations
   if acts is not None and acts.mixed:
     parts.append(f"int8<={acts.int8_fraction:g}")
+    if acts.permute_unit > 1:
+      parts.append(f"permuted in runs of {acts.permute_unit}")
     if acts.rotate_int4:
       parts.append(f"int4-{acts.rotate_int4} rotation")
     if acts.scale_span == "region":
@@ -65,7 +67,7 @@ def describe(config: qc.QuantConfig) -> str:
   if config.rotation:
     parts.append(f"{config.rotation} rotation")
   if config.embedding_bits:
-    parts.append(f"int{config.embedding_bits} embedding")
+    parts.append({8: "int8", 16: "bf16"}[config.embedding_bits] + " embedding")
   return ", ".join(parts) or "none"
 
 

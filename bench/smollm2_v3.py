@@ -27,7 +27,7 @@ from bench.accuracy import (SMOLLM2_EVAL_WINDOWS, SMOLLM2_GGUF, StatsCache, W, _
 from bench.common import RESULTS, run_metadata, write_json  # noqa: E402
 from cometjax.quant import config as qc  # noqa: E402
 from cometjax.quant.report import quantization_report  # noqa: E402
-from cometjax.quant.transform import quantize, with_int8_embeddings  # noqa: E402
+from cometjax.quant.transform import quantize, with_embedding_bits  # noqa: E402
 from cometjax.serving.perplexity import perplexity_of_ids  # noqa: E402
 
 OUT = RESULTS / "accuracy_smollm2_v3.json"
@@ -37,8 +37,17 @@ def rows():
   """(label, QuantConfig, KV setting, int8 embedding afterwards); the headline rows first."""
   kv4 = qc.default_kv_config()
   preset = qc.preset("w4ax-kv4")
+  # the GGUF's linears are Q4_1 (a scale and a minimum per 32 inputs): FMPQ that permutes whole 32-input
+  # groups and leaves the INT4 region unrotated keeps that grid, so asymmetric RTN g32 stores it as it is
+  aligned = preset.replace(
+      weights=W(method="rtn", group_size=32, symmetric=False, scale_dtype="float16"),
+      activations=qc.ActivationQuantConfig(bits=4, int8_fraction=0.25, rotate_int4=False, permute_unit=32),
+      embedding_bits=16)
   return [
       ("w4axkv4 (preset)", preset, kv4, False),
+      ("w4axkv4 group-aligned rtn, bf16 embedding", aligned, kv4, False),
+      ("w4axkv4 group-aligned rtn, int8 embedding", aligned.replace(embedding_bits=8), kv4, False),
+      ("w4ax group-aligned rtn, float KV", aligned, None, False),
       ("w4axkv4 (preset) + int8 embedding", preset, kv4, True),  # the same quantized linears, embedding INT8
       ("w4a4kv4 rtn", qc.preset("w4a4-kv4"), kv4, False),
       # the GGUF's Q4_1 grid is asymmetric per 32 inputs (float minimum): asymmetric RTN g32 can hold it exactly
@@ -95,7 +104,7 @@ def main(argv=None):
       continue
     start = time.perf_counter()
     if int8_embedding and last is not None and last[0] == config.to_dict():
-      model = with_int8_embeddings(last[1], config.weights.scale_dtype)
+      model = with_embedding_bits(last[1], 8, config.weights.scale_dtype)
       config = config.replace(embedding_bits=8)
     else:
       if int8_embedding:

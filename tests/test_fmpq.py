@@ -40,6 +40,31 @@ def test_plan_is_a_permutation_with_top_channels_in_int8_blocks(k, fraction, blo
     assert absmax[perm[:n8]].min() >= absmax[perm[n8:]].max()
 
 
+@settings(max_examples=30, deadline=None)
+@given(runs=st.integers(4, 40), unit=st.sampled_from([2, 4, 8]), seed=st.integers(0, 2**16))
+def test_permute_unit_moves_whole_runs_ranked_by_their_largest_channel(runs, unit, seed):
+  acts = qc.ActivationQuantConfig(int8_fraction=0.25, block_size=2 * unit, permute_unit=unit)
+  k = runs * unit
+  plan = fmpq.input_plan("x", k, qc.QuantConfig(activations=acts))
+  absmax = np.random.default_rng(seed).permutation(np.arange(1, plan.padded_features + 1)).astype(np.float32)
+  absmax[k:] = 0.0
+  act = fmpq.plan_activation("x", plan, acts, _stats(absmax))
+  if act.perm is None:
+    return
+  perm = np.asarray(act.perm)
+  assert sorted(perm.tolist()) == list(range(plan.padded_features))
+  chunks = perm.reshape(-1, unit)  # every run of `unit` final channels is one aligned run of the input
+  assert np.all(chunks[:, 0] % unit == 0) and np.all(np.diff(chunks, axis=1) == 1)
+  n8 = act.format.int8_channels
+  run_max = absmax[perm].reshape(-1, unit).max(axis=1)
+  assert run_max[:n8 // unit].min() >= run_max[n8 // unit:].max()
+
+
+def test_permute_unit_must_divide_the_block():
+  with pytest.raises(ValueError, match="permute_unit=32 must divide block_size=48"):
+    qc.ActivationQuantConfig(block_size=48, permute_unit=32)
+
+
 def test_outlier_ratio_uses_only_the_blocks_needed():
   acts = qc.ActivationQuantConfig(int8_fraction=0.5, block_size=8, outlier_ratio=6.0)
   absmax = np.ones(64, np.float32)

@@ -8,10 +8,10 @@ import pytest
 from flax import nnx
 
 from calib.pipeline import calibrate_and_quantize
-from calib.stats import collect_stats
+from calib.stats import LayerStats, collect_stats
 from cometjax import ops
 from cometjax.checkpoint.quantized import load_quantized, save_quantized
-from cometjax.core.formats import InputTransformWeight, QuantizedWeight
+from cometjax.core.formats import InputTransformWeight, QuantizedWeight, dequantize_weight
 from cometjax.core.kv_config import KVQuantConfig
 from cometjax.models.llama import LlamaConfig, init_llama
 from cometjax.quant import config as qc, rotation
@@ -276,7 +276,8 @@ def _save_load_configs():
   symmetric = w4ax.replace(weights=qc.WeightQuantConfig(method="gptq", group_size=32),
                            activations=qc.ActivationQuantConfig(int8_fraction=0.25, rotate_int4="block"),
                            embedding_bits=8)
-  return {"w4ax-kv4 hadamard": w4ax.replace(rotation="hadamard"), "w4a16": qc.preset("w4a16"),
+  return {"w4ax-kv4 hadamard": w4ax.replace(rotation="hadamard"), "w4a16 bf16-embedding":
+          qc.preset("w4a16").replace(embedding_bits=16),
           "w4ax-kv4 symmetric block-rotation int8-embedding": symmetric}
 
 
@@ -309,3 +310,38 @@ def test_save_load_is_bit_exact(model, windows, tmp_path, name):
 def test_load_quantized_rejects_other_directories(tmp_path):
   with pytest.raises(ValueError, match="quantization.json"):
     load_quantized(tmp_path)
+
+
+def test_bf16_embedding_halves_its_bytes_and_stays_close(model):
+  rtn = qc.preset("w4a16").replace(weights=qc.WeightQuantConfig(group_size=32))
+  q32 = quantize(model, rtn, progress=False)
+  q16 = quantize(model, rtn.replace(embedding_bits=16), progress=False)
+  assert q16.embed_tokens.get_value().dtype == jnp.bfloat16
+  r32, r16 = quantization_report(q32), quantization_report(q16)
+  assert 2 * r16["embedding_bytes"] == r32["embedding_bytes"]
+  assert rel_err(logits(q16), logits(q32)) < 0.01
+
+
+def test_group_aligned_permutation_keeps_an_asymmetric_grid_exactly():
+  # a weight already on a 4-bit grid per 32 inputs (GGUF Q4_1: w = d q + m): permuting whole groups and
+  # asymmetric RTN in float32 give back the same grid; single-channel permutations mix the groups
+  rng = np.random.default_rng(0)
+  k, n, group = 256, 48, 32
+  d = rng.uniform(0.01, 0.05, (k // group, 1, n))
+  m = rng.uniform(-0.4, -0.1, (k // group, 1, n))
+  q = rng.integers(0, 16, (k // group, group, n))
+  q[:, 0], q[:, 1] = 0, 15  # each group spans its whole range, as Q4_1 blocks do
+  kernel = (d * q + m).reshape(k, n)
+  absmax = rng.uniform(1, 2, k).astype(np.float32)
+  absmax[[5, 77, 200]] = 40.0
+  stats = LayerStats(absmax=absmax, sumsq=absmax.astype(np.float64) ** 2, count=1)
+  errors = {}
+  for unit in (1, group):
+    config = qc.QuantConfig(weights=qc.WeightQuantConfig(group_size=group, symmetric=False),
+                            activations=qc.ActivationQuantConfig(int8_fraction=0.25, block_size=64,
+                                                                 permute_unit=unit))
+    qw = quantize_layer("layers.0.mlp.up_proj", kernel, config, stats)
+    assert qw.activation.num_int8_blocks == 1 and qw.perm is not None
+    w = np.asarray(dequantize_weight(qw, original_order=True), np.float64)
+    errors[unit] = np.abs(w - kernel).max() / np.abs(kernel).max()
+  assert errors[group] < 1e-5 < 1e-2 < errors[1]

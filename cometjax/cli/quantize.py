@@ -62,8 +62,9 @@ def add_command(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--scale-dtype", choices=SCALE_DTYPES, default=None, help="dtype of weight scales and zeros")
   p.add_argument("--rotate-int4", choices=("none", "region", "block"), default=None,
                  help="FMPQ: signed Hadamard rotation of the INT4 channels (default: the preset's)")
-  p.add_argument("--embedding-bits", choices=("float", "8"), default=None,
-                 help="8: store the token embedding (and an untied lm_head) INT8 per row")
+  p.add_argument("--embedding-bits", choices=("float", "16", "8"), default=None,
+                 help="how the token embedding (and an untied lm_head) is stored: float (as loaded, "
+                      "float32), 16 (bfloat16) or 8 (INT8 per row)")
   p.add_argument("--no-progress", action="store_true")
   p.add_argument("--json", action="store_true", help="print the report as one JSON line last")
   p.set_defaults(func=run)

@@ -15,9 +15,9 @@ A `QuantConfig` says, for a Llama-family model:
                orthogonal (randomized) Hadamard matrix, rotate each head's V/O pair, and rotate the
                down_proj input online (see `cometjax.quant.rotation`). None: no rotation.
   keep_float   fnmatch patterns of layer names that stay in float (default: embeddings and lm_head).
-  embedding_bits  None (the token embedding and an untied lm_head stay float) or 8: both stored as INT8
-               with one scale per row (per vocabulary entry), a weight-only format (`QuantizedEmbedding`,
-               and an 8-bit A16 `QuantizedWeight` for the lm_head).
+  embedding_bits  None (the token embedding and an untied lm_head stay as loaded, float32), 16 (both stored
+               as bfloat16) or 8: both stored as INT8 with one scale per row (per vocabulary entry), a
+               weight-only format (`QuantizedEmbedding`, and an 8-bit A16 `QuantizedWeight` for the lm_head).
 
 Layer names are dotted paths in the model: "layers.3.self_attn.q_proj", "layers.0.mlp.down_proj",
 "lm_head", "embed_tokens".
@@ -110,6 +110,10 @@ class ActivationQuantConfig:
   are stored): "region" one over the whole INT4 region (block-diagonal chunks where no Hadamard matrix of
   that order is built here), "block" one per FMPQ block (spreading each block's outliers under its own
   scale). Outliers stay exact at INT8.
+  permute_unit: channels move in runs of this many consecutive input channels, ranked by the run's largest
+  statistic (1: single channels). Set to the weight group size, the permutation moves whole weight groups
+  and keeps each group's channels together, so a checkpoint whose weights already sit on a 4-bit grid per
+  group (GGUF Q4_1: 32 inputs, a scale and a minimum) keeps that grid exactly under asymmetric RTN.
   block_size None ("auto"): 128, halved while the layer would have fewer than 8 blocks, not below 8.
   A layer whose in_features is not a multiple of its block size is padded with zero weight rows and
   zero activation channels up to the next multiple (the padding sits in the last INT4 block; zeros do
@@ -123,6 +127,7 @@ class ActivationQuantConfig:
   ranking: str = "absmax"  # per-channel statistic that ranks channels: max |x| or root mean square
   rotate_int4: bool | str = False  # False, "region" or "block" (module docstring); True means "region"
   scale_span: str = "block"
+  permute_unit: int = 1
 
   def __post_init__(self):
     if self.bits not in (4, 8):
@@ -143,6 +148,10 @@ class ActivationQuantConfig:
       raise ValueError(f"activations.rotate_int4 must be one of {INT4_ROTATIONS}, got {self.rotate_int4!r}")
     if self.scale_span not in SCALE_SPANS:
       raise ValueError(f"activations.scale_span must be one of {SCALE_SPANS}, got {self.scale_span!r}")
+    if not isinstance(self.permute_unit, int) or self.permute_unit < 1:
+      raise ValueError(f"activations.permute_unit must be a positive int, got {self.permute_unit!r}")
+    if self.block_size is not None and self.block_size % self.permute_unit:
+      raise ValueError(f"activations.permute_unit={self.permute_unit} must divide block_size={self.block_size}")
 
   @property
   def mixed(self) -> bool:
@@ -168,7 +177,7 @@ class QuantConfig:
   kv: KVQuantConfig | None = None
   rotation: str | None = None
   keep_float: tuple[str, ...] = DEFAULT_KEEP_FLOAT
-  embedding_bits: int | None = None  # 8: the token embedding (and an untied lm_head) INT8 per row
+  embedding_bits: int | None = None  # 8: the token embedding (and an untied lm_head) INT8 per row; 16: bf16
   name: str | None = None  # the preset this came from, for reports
 
   def __post_init__(self):
@@ -182,8 +191,8 @@ class QuantConfig:
     if isinstance(self.keep_float, str) or not all(isinstance(p, str) for p in self.keep_float):
       raise ValueError(f"keep_float must be a tuple of fnmatch patterns, got {self.keep_float!r}")
     object.__setattr__(self, "keep_float", tuple(self.keep_float))
-    if self.embedding_bits not in (None, 8):
-      raise ValueError(f"embedding_bits must be None or 8, got {self.embedding_bits!r}")
+    if self.embedding_bits not in (None, 8, 16):
+      raise ValueError(f"embedding_bits must be None, 8 or 16, got {self.embedding_bits!r}")
 
   def quantizes(self, layer_name: str) -> bool:
     """Whether the linear layer `layer_name` is quantized (not matched by a keep_float pattern)."""

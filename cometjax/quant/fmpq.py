@@ -115,8 +115,13 @@ def plan_activation(layer_name: str, plan: InputPlan, acts: ActivationQuantConfi
   n8 = num_int8_blocks(scores[np.isfinite(scores)], num_blocks, block, acts)
   if n8 == 0:
     return ActivationPlan(None, ActivationFormat(block, 0, num_blocks, acts.scale_span))
-  order = np.argsort(-scores, kind="stable")
-  top = np.sort(order[:n8 * block])
+  unit = acts.permute_unit
+  if block % unit or kp % unit:
+    raise ValueError(f"layer {layer_name!r}: activations.permute_unit={unit} must divide the block size {block} "
+                     f"and the padded input size {kp}")
+  unit_scores = scores.reshape(kp // unit, unit).max(axis=1)  # a run ranks by its largest channel
+  units = np.sort(np.argsort(-unit_scores, kind="stable")[:n8 * block // unit])
+  top = (units[:, None] * unit + np.arange(unit)).reshape(-1)  # ascending: each run keeps its channel order
   rest = np.setdiff1d(np.arange(kp), top)  # ascending: real channels first, padding last
   perm = np.concatenate([top, rest]).astype(np.int32)
   return ActivationPlan(perm, ActivationFormat(block, n8, num_blocks, acts.scale_span))

@@ -86,12 +86,30 @@ def _int8_embeddings(pure: dict, scale_dtype: str) -> None:
                                      shape=tuple(kernel.shape))
 
 
-def with_int8_embeddings(model, scale_dtype: str = "float32"):
-  """A copy of a (quantized) model whose token embedding, and a float untied lm_head, are INT8 per row: what
-  `embedding_bits=8` does, for a model already quantized without it."""
+def _bf16_embeddings(pure: dict) -> None:
+  """In place: the token embedding, and a float (untied) lm_head kernel, stored as bfloat16 (the model reads
+  them in its compute dtype either way)."""
+  pure["embed_tokens"] = jnp.asarray(pure["embed_tokens"]).astype(jnp.bfloat16)
+  head = pure.get("lm_head")
+  if isinstance(head, dict) and not is_quantized_leaf(head.get("kernel")):
+    head["kernel"] = jnp.asarray(head["kernel"]).astype(jnp.bfloat16)
+
+
+def _store_embeddings(pure: dict, bits: int | None, scale_dtype: str) -> None:
+  if bits == 8:
+    _int8_embeddings(pure, scale_dtype)
+  elif bits == 16:
+    _bf16_embeddings(pure)
+
+
+def with_embedding_bits(model, bits: int, scale_dtype: str = "float32"):
+  """A copy of a (quantized) model whose token embedding, and a float untied lm_head, are stored as
+  `embedding_bits` says (8: INT8 per row, 16: bfloat16), for a model already quantized without it."""
+  if bits not in (8, 16):
+    raise ValueError(f"bits must be 8 or 16, got {bits!r}")
   graphdef, state = nnx.split(model)
   pure = nnx.to_pure_dict(state)
-  _int8_embeddings(pure, scale_dtype)
+  _store_embeddings(pure, bits, scale_dtype)
   nnx.replace_by_pure_dict(state, pure)
   return nnx.merge(graphdef, state)
 
@@ -133,8 +151,7 @@ def quantize(model, config: QuantConfig, stats=None, *, progress: bool = True):
     layer_stats = stats.layer(name) if stats is not None else None
     _check_finite_stats(name, layer_stats)
     node["kernel"] = quantize_layer(name, node["kernel"], config, layer_stats)
-  if config.embedding_bits == 8:
-    _int8_embeddings(pure, config.weights.scale_dtype)
+  _store_embeddings(pure, config.embedding_bits, config.weights.scale_dtype)
   nnx.replace_by_pure_dict(state, pure)
   quantized = nnx.merge(graphdef, state)
   if device_weight_layout() != "kn":  # store the weights as the device's preferred GEMM reads them
