@@ -1,5 +1,6 @@
 """The CPU attention and cache-write paths equal their plain forms: query chunks (with and without the
-causal-prefix key cut) against one unchunked softmax, and the decode-step cache writes against a scatter."""
+causal-prefix key cut) and decode's key-prefix branches against one unchunked softmax, and the decode-step
+cache writes (per row, or a whole-layer select) against a scatter."""
 
 import jax
 import jax.numpy as jnp
@@ -57,21 +58,35 @@ def test_causal_prefix_model_call_equals_the_masked_one(monkeypatch):
   np.testing.assert_allclose(cut, full, atol=1e-5)
 
 
+@pytest.mark.parametrize("newest", [[0, 5], [63, 64], [64, 200], [255, 3]])
+def test_decode_attention_reads_a_prefix_and_equals_the_full_softmax(newest):
+  # rows at different positions: the branch is picked by the newest one, older rows stay masked
+  q, k, v = random_qkv(4, 2, 1, 256)
+  positions = jnp.array(newest)[:, None]
+  mask = jnp.arange(256)[None, None, :] <= positions[:, :, None]
+  assert llama.decode_prefix_lengths(256) == (64, 128, 256)
+  got = jax.jit(llama.decode_attention)(q, k, v, mask, jnp.max(positions) + 1)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("max_row_writes", [0, 64])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_decode_step_write_equals_scatter(batch):
-  cache = KVCache.create(2, batch, 8, 2, 4)
-  cache = KVCache(jax.random.normal(jax.random.key(0), cache.k.shape), jax.random.normal(jax.random.key(1), cache.v.shape))
+def test_decode_step_write_equals_scatter(batch, max_row_writes, monkeypatch):
+  monkeypatch.setattr("cometjax.serving.kvcache.MAX_ROW_WRITES", max_row_writes)
+  shape = (batch, 8, 2, 4)
+  stack = jax.random.normal(jax.random.key(0), (2, *shape))
+  cache = KVCache(tuple(stack), tuple(jax.random.normal(jax.random.key(1), (2, *shape))))
   new = jax.random.normal(jax.random.key(3), (batch, 1, 2, 4))
   positions = jnp.array([[5], [8], [0]])[:batch]  # 8 = max_len: dropped
   updated, keys, _ = cache.update(1, new, new, positions)
   rows = jnp.arange(batch)[:, None]
-  want = cache.k.at[1, rows, positions].set(new, mode="drop")
-  np.testing.assert_array_equal(updated.k, want)
-  np.testing.assert_array_equal(keys, want[1])
-  np.testing.assert_array_equal(updated.k[0], cache.k[0])
+  want = stack[1].at[rows, positions].set(new, mode="drop")
+  np.testing.assert_array_equal(updated.k[1], want)
+  np.testing.assert_array_equal(keys, want)
+  np.testing.assert_array_equal(updated.k[0], stack[0])
 
 
 def test_decode_step_write_out_of_range_keeps_the_single_row_cache():
-  cache = KVCache(jnp.ones((1, 1, 4, 1, 2)), jnp.ones((1, 1, 4, 1, 2)))
+  cache = KVCache((jnp.ones((1, 4, 1, 2)),), (jnp.ones((1, 4, 1, 2)),))
   updated, _, _ = cache.update(0, jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), jnp.array([[4]]))
-  np.testing.assert_array_equal(updated.k, cache.k)
+  np.testing.assert_array_equal(updated.k[0], cache.k[0])

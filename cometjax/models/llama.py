@@ -16,6 +16,7 @@ float and the paged INT4 ones). The model needs only this of a cache:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -201,7 +202,10 @@ class Attention(nnx.Module):
       cache, keys, values = cache.update(self.layer_index, k, v, positions)
       key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
     mask = attention_mask(positions, key_positions, key_valid, cfg.sliding_window)
-    out = grouped_query_attention(q, keys, values, mask, causal_prefix=causal_prefix)
+    if cache is not None and t == 1:  # decode: no key past the newest position is visible
+      out = decode_attention(q, keys, values, mask, jnp.max(positions) + 1)
+    else:
+      out = grouped_query_attention(q, keys, values, mask, causal_prefix=causal_prefix)
     return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
 
 
@@ -232,6 +236,33 @@ def grouped_query_attention(q, k, v, mask, *, causal_prefix: bool = False):
     keys = min(stop, s) if causal_prefix else s
     outs.append(_attend(q[:, start:stop], k[:, :keys], v[:, :keys], mask[:, start:stop, :keys]))
   return jnp.concatenate(outs, axis=1)
+
+
+# Decode reads the cache prefix that can hold visible keys, in power-of-two lengths from this one up.
+DECODE_MIN_KEYS = 64
+
+
+def decode_prefix_lengths(cache_len: int) -> tuple[int, ...]:
+  """The key-prefix lengths decode attention picks from: DECODE_MIN_KEYS, its doublings, then cache_len."""
+  lengths, n = [], DECODE_MIN_KEYS
+  while n < cache_len:
+    lengths.append(n)
+    n *= 2
+  return tuple(lengths) + (cache_len,)
+
+
+def decode_attention(q, k, v, mask, visible_keys):
+  """`grouped_query_attention` for decode steps over a cache whose key index is the position: only the
+  shortest prefix of `decode_prefix_lengths` holding `visible_keys` (a traced count: the newest position
+  + 1) is read, so a step costs O(position) rather than O(cache length); one compiled program holds a
+  branch per prefix length."""
+  lengths = decode_prefix_lengths(k.shape[1])
+  if len(lengths) == 1:
+    return _attend(q, k, v, mask)
+  index = sum((visible_keys > n).astype(jnp.int32) for n in lengths[:-1])
+  branches = [functools.partial(lambda n, q, k, v, mask: _attend(q, k[:, :n], v[:, :n], mask[..., :n]), n)
+              for n in lengths]
+  return jax.lax.switch(index, branches, q, k, v, mask)
 
 
 def _attend(q, k, v, mask):

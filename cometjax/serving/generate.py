@@ -168,7 +168,9 @@ def _decode(static: _Static, state, first, lengths, cache, key, max_new_tokens, 
 
   def body(carry):
     step, token, out, done, counts, cache, key = carry
-    key, sub = jax.random.split(key)
+    sub = key
+    if not static.sampling.greedy:  # greedy decode draws nothing: no per-step key split
+      key, sub = jax.random.split(key)
     positions = (lengths + step - 1)[:, None]  # the position of `token`
     logits, cache = model(token[:, None], positions=positions, cache=cache)
     nxt = sample_logits(logits[:, 0], sub, static.sampling)

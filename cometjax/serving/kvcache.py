@@ -25,26 +25,31 @@ from cometjax.core.kv import KVQuantConfig, PagedKV4, check_kv_shape
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """Contiguous float cache.  k, v: [layers, batch, max_len, kv_heads, head_dim]."""
-  k: jax.Array
-  v: jax.Array
+  """Contiguous float cache, one array per layer.  k, v: tuples of [batch, max_len, kv_heads, head_dim].
+
+  Separate per-layer arrays (not one [layers, ...] stack) let XLA write a decode step's row in place: with
+  a stack, every layer's update inside the decode loop copied all layers (measured on stories260K)."""
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   prefill_chunk = None  # prefill may write any number of tokens at once
 
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32) -> "KVCache":
-    shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return cls(tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+               tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
 
   @property
   def max_len(self) -> int:
-    return self.k.shape[2]
+    return self.k[0].shape[1]
 
   def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
     """k_new, v_new: [B, T, Hkv, D] written at positions [B, T]; returns (cache, keys, values)."""
-    k = _write_rows(self.k, layer, k_new, positions)
-    v = _write_rows(self.v, layer, v_new, positions)
-    return KVCache(k, v), k[layer], v[layer]
+    k = _write_rows(self.k[layer], k_new, positions)
+    v = _write_rows(self.v[layer], v_new, positions)
+    replace = lambda layers, new: layers[:layer] + (new,) + layers[layer + 1:]
+    return KVCache(replace(self.k, k), replace(self.v, v)), k, v
 
   def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
     return self.update(layer, k_new, v_new, positions)[0]
@@ -58,25 +63,32 @@ class KVCache:
     return self
 
 
-def _write_rows(pool: jax.Array, layer: int, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """pool [L, B, S, H, D] with new [B, T, H, D] written at positions [B, T] (>= S dropped).
+# Decode writes up to this many rows as one dynamic-update-slice each; more rows select the whole layer.
+MAX_ROW_WRITES = 64
+
+
+def _write_rows(pool: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+  """pool [B, S, H, D] with new [B, T, H, D] written at positions [B, T] (>= S dropped).
 
   A decode step (T = 1) avoids XLA's scatter, which on CPU costs more than the rest of a small model's
-  step: one row is a dynamic-update-slice, several rows a select against a one-hot of their positions.
+  step: each row is a dynamic-update-slice (in place), or beyond MAX_ROW_WRITES rows a select against a
+  one-hot of their positions (which reads and writes the whole layer).
   """
   new = new.astype(pool.dtype)
   b, t = positions.shape
-  max_len = pool.shape[2]
+  max_len = pool.shape[1]
   if t != 1:
     rows = jnp.arange(b)[:, None]
-    return pool.at[layer, rows, positions].set(new, mode="drop")
-  if b == 1:
-    start = (layer, 0, jnp.minimum(positions[0, 0], max_len - 1), 0, 0)
-    kept = jax.lax.dynamic_slice(pool, start, (1, 1, 1) + new.shape[2:])[0]
-    new = jnp.where(positions[0, 0] < max_len, new, kept)  # out of range: rewrite what is there
-    return jax.lax.dynamic_update_slice(pool, new[None], start)
-  hit = jnp.arange(max_len)[None, :] == positions  # [B, S]
-  return pool.at[layer].set(jnp.where(hit[:, :, None, None], new, pool[layer]))
+    return pool.at[rows, positions].set(new, mode="drop")
+  if b > MAX_ROW_WRITES:
+    hit = jnp.arange(max_len)[None, :] == positions  # [B, S]
+    return jnp.where(hit[:, :, None, None], new, pool)
+  for row in range(b):  # one in-place dynamic-update-slice per row
+    start = (row, jnp.minimum(positions[row, 0], max_len - 1), 0, 0)
+    kept = jax.lax.dynamic_slice(pool, start, (1,) + new.shape[1:])
+    value = jnp.where(positions[row, 0] < max_len, new[row:row + 1], kept)  # out of range: rewrite what is there
+    pool = jax.lax.dynamic_update_slice(pool, value, start)
+  return pool
 
 
 @jax.tree_util.register_dataclass
