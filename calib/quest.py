@@ -373,13 +373,15 @@ def default_recipe(kind: str) -> SettingRecipe:
   raise ValueError(f"kind must be 'dit' or 'cnn', got {kind!r}")
 
 
-# Seconds on 2 shared CPU cores (measured 2026-12-02 with `nice`, other jobs running): one float model call on
-# one state (calibration paths), one finetuning step at the recipe's batch (both forwards of the gain terms and
-# the backward pass), compiling the finetuning step, and what the rest of PTQ costs.
-_MODEL_CALL_SECONDS = {"dit": 0.9e-3, "cnn": 36e-3}
-_QUEST_STEP_SECONDS = {"dit": 0.45, "cnn": 0.6}
-_QUEST_COMPILE_SECONDS = {"dit": 45.0, "cnn": 60.0}
-_PTQ_SECONDS = {"dit": 25.0, "cnn": 30.0}
+# Seconds on 2 CPU cores: one float model call on one state (calibration paths), one finetuning step at the
+# recipe's batch (both forwards of the gain terms and the backward pass), compiling the finetuning step, and
+# what the rest of PTQ costs. DiT: `cometjax sample --setting w4a4-quest` on 2 idle cores with an empty
+# compilation cache, 2026-12-02 (quantized in 86 s); other jobs on the cores about double it. CNN: measured
+# with other jobs running.
+_MODEL_CALL_SECONDS = {"dit": 0.35e-3, "cnn": 36e-3}
+_QUEST_STEP_SECONDS = {"dit": 0.09, "cnn": 0.6}
+_QUEST_COMPILE_SECONDS = {"dit": 25.0, "cnn": 60.0}
+_PTQ_SECONDS = {"dit": 15.0, "cnn": 30.0}
 _ADAROUND_SECONDS_PER_ITERATION = {"dit": 0.3, "cnn": 1.2}
 
 
@@ -412,7 +414,7 @@ def describe_plan(kind: str, setting: str, recipe: SettingRecipe | None = None) 
   if setting == "w4a4-quest":
     parts.append(f"QuEST: {recipe.quest.steps} finetuning steps of batch {recipe.quest.batch_size}")
   minutes = estimated_seconds(kind, setting, recipe) / 60
-  return f"{setting} on the {kind}: " + "; ".join(parts) + f". About {minutes:.1f} min on 2 CPU cores."
+  return f"{setting} on the {kind}: " + "; ".join(parts) + f". About {minutes:.1f} min on 2 idle CPU cores (more when other jobs share them)."
 
 
 def quantize_for_setting(model, schedule: NoiseSchedule, setting: str, *, recipe: SettingRecipe | None = None,

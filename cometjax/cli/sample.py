@@ -1,7 +1,7 @@
 """`cometjax sample`: draw MNIST samples from the diffusion models, float or quantized, into a PNG grid.
 
 Quantized settings calibrate (and for w4a4-quest finetune) on the fly with the default CPU-sized recipe,
-printing the plan and its expected time first (w4a4-quest on the DiT: about 3-4 minutes on 2 CPU cores) and
+printing the plan and its expected time first (w4a4-quest on the DiT: about 1.5 minutes on 2 idle CPU cores) and
 progress bars while it runs; `--save-quantized DIR` keeps the result and `--setting DIR` reloads it.
 """
 
