@@ -65,7 +65,8 @@ def test_decode_attention_reads_a_prefix_and_equals_the_full_softmax(newest):
   positions = jnp.array(newest)[:, None]
   mask = jnp.arange(256)[None, None, :] <= positions[:, :, None]
   assert llama.decode_prefix_lengths(256) == (64, 128, 256)
-  got = jax.jit(llama.decode_attention)(q, k, v, mask, jnp.max(positions) + 1)
+  read = lambda n: (k[:, :n], v[:, :n])
+  got = jax.jit(lambda q, mask, visible: llama.decode_attention(q, read, mask, visible))(q, mask, jnp.max(positions) + 1)
   np.testing.assert_allclose(got, reference_attention(q, k, v, mask), rtol=1e-5, atol=1e-6)
 
 

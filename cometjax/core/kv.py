@@ -131,6 +131,27 @@ def check_kv_shape(head_dim: int, config: KVQuantConfig) -> int:
   return head_group
 
 
+# Writes of up to this many rows of one token each run as one dynamic-update-slice per row: XLA's scatter
+# costs more on a CPU than the rest of a small model's decode step.
+MAX_ROW_WRITES = 64
+
+
+def set_rows(pool: jax.Array, index: jax.Array, values: jax.Array) -> jax.Array:
+  """pool.at[index[:, 0], index[:, 1], ...].set(values, mode="drop") for index int32 [R, n] (one entry of
+  the first n axes per row; out of range: dropped) and values [R, *pool.shape[n:]]."""
+  rows, n = index.shape
+  if rows > MAX_ROW_WRITES:
+    return pool.at[tuple(index[:, i] for i in range(n))].set(values, mode="drop")
+  size = (1,) * n + pool.shape[n:]
+  for r in range(rows):
+    inside = jnp.all((index[r] >= 0) & (index[r] < jnp.asarray(pool.shape[:n])))
+    start = tuple(jnp.clip(index[r, i], 0, pool.shape[i] - 1) for i in range(n)) + (0,) * (pool.ndim - n)
+    kept = jax.lax.dynamic_slice(pool, start, size)
+    pool = jax.lax.dynamic_update_slice(pool, jnp.where(inside, values[r].reshape(size).astype(pool.dtype), kept),
+                                        start)
+  return pool
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKV4:
@@ -146,11 +167,14 @@ class PagedKV4:
   length: jax.Array  # int32 [B]: tokens written so far per row
   page_table: jax.Array  # int32 [B, max_len // page]; entries < 0 are unallocated
   config: KVQuantConfig = dataclasses.field(metadata=dict(static=True))
+  # True: the page table is the identity over the whole pool (row b owns pages b*n .. b*n+n-1), so reads
+  # are reshapes of the pool rather than gathers through the table (a gather per read is slow on a CPU)
+  contiguous: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @classmethod
   def create(cls, batch: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
-             page_table: jax.Array, config: KVQuantConfig) -> "PagedKV4":
-    """An empty layer: codes 0, scales 1, zero points 0, every row's length 0."""
+             page_table: jax.Array, config: KVQuantConfig, contiguous: bool = False) -> "PagedKV4":
+    """An empty layer: codes 0, scales 1, zero points 0, every row's length 0 (`contiguous`: the field)."""
     head_group = check_kv_shape(head_dim, config)
     channel = config.k_mode == "channel"
     pool = (num_pages, page_size, num_kv_heads)
@@ -160,7 +184,7 @@ class PagedKV4:
     recent = jnp.zeros((batch, page_size if channel else 0, num_kv_heads, head_dim), jnp.float32)
     return cls(k=codes, v=codes, k_scale=k_scales, k_zero=jnp.zeros_like(k_scales), v_scale=token_scales,
                v_zero=jnp.zeros_like(token_scales), k_recent=recent, length=jnp.zeros((batch,), jnp.int32),
-               page_table=page_table, config=config)
+               page_table=page_table, config=config, contiguous=contiguous)
 
   @property
   def page_size(self) -> int:
@@ -202,9 +226,13 @@ class PagedKV4:
     page, slot = self.physical(positions)
     integer_zero = self.config.integer_zero
     v_codes, v_scale, v_zero = quantize_kv_tensor(v_new.astype(jnp.float32), self.head_group, integer_zero)
-    fields = dict(v=self.v.at[page, slot].set(v_codes, mode="drop"),
-                  v_scale=self.v_scale.at[page, slot].set(v_scale, mode="drop"),
-                  v_zero=self.v_zero.at[page, slot].set(v_zero, mode="drop"), length=new_length)
+    if t == 1:  # a decode step: in-place row writes (`set_rows`), no scatter
+      at = jnp.concatenate([page, slot], axis=1)  # [B, 2]
+      put = lambda pool, values: set_rows(pool, at, values[:, 0])
+    else:
+      put = lambda pool, values: pool.at[page, slot].set(values, mode="drop")
+    fields = dict(v=put(self.v, v_codes), v_scale=put(self.v_scale, v_scale), v_zero=put(self.v_zero, v_zero),
+                  length=new_length)
     k32 = k_new.astype(jnp.float32)
     if self.config.k_mode == "channel":
       fields.update(self._write_channel_keys(k32, positions, valid, new_length))
@@ -212,9 +240,7 @@ class PagedKV4:
       if self.config.k_mode == "hadamard":
         k32 = k32 @ hadamard_orthonormal(d)
       k_codes, k_scale, k_zero = quantize_kv_tensor(k32, self.head_group, integer_zero)
-      fields.update(k=self.k.at[page, slot].set(k_codes, mode="drop"),
-                    k_scale=self.k_scale.at[page, slot].set(k_scale, mode="drop"),
-                    k_zero=self.k_zero.at[page, slot].set(k_zero, mode="drop"))
+      fields.update(k=put(self.k, k_codes), k_scale=put(self.k_scale, k_scale), k_zero=put(self.k_zero, k_zero))
     return dataclasses.replace(self, **fields)
 
   def _write_channel_keys(self, k32, positions, valid, new_length) -> dict:
@@ -227,40 +253,68 @@ class PagedKV4:
                        "prefill in chunks of group_tokens (serving.generate.forward_with_cache does)")
     rows = jnp.arange(b)[:, None]  # [B, 1]
     ring_slot = jnp.where(valid, positions % g, g)
-    recent = self.k_recent.at[rows, ring_slot].set(k32, mode="drop")  # [B, G, Hkv, D]
+    if t == 1:
+      recent = set_rows(self.k_recent, jnp.concatenate([rows, ring_slot], axis=1), k32[:, 0])
+    else:
+      recent = self.k_recent.at[rows, ring_slot].set(k32, mode="drop")  # [B, G, Hkv, D]
     completed = (new_length % g == 0) & (new_length > self.length)  # [B]
-    group_page, _ = self.physical(jnp.where(completed, new_length - g, self.max_len)[:, None])
-    group_page = group_page[:, 0]
-    codes, scale, zero = quantize_asymmetric(recent, 4, axis=1,  # over the group's tokens
-                                             integer_zero=self.config.integer_zero)
-    return dict(k=self.k.at[group_page].set(pack_int4(codes, axis=-1), mode="drop"),
-                k_scale=self.k_scale.at[group_page].set(scale[:, 0], mode="drop"),
-                k_zero=self.k_zero.at[group_page].set(zero[:, 0], mode="drop"), k_recent=recent)
+    group_page, _ = self.physical(jnp.where(completed, new_length - g, self.max_len)[:, None])  # [B, 1]
 
-  def gather(self, pool: jax.Array) -> jax.Array:
-    """A pool [P, page, ...] -> the rows' sequences [B, S, ...] through the page table."""
-    pages = pool[jnp.maximum(self.page_table, 0)]  # [B, n, page, ...]; unallocated pages lie past length
+    def close_groups(pools):  # quantize each completed group per channel over its tokens into its page
+      k, k_scale, k_zero = pools
+      codes, scale, zero = quantize_asymmetric(recent, 4, axis=1, integer_zero=self.config.integer_zero)
+      return (set_rows(k, group_page, pack_int4(codes, axis=-1)), set_rows(k_scale, group_page, scale[:, 0]),
+              set_rows(k_zero, group_page, zero[:, 0]))
+
+    pools = (self.k, self.k_scale, self.k_zero)
+    if t == 1:  # a decode step closes a group once every g steps: skip the work in between
+      pools = jax.lax.cond(jnp.any(completed), close_groups, lambda pools: pools, pools)
+    else:
+      pools = close_groups(pools)
+    return dict(k=pools[0], k_scale=pools[1], k_zero=pools[2], k_recent=recent)
+
+  def _pages(self, pool: jax.Array, num_pages: int) -> jax.Array:
+    """A pool [P, ...] -> the first num_pages logical pages of every row [B, num_pages, ...]."""
+    b, n = self.page_table.shape
+    if self.contiguous:
+      return pool.reshape(b, n, *pool.shape[1:])[:, :num_pages]
+    return pool[jnp.maximum(self.page_table[:, :num_pages], 0)]  # unallocated pages lie past length
+
+  def _num_pages(self, num_tokens: int | None) -> int:
+    if num_tokens is None:
+      return self.page_table.shape[1]
+    if num_tokens % self.page_size or not 0 < num_tokens <= self.max_len:
+      raise ValueError(f"num_tokens must be a multiple of the page size {self.page_size} in (0, {self.max_len}], "
+                       f"got {num_tokens}")
+    return num_tokens // self.page_size
+
+  def gather(self, pool: jax.Array, num_tokens: int | None = None) -> jax.Array:
+    """A pool [P, page, ...] -> the rows' sequences [B, S, ...] through the page table (the first
+    num_tokens positions when given)."""
+    pages = self._pages(pool, self._num_pages(num_tokens))  # [B, n, page, ...]
     return pages.reshape(pages.shape[0], -1, *pages.shape[3:])
 
-  def read_values(self) -> jax.Array:
-    """[B, S, Hkv, D] float32 values as attention sees them."""
-    return dequantize_kv_tensor(self.gather(self.v), self.gather(self.v_scale), self.gather(self.v_zero))
+  def read_values(self, num_tokens: int | None = None) -> jax.Array:
+    """[B, S, Hkv, D] float32 values as attention sees them (S = num_tokens when given, else max_len)."""
+    return dequantize_kv_tensor(self.gather(self.v, num_tokens), self.gather(self.v_scale, num_tokens),
+                                self.gather(self.v_zero, num_tokens))
 
-  def read_keys(self, lengths: jax.Array | None = None) -> jax.Array:
-    """[B, S, Hkv, D] float32 keys as attention sees them; in channel mode the group of position
-    lengths - 1 (default: the newest token) comes exact from k_recent."""
-    codes = self.gather(self.k)
+  def read_keys(self, lengths: jax.Array | None = None, num_tokens: int | None = None) -> jax.Array:
+    """[B, S, Hkv, D] float32 keys as attention sees them (S as in read_values); in channel mode the
+    group of position lengths - 1 (default: the newest token) comes exact from k_recent."""
+    codes = self.gather(self.k, num_tokens)
     if self.config.k_mode != "channel":
-      keys = dequantize_kv_tensor(codes, self.gather(self.k_scale), self.gather(self.k_zero))
+      keys = dequantize_kv_tensor(codes, self.gather(self.k_scale, num_tokens), self.gather(self.k_zero, num_tokens))
       return keys @ hadamard_orthonormal(keys.shape[-1]) if self.config.k_mode == "hadamard" else keys
     lengths = self.length if lengths is None else lengths
     g = self.page_size
-    table = jnp.maximum(self.page_table, 0)
-    scale = jnp.repeat(self.k_scale[table], g, axis=1)  # [B, n, Hkv, D] -> [B, S, Hkv, D]
-    zero = jnp.repeat(self.k_zero[table], g, axis=1)
-    keys = (unpack_int4(codes, axis=-1, signed=False).astype(jnp.float32) - zero) * scale
-    positions = jnp.arange(self.max_len)
+    n = self._num_pages(num_tokens)
+    b = codes.shape[0]
+    scale, zero = self._pages(self.k_scale, n)[:, :, None], self._pages(self.k_zero, n)[:, :, None]  # [B, n, 1, H, D]
+    codes = unpack_int4(codes, axis=-1, signed=False).astype(jnp.float32).reshape(b, n, g, *scale.shape[3:])
+    keys = ((codes - zero) * scale).reshape(b, n * g, *scale.shape[3:])
+    positions = jnp.arange(n * g)
     open_group = (lengths - 1) // g  # [B]: the group of the newest token stays exact
     in_open = (positions[None, :] // g) == open_group[:, None]  # [B, S]
-    recent = jnp.take(self.k_recent, positions % g, axis=1)  # [B, S, Hkv, D]
+    recent = jnp.tile(self.k_recent, (1, n, 1, 1))  # [B, S, Hkv, D]: position p reads ring slot p % g
     return jnp.where(in_open[:, :, None, None], recent, keys)

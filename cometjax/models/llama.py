@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cometjax import ops
-from cometjax.core.formats import QuantizedEmbedding
+from cometjax.core.formats import InputTransformWeight, QuantizedEmbedding, QuantizedWeight, dequantized_leaf
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -196,16 +196,20 @@ class Attention(nnx.Module):
       out = ops.attention_paged_kv4(q[:, 0], cache.paged_layer(self.layer_index),
                                     implementation=self.implementation)
       return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
+    if cache is not None and t == 1:  # decode: no key past the newest position is visible
+      cache = cache.write(self.layer_index, k, v, positions)
+      key_positions = jnp.broadcast_to(jnp.arange(cache.max_len), (b, cache.max_len))
+      mask = attention_mask(positions, key_positions, key_valid, cfg.sliding_window)
+      read = functools.partial(cache.read, self.layer_index)
+      out = decode_attention(q, read, mask, jnp.max(positions) + 1, cache.page_size)
+      return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
     if cache is None:
       keys, values, key_positions = k, v, positions
     else:
       cache, keys, values = cache.update(self.layer_index, k, v, positions)
       key_positions = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
     mask = attention_mask(positions, key_positions, key_valid, cfg.sliding_window)
-    if cache is not None and t == 1:  # decode: no key past the newest position is visible
-      out = decode_attention(q, keys, values, mask, jnp.max(positions) + 1)
-    else:
-      out = grouped_query_attention(q, keys, values, mask, causal_prefix=causal_prefix)
+    out = grouped_query_attention(q, keys, values, mask, causal_prefix=causal_prefix)
     return self.o_proj(out.reshape(b, t, cfg.num_heads * hd)), cache
 
 
@@ -242,27 +246,29 @@ def grouped_query_attention(q, k, v, mask, *, causal_prefix: bool = False):
 DECODE_MIN_KEYS = 64
 
 
-def decode_prefix_lengths(cache_len: int) -> tuple[int, ...]:
-  """The key-prefix lengths decode attention picks from: DECODE_MIN_KEYS, its doublings, then cache_len."""
-  lengths, n = [], DECODE_MIN_KEYS
+def decode_prefix_lengths(cache_len: int, granularity: int = 1) -> tuple[int, ...]:
+  """The key-prefix lengths decode attention picks from: DECODE_MIN_KEYS (rounded up to a multiple of
+  `granularity`, a cache's page size), its doublings below cache_len, then cache_len."""
+  lengths, n = [], -(-DECODE_MIN_KEYS // granularity) * granularity
   while n < cache_len:
     lengths.append(n)
     n *= 2
   return tuple(lengths) + (cache_len,)
 
 
-def decode_attention(q, k, v, mask, visible_keys):
-  """`grouped_query_attention` for decode steps over a cache whose key index is the position: only the
-  shortest prefix of `decode_prefix_lengths` holding `visible_keys` (a traced count: the newest position
-  + 1) is read, so a step costs O(position) rather than O(cache length); one compiled program holds a
-  branch per prefix length."""
-  lengths = decode_prefix_lengths(k.shape[1])
+def decode_attention(q, read, mask, visible_keys, granularity: int = 1):
+  """Attention of decode steps over a cache whose key index is the position: only the shortest prefix of
+  `decode_prefix_lengths` holding `visible_keys` (a traced count: the newest position + 1) is read and
+  attended, so a step costs O(position) rather than O(cache length); one compiled program holds a branch
+  per prefix length. q: [B, 1, Hq, D]; read(n) -> (keys, values) [B, n, Hkv, D]; mask: [B, 1, S]."""
+  lengths = decode_prefix_lengths(mask.shape[-1], granularity)
+  def attend(n, q, mask):
+    keys, values = read(n)
+    return _attend(q, keys, values, mask[..., :n])
   if len(lengths) == 1:
-    return _attend(q, k, v, mask)
+    return attend(lengths[0], q, mask)
   index = sum((visible_keys > n).astype(jnp.int32) for n in lengths[:-1])
-  branches = [functools.partial(lambda n, q, k, v, mask: _attend(q, k[:, :n], v[:, :n], mask[..., :n]), n)
-              for n in lengths]
-  return jax.lax.switch(index, branches, q, k, v, mask)
+  return jax.lax.switch(index, [functools.partial(attend, n) for n in lengths], q, mask)
 
 
 def _attend(q, k, v, mask):
@@ -367,6 +373,19 @@ def set_matmul_implementation(model: nnx.Module, implementation: str) -> nnx.Mod
   for _, node in nnx.iter_graph(model):
     if isinstance(node, (Linear, Attention)):
       node.implementation = implementation
+  return model
+
+
+def hold_dequantized_weights(model: nnx.Module) -> nnx.Module:
+  """In place: every quantized kernel that runs on XLA held as a `DequantizedWeight`, for a decode loop on
+  a CPU (called inside the jitted function, before the loop: the weights are dequantized once per call).
+  Kernels on a Pallas backend keep their packed form."""
+  for _, module in model.iter_modules():
+    if isinstance(module, Linear):
+      kernel = module.kernel.get_value()
+      inner = kernel.inner if isinstance(kernel, InputTransformWeight) else kernel
+      if isinstance(inner, QuantizedWeight) and ops.resolve("linear", inner, module.implementation) == "xla":
+        module.kernel.set_value(dequantized_leaf(kernel))
   return model
 
 

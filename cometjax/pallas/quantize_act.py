@@ -251,3 +251,33 @@ def quantize_act_reference(
   return QuantizedActivation(int8_part=int8_part, int4_part=int4_part,
                              scales=jnp.concatenate([int8_scales, int4_scales], axis=0), code_sums=code_sums,
                              format=fmt)
+
+
+@functools.partial(jax.jit, static_argnames=["fmt"])
+def dequantized_act_reference(
+    x,  # [M, K] bf16/f32
+    perm,  # [K] int32 or None
+    fmt: ActivationFormat,
+) -> jax.Array:  # f32 [M, K], permuted channel order
+  """`quantize_act_reference(x, perm, fmt).dequantize()` without packing: each block's codes times its
+  per-token scale (the same codes and scales; all blocks in one pass, the fewest ops for a decode step)."""
+  _check_inputs(x, perm, fmt)
+  m = x.shape[0]
+  x_perm = (x if perm is None else jnp.take(x, perm, axis=1)).astype(jnp.float32)
+  if fmt.scale_span == "region":  # format version 2: one scale per precision region
+    split = fmt.int8_channels
+    parts = []
+    for first, count, qmax, region in ((0, fmt.num_int8_blocks, INT8_MAX, x_perm[:, :split]),
+                                       (fmt.num_int8_blocks, fmt.num_int4_blocks, INT4_MAX, x_perm[:, split:])):
+      if count:
+        codes, scales = _block_codes(region, fmt, first, count, qmax)
+        parts.append(codes.astype(jnp.float32) * jnp.repeat(scales.T, fmt.block_size, axis=1))
+    return jnp.concatenate(parts, axis=1)
+  blocks = x_perm.reshape(m, fmt.num_blocks, fmt.block_size)
+  is_int8 = jnp.arange(fmt.num_blocks) < fmt.num_int8_blocks  # [nb]
+  amax = jnp.max(jnp.abs(blocks), axis=2)  # [M, nb]
+  # the divisions exactly as `_block_codes` writes them (by each region's qmax), so the scales agree bitwise
+  scale = jnp.where(amax > 0, jnp.where(is_int8, amax / INT8_MAX, amax / INT4_MAX), 1.0)[:, :, None]
+  qmax = jnp.where(is_int8, INT8_MAX, INT4_MAX)[:, None]
+  codes = jnp.clip(round_half_up(blocks / scale), -qmax, qmax).astype(jnp.int32)
+  return (codes.astype(jnp.float32) * scale).reshape(m, -1)

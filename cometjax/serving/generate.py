@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from cometjax.core.kv import KVQuantConfig
+from cometjax.models.llama import hold_dequantized_weights
 from cometjax.serving.kvcache import create_cache, prefill_chunk
 from cometjax.serving.limits import check_request
 
@@ -155,6 +156,8 @@ def _decode(static: _Static, state, first, lengths, cache, key, max_new_tokens, 
   """Runs up to max_new_tokens - 1 decode steps; returns out tokens [B, out_len] and counts [B]."""
   TRACE_COUNTS["decode"] += 1
   model = nnx.merge(static.graphdef, state)
+  if jax.default_backend() == "cpu":  # dequantize XLA-run weights once per call, not once per step
+    hold_dequantized_weights(model)
   b = first.shape[0]
   eos = jnp.asarray(static.eos_ids or (-1,), jnp.int32)
   is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)

@@ -32,6 +32,7 @@ class KVCache:
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   prefill_chunk = None  # prefill may write any number of tokens at once
+  page_size = 1  # `read` takes any prefix length
 
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
@@ -53,6 +54,10 @@ class KVCache:
 
   def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
     return self.update(layer, k_new, v_new, positions)[0]
+
+  def read(self, layer: int, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The first num_tokens positions of one layer: (keys, values) [B, num_tokens, Hkv, D]."""
+    return self.k[layer][:, :num_tokens], self.v[layer][:, :num_tokens]
 
   def paged_layer(self, layer: int) -> None:
     return None  # not paged: attention reads `update`'s keys and values
@@ -124,7 +129,8 @@ class KV4Cache:
       raise ValueError(f"num_pages must be >= 1, got {num_pages}")
     identity = np.arange(batch * pages_per_row, dtype=np.int32).reshape(batch, pages_per_row)
     table = jnp.asarray(np.where(identity < num_pages, identity, -1))
-    layer = PagedKV4.create(batch, num_pages, page_size, num_kv_heads, head_dim, table, config)
+    layer = PagedKV4.create(batch, num_pages, page_size, num_kv_heads, head_dim, table, config,
+                            contiguous=num_pages == batch * pages_per_row)
     return cls(layers=tuple(layer for _ in range(num_layers)), dtype=jnp.dtype(dtype))
 
   @property
@@ -171,7 +177,7 @@ class KV4Cache:
     page_table = jnp.asarray(page_table, jnp.int32)
     if page_table.shape != self.page_table.shape:
       raise ValueError(f"page_table must have shape {list(self.page_table.shape)}, got {list(page_table.shape)}")
-    return dataclasses.replace(self, layers=tuple(dataclasses.replace(l, page_table=page_table)
+    return dataclasses.replace(self, layers=tuple(dataclasses.replace(l, page_table=page_table, contiguous=False)
                                                   for l in self.layers))
 
   def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
@@ -182,6 +188,13 @@ class KV4Cache:
   def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KV4Cache":
     """`update` without the read (for attention kernels that read the pool themselves)."""
     return self._replace_layer(layer, self.layers[layer].write(k_new, v_new, positions))
+
+  def read(self, layer: int, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The first num_tokens positions of one layer, dequantized: (keys, values) [B, num_tokens, Hkv, D]
+    (num_tokens a multiple of the page size); only those pages are read."""
+    paged = self.layers[layer]
+    return (paged.read_keys(num_tokens=num_tokens).astype(self.dtype),
+            paged.read_values(num_tokens).astype(self.dtype))
 
   def reset_rows(self, rows: jax.Array) -> "KV4Cache":
     """Frees batch rows (bool [B]) for new sequences: their written length goes back to 0."""

@@ -1,0 +1,79 @@
+"""The CPU decode forms of quantized layers equal their exact forms: activations dequantized in one pass,
+the dequantized W4Ax product (per call, and held as a `DequantizedWeight` with a dense input transform), and
+the decode loop that holds them (`hold_dequantized_weights`)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from calib.stats import LayerStats
+from cometjax import ops
+from cometjax.core.formats import ActivationFormat, DequantizedWeight, InputTransformWeight, dequantized_leaf
+from cometjax.models.llama import LlamaConfig, hold_dequantized_weights, init_llama
+from cometjax.pallas import quantize_act, w4ax_matmul
+from cometjax.quant import config as qc
+from cometjax.quant.layer import quantize_layer
+from cometjax.quant.transform import quantize
+from cometjax.serving.generate import generate
+
+
+@settings(max_examples=30, deadline=None)
+@given(blocks=st.integers(1, 6), int8=st.integers(0, 6), span=st.sampled_from(["block", "region"]),
+       rows=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_dequantized_activations_equal_the_packed_codes_times_scales(blocks, int8, span, rows, seed):
+  fmt = ActivationFormat(8, min(int8, blocks), blocks, span)
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(0, 1, (rows, 8 * blocks)) * rng.uniform(0.1, 30, 8 * blocks), jnp.float32)
+  perm = jnp.asarray(rng.permutation(8 * blocks), jnp.int32)
+  want = quantize_act.quantize_act_reference(x, perm, fmt).dequantize()
+  np.testing.assert_array_equal(quantize_act.dequantized_act_reference(x, perm, fmt), want)
+
+
+def _layer(config, k=96, n=40, seed=0):
+  rng = np.random.default_rng(seed)
+  absmax = np.zeros(-(-k // 32) * 32, np.float32)  # statistics cover the zero-padded input
+  absmax[:k] = rng.uniform(1, 2, k)
+  absmax[[3, 50]] = 30.0
+  stats = LayerStats(absmax=absmax, sumsq=absmax.astype(np.float64) ** 2, count=1)
+  return quantize_layer("layers.0.mlp.up_proj", rng.normal(0, 0.05, (k, n)), config, stats)
+
+
+@pytest.mark.parametrize("rotate_int4", [False, "region"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantized_product_equals_the_integer_gemm(rotate_int4, symmetric):
+  config = qc.QuantConfig(weights=qc.WeightQuantConfig(group_size=32, symmetric=symmetric),
+                          activations=qc.ActivationQuantConfig(int8_fraction=0.25, block_size=16,
+                                                               rotate_int4=rotate_int4))
+  leaf = _layer(config, k=90)  # padded to 96
+  assert isinstance(leaf, InputTransformWeight)
+  x = jax.random.normal(jax.random.key(1), (3, 90)) * 4
+  exact = ops.linear(x, leaf, implementation="xla")  # 3 rows <= DEQUANTIZED_MAX_ROWS: checked below too
+  inner, x_in = leaf.inner, leaf.transform_input(x)
+  segments = w4ax_matmul.w4ax_matmul_reference(quantize_act.quantize_act_reference(x_in, inner.perm,
+                                                                                   inner.activation), inner)
+  held = dequantized_leaf(leaf)
+  assert isinstance(held, DequantizedWeight) and held.transform is not None and held.shape == (90, 40)
+  scale = float(jnp.max(jnp.abs(segments)))
+  for got in (exact, ops.linear(x, held)):
+    np.testing.assert_allclose(got, segments, atol=2e-5 * scale)
+
+
+def test_the_decode_loop_holds_dequantized_weights_with_the_same_tokens():
+  config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                       num_kv_heads=2, eos_token_id=None)
+  model = quantize(init_llama(config, seed=3), qc.preset("w4a4-kv4").replace(
+      weights=qc.WeightQuantConfig(group_size=32)), progress=False)
+  prompt = [[5, 9, 17, 33]]
+  held = hold_dequantized_weights(quantize(init_llama(config, seed=3), qc.preset("w4a4").replace(
+      weights=qc.WeightQuantConfig(group_size=32)), progress=False))
+  kernel = held.layers[0].mlp.up_proj.kernel.get_value()
+  assert isinstance(kernel, DequantizedWeight)
+  # the generate loop (which holds the weights on CPU) against the step-by-step forward of the packed model
+  out = generate(model, prompt, 12, stop_at_eos=False).tokens[0]
+  tokens = list(prompt[0])
+  for _ in range(12):
+    logits, _ = model(jnp.asarray([tokens]))
+    tokens.append(int(jnp.argmax(logits[0, -1])))
+  assert list(out) == tokens[len(prompt[0]):]
