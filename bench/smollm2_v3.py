@@ -14,6 +14,7 @@ bytes over the packed weight bytes (codes + scales + zeros).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -43,7 +44,17 @@ def rows():
       weights=W(method="rtn", group_size=32, symmetric=False, scale_dtype="float16"),
       activations=qc.ActivationQuantConfig(bits=4, int8_fraction=0.25, rotate_int4=False, permute_unit=32),
       embedding_bits=16)
-  return [
+  # activation probes: 8-bit RTN weights (close to lossless on the Q4_1 grid) isolate what FMPQ costs
+  w8 = preset.replace(weights=W(bits=8, method="rtn"))
+  probes = [
+      ("probe w8 + preset activations", w8, kv4, False),
+      ("probe w8 + preset activations + residual hadamard", w8.replace(rotation="hadamard"), kv4, False),
+      ("probe w8 + int4-block rotation", w8.replace(activations=dataclasses.replace(
+          preset.activations, rotate_int4="block")), kv4, False),
+      ("probe w8 + int8<=0.5", w8.replace(activations=dataclasses.replace(preset.activations, int8_fraction=0.5)),
+       kv4, False),
+  ]
+  return probes + [
       ("w4axkv4 (preset)", preset, kv4, False),
       ("w4axkv4 group-aligned rtn, bf16 embedding", aligned, kv4, False),
       ("w4axkv4 group-aligned rtn, int8 embedding", aligned.replace(embedding_bits=8), kv4, False),

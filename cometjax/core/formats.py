@@ -184,9 +184,21 @@ def check_activation(qx: QuantizedActivation) -> None:
 WEIGHT_LAYOUTS = ("kn", "nk")
 
 
+class _WeightShape:
+  """in_features / out_features of a weight leaf with a static `shape` (in, out)."""
+
+  @property
+  def in_features(self) -> int:
+    return self.shape[0]
+
+  @property
+  def out_features(self) -> int:
+    return self.shape[1]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
+class QuantizedWeight(_WeightShape):
   """A quantized linear weight [in=K, out=N] plus the activation plan of its layer."""
 
   data: jax.Array  # bits=4: uint8 [K // 2, N]; bits=8: int8 [K, N]; rows in permuted order
@@ -214,14 +226,6 @@ class QuantizedWeight:
     if self.activation is not None and self.activation.in_features != in_features:
       raise ValueError(f"activation format covers {self.activation.in_features} channels but "
                        f"in_features={in_features}")
-
-  @property
-  def in_features(self) -> int:
-    return self.shape[0]
-
-  @property
-  def out_features(self) -> int:
-    return self.shape[1]
 
   @property
   def num_scale_groups(self) -> int:
@@ -355,7 +359,7 @@ def dequantize_weight(qw: QuantizedWeight, original_order: bool = False, dtype=j
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DequantizedWeight:
+class DequantizedWeight(_WeightShape):
   """A `QuantizedWeight` held as its float weight, for a loop that multiplies with it many times (a CPU
   decode loop dequantizes once per call, not once per step). The matmul quantizes its input to the same
   activation plan and multiplies the dequantized operands in float32: the integer GEMM's products up to
@@ -366,14 +370,6 @@ class DequantizedWeight:
   shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))  # (K, N): what the layer takes
   activation: ActivationFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
   transform: jax.Array | None = None  # f32 [K, Kp]: an InputTransformWeight's whole input transform, dense
-
-  @property
-  def in_features(self) -> int:
-    return self.shape[0]
-
-  @property
-  def out_features(self) -> int:
-    return self.shape[1]
 
 
 # In the dequantized form, an InputTransformWeight over at most this many channels becomes one dense [K, Kp]
