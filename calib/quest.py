@@ -380,12 +380,14 @@ def default_recipe(kind: str) -> SettingRecipe:
 
 # Seconds on 2 shared CPU cores (measured 2026-12-02 with `nice`, other jobs running): one float model call on
 # one state (calibration paths), one finetuning step at the recipe's batch (both forwards of the gain terms and
-# the backward pass), compiling the finetuning step, and what the rest of PTQ costs.
-_MODEL_CALL_SECONDS = {"dit": 0.9e-3, "cnn": 36e-3}
-_QUEST_STEP_SECONDS = {"dit": 0.45, "cnn": 0.6}
-_QUEST_COMPILE_SECONDS = {"dit": 45.0, "cnn": 60.0}
-_PTQ_SECONDS = {"dit": 25.0, "cnn": 30.0}
-_ADAROUND_SECONDS_PER_ITERATION = {"dit": 0.3, "cnn": 1.2}
+# the backward pass), compiling the finetuning step, and what the rest of PTQ costs.  CNN (load average 3-6):
+# 32 DDIM-25 calibration paths 12 s; round-to-nearest PTQ 5.7 s in a fresh process, AdaRound PTQ 20-31 s;
+# QuEST 112 s for 150 steps and 175-219 s for 300 (bench/results/diffusion_quality.json: 195-205 s).
+_MODEL_CALL_SECONDS = {"dit": 0.9e-3, "cnn": 15e-3}
+_QUEST_STEP_SECONDS = {"dit": 0.45, "cnn": 0.5}
+_QUEST_COMPILE_SECONDS = {"dit": 45.0, "cnn": 40.0}
+_PTQ_SECONDS = {"dit": 25.0, "cnn": 6.0}
+_ADAROUND_SECONDS_PER_ITERATION = {"dit": 0.3, "cnn": 0.5}
 
 
 def estimated_seconds(kind: str, setting: str, recipe: SettingRecipe | None = None) -> float:
