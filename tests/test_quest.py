@@ -369,10 +369,12 @@ def test_diffusion_quality_bench_smoke(tmp_path):
   assert "| mnist_dit | w4a4-quest | 3 |" in table and "w4a4-quest over 2 finetuning seeds" in table
 
 
-def test_recipe_ptq_adaround_per_setting():
+@pytest.mark.parametrize("kind", ["dit", "cnn"])
+@pytest.mark.parametrize("from_adaround", [False, True])
+def test_recipe_ptq_adaround_per_setting(kind, from_adaround):
   from calib.quest import default_recipe
-  dit, cnn = default_recipe("dit"), default_recipe("cnn")
-  assert dit.ptq_adaround("w8a8") is None and cnn.ptq_adaround("w8a8") is None
-  assert dit.ptq_adaround("w4a4-ptq") == dit.adaround and dit.ptq_adaround("w4a8") == dit.adaround
-  # the DiT's QuEST finetuning starts from round-to-nearest weights, the CNN's from its AdaRound PTQ model
-  assert dit.ptq_adaround("w4a4-quest") is None and cnn.ptq_adaround("w4a4-quest") == cnn.adaround
+  recipe = dataclasses.replace(default_recipe(kind), quest_from_adaround=from_adaround)
+  assert recipe.ptq_adaround("w8a8") is None
+  assert recipe.ptq_adaround("w4a4-ptq") == recipe.adaround and recipe.ptq_adaround("w4a8") == recipe.adaround
+  # w4a4-quest finetunes either the AdaRound PTQ model or round-to-nearest weights
+  assert recipe.ptq_adaround("w4a4-quest") == (recipe.adaround if from_adaround else None)
