@@ -128,7 +128,8 @@ def offline(stories, prompt_ids, max_tokens, *, stop_ids=(), kv=None, model=None
   """(text, completion_tokens, finish_reason) that offline greedy `generate` gives, decoded as a whole."""
   tok, model = stories.tokenizer, model or stories.model
   ends = set(model.config.eos_token_ids) | {tok.eos_id} | set(stop_ids)
-  ids = generate(model, [prompt_ids], max_tokens, eos_ids=sorted(ends), kv=kv).tokens[0]
+  # the integer path bit for bit, as the engine runs it (generate's CPU default dequantizes for speed)
+  ids = generate(model, [prompt_ids], max_tokens, eos_ids=sorted(ends), kv=kv, dequantize_weights=False).tokens[0]
   stopped = ids[-1] in ends
   shown = ids[:-1] if stopped else ids
   return tok.decode(prompt_ids + shown)[len(tok.decode(prompt_ids)):], len(ids), "stop" if stopped else "length"

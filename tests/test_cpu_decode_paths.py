@@ -1,5 +1,5 @@
 """The CPU decode forms of quantized layers equal their exact forms: activations dequantized in one pass,
-the dequantized W4Ax product (per call, and held as a `DequantizedWeight` with a dense input transform), and
+the dequantized W4Ax product (a held `DequantizedWeight`), and
 the decode loop that holds them (`hold_dequantized_weights`)."""
 
 import jax
@@ -54,7 +54,8 @@ def test_dequantized_product_equals_the_integer_gemm(rotate_int4, symmetric):
   segments = w4ax_matmul.w4ax_matmul_reference(quantize_act.quantize_act_reference(x_in, inner.perm,
                                                                                    inner.activation), inner)
   held = dequantized_leaf(leaf)
-  assert isinstance(held, DequantizedWeight) and held.transform is not None and held.shape == (90, 40)
+  assert isinstance(held, InputTransformWeight) and isinstance(held.inner, DequantizedWeight)
+  assert held.shape == (90, 40)
   scale = float(jnp.max(jnp.abs(segments)))
   for got in (exact, ops.linear(x, held)):
     np.testing.assert_allclose(got, segments, atol=2e-5 * scale)

@@ -186,3 +186,16 @@ def test_no_pool_array_of_the_largest_e2e_case_passes_2_to_the_31_bytes():
   assert largest < 2**31 // 8, largest  # 2**27 bytes: the K (or V) codes of one layer
   assert sum(a.size * a.dtype.itemsize for a in cache.layers[0].__dict__.values() if hasattr(a, "dtype")) < 2**31
   assert 32 * largest == 2**32  # what a single [layers, ...] K pool would have held
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_contiguous_reads_equal_reads_through_the_table(mode):
+  config = KVQuantConfig(k_mode=mode, group_tokens=16)
+  k, v = random_kv(40)
+  caches = [fill(KV4Cache.create(L, B, S, H, D, config=config, contiguous=c), 1, k, v, 8)[0] for c in (False, True)]
+  assert caches[1].layers[1].contiguous and not caches[0].layers[1].contiguous
+  for n in (16, 48, S):
+    for a, b in zip(caches[0].read(1, n), caches[1].read(1, n)):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="contiguous=True needs num_pages"):
+    KV4Cache.create(L, B, S, H, D, config=config, num_pages=3, contiguous=True)

@@ -367,30 +367,16 @@ class DequantizedWeight(_WeightShape):
 
   weight: jax.Array  # f32 [Kp, N], rows in permuted order
   perm: jax.Array | None  # int32 [Kp] or None (identity)
-  shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))  # (K, N): what the layer takes
+  shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))  # (K, N)
   activation: ActivationFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
-  transform: jax.Array | None = None  # f32 [K, Kp]: an InputTransformWeight's whole input transform, dense
-
-
-# In the dequantized form, an InputTransformWeight over at most this many channels becomes one dense [K, Kp]
-# matmul (pad, rotations and permutation in one op), and an INT4-region Hadamard of at most this block size
-# dense blocks: fewer ops where a decode step is bound by op count, not by these few multiply-adds.
-DENSE_TRANSFORM_MAX_FEATURES = 256
-DENSE_REGION_MAX_BLOCK = 128
 
 
 def dequantized_leaf(leaf):
-  """A QuantizedWeight (also inside an InputTransformWeight) as a DequantizedWeight; other leaves as given.
-  An InputTransformWeight's small region rotations become dense blocks (the same R, fewer ops)."""
+  """A QuantizedWeight (also inside an InputTransformWeight) as a DequantizedWeight; other leaves as given."""
   if isinstance(leaf, InputTransformWeight):
-    if isinstance(leaf.inner, QuantizedWeight) and leaf.inner.in_features <= DENSE_TRANSFORM_MAX_FEATURES:
-      # every step of the transform is linear: the identity through it is its matrix
-      transform = leaf.transform_input(jnp.eye(leaf.in_features, dtype=jnp.float32))  # [K, Kp]
-      return dataclasses.replace(dequantized_leaf(leaf.inner), shape=leaf.shape, transform=transform)
-    region = leaf.region
-    if isinstance(region, HadamardRotation) and region.block <= DENSE_REGION_MAX_BLOCK:
-      region = region.dense_blocks()
-    return dataclasses.replace(leaf, inner=dequantized_leaf(leaf.inner), region=region)
+    # the input transform stays as it is: the activations must round exactly as in the packed path (a dense
+    # rotation matrix moved codes across rounding ties)
+    return dataclasses.replace(leaf, inner=dequantized_leaf(leaf.inner))
   if isinstance(leaf, QuantizedWeight):
     return DequantizedWeight(weight=dequantize_weight(leaf), perm=leaf.perm, shape=leaf.shape,
                              activation=leaf.activation)

@@ -207,13 +207,6 @@ class HadamardRotation:
     y = fast_hadamard_transform(y.reshape(*x.shape[:-1], n // b, b), b) / np.sqrt(b)
     return y.reshape(x.shape).astype(x.dtype)
 
-  def dense_blocks(self) -> jax.Array:
-    """f32 [C, b, b]: R's diagonal blocks, for `apply_block_rotation` (one small matmul per block instead
-    of the fast transform's log2(b) stages: fewer ops where a decode step is bound by op count)."""
-    h = jnp.asarray(hadamard_orthonormal(self.block), jnp.float32)
-    signs = self.signs.astype(jnp.float32).reshape(-1, self.block)
-    return signs[:, :, None] * h[None]
-
   def matrix(self) -> np.ndarray:
     """R, float64 [C * b, C * b] (dense; for the offline weight transform only)."""
     signs = np.asarray(self.signs, np.float64)

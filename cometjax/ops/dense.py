@@ -6,8 +6,6 @@ A weight leaf is a float array [in, out] (plain `jnp.dot`) or a quantized leaf o
   accumulation (`w4ax_matmul`; on a device whose validation table prefers it, `w4ax_matmul_sm90`, which reads
   K-major weights: `QuantizedWeight.layout == "nk"` avoids its per-call transpose).
   The Pallas GEMM takes 4-bit weights whose scale segments it can tile (`w4ax_matmul.pallas_supported`).
-  On XLA, a few rows (decode) run as one float32 matmul of the dequantized operands instead
-  (`DEQUANTIZED_MAX_ROWS`).
 - `InputTransformWeight`: the input is transformed (pad, rotate, permute), then the inner weight runs.
 - `StaticActQuantWeight`: XLA's int8 dot with int32 accumulation and the zero-point term.
 - `DequantizedWeight`: a QuantizedWeight's float weight held for a loop; the input is quantized to its
@@ -45,12 +43,6 @@ def _flatten(x: jax.Array, k: int) -> jax.Array:  # [..., K] -> [M, K]
   return x.reshape(-1, k)
 
 
-# XLA path: up to this many rows (decode steps) multiply the dequantized operands in one float32 matmul
-# (`w4ax_matmul_dequantized`, equal up to float32 rounding); more rows (prefill, perplexity) keep the
-# segment GEMM, whose sums are the integer ones bit for bit.
-DEQUANTIZED_MAX_ROWS = 64
-
-
 def _quantized_weight_xla(x, qw: QuantizedWeight, implementation: str):
   from cometjax.pallas import quantize_act, w4ax_matmul
   qw.check_arrays()
@@ -60,9 +52,6 @@ def _quantized_weight_xla(x, qw: QuantizedWeight, implementation: str):
   if qw.activation is None:  # weight-only: dequantize, multiply in float
     w = dequantize_weight(qw).astype(x.dtype)  # [K, N] permuted rows
     y = jnp.dot(qw.permute_input(x2d), w, preferred_element_type=jnp.float32).astype(x.dtype)
-  elif x2d.shape[0] <= DEQUANTIZED_MAX_ROWS:
-    x_hat = quantize_act.dequantized_act_reference(x2d, qw.perm, qw.activation)
-    y = w4ax_matmul.w4ax_matmul_dequantized(x_hat, qw, out_dtype=x.dtype)
   else:
     qx = quantize_act.quantize_act_reference(x2d, qw.perm, qw.activation)
     # float32 segment sums where they are exact: int8 dots are the slow part of quantized decode on CPU
@@ -109,8 +98,6 @@ def _dequantized_weight_xla(x, leaf: DequantizedWeight, implementation: str):
   from cometjax.pallas import quantize_act
   k, n = leaf.shape
   x2d = _flatten(x, k)
-  if leaf.transform is not None:  # pad, rotate, permute as one exact-enough f32 matmul
-    x2d = jnp.dot(x2d.astype(jnp.float32), leaf.transform, precision=jax.lax.Precision.HIGHEST)
   if leaf.activation is None:
     x_hat = x2d if leaf.perm is None else jnp.take(x2d, leaf.perm, axis=1)
   else:

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from cometjax.core.formats import QuantizedActivation, QuantizedWeight, check_activation, dequantize_weight
+from cometjax.core.formats import QuantizedActivation, QuantizedWeight, check_activation
 from cometjax.pallas.common import unpack_int4_x16
 
 MAX_EXACT_K = 131072  # 2**31 / (128 * 128): the int32 accumulator of x16 operands cannot overflow
@@ -305,16 +305,3 @@ def w4ax_matmul_reference(
   y, _ = lax.scan(add_segment, jnp.zeros((m, n), jnp.float32), (x_seg, w_seg, x_scales, w_scales, zeros, code_sums))
   return y.astype(out_dtype)
 
-
-@functools.partial(jax.jit, static_argnames=["out_dtype"])
-def w4ax_matmul_dequantized(
-    x_dequantized: jax.Array,  # f32 [M, K]: `quantize_act.dequantized_act_reference`, permuted order
-    qw: QuantizedWeight,
-    out_dtype=jnp.float32,
-) -> jax.Array:  # [M, N]
-  """The W4Ax / W8Ax GEMM as one float32 matmul of the dequantized operands: the same products as the
-  integer GEMM (codes x scales, less the zero-point term), summed in another order, so equal to
-  `w4ax_matmul_reference` up to float32 rounding. On a CPU it skips packing, unpacking and the per-segment
-  loop, which dominate a decode step's cost at a few rows."""
-  w = dequantize_weight(qw)  # f32 [K, N], permuted rows
-  return jnp.dot(x_dequantized, w, precision=lax.Precision.HIGHEST).astype(out_dtype)

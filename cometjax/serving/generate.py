@@ -115,6 +115,7 @@ class _Static:
   graphdef: nnx.GraphDef
   sampling: SamplingConfig
   eos_ids: tuple[int, ...]
+  dequantize_weights: bool = False
 
 
 def forward_with_cache(model, tokens: jax.Array, lengths: jax.Array, cache):
@@ -156,7 +157,7 @@ def _decode(static: _Static, state, first, lengths, cache, key, max_new_tokens, 
   """Runs up to max_new_tokens - 1 decode steps; returns out tokens [B, out_len] and counts [B]."""
   TRACE_COUNTS["decode"] += 1
   model = nnx.merge(static.graphdef, state)
-  if jax.default_backend() == "cpu":  # dequantize XLA-run weights once per call, not once per step
+  if static.dequantize_weights:  # XLA-run quantized weights dequantized once per call, not once per step
     hold_dequantized_weights(model)
   b = first.shape[0]
   eos = jnp.asarray(static.eos_ids or (-1,), jnp.int32)
@@ -232,7 +233,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              stop_at_eos: bool = True, eos_ids: Sequence[int] | None = None,
              kv: KVQuantConfig | None = None, cache_dtype=None, truncate: str | None = None,
-             warmup: bool = False) -> GenerateResult:
+             warmup: bool = False, dequantize_weights: bool | None = None) -> GenerateResult:
   """Generates up to `max_new_tokens` for each prompt (a list of token ids, at least one each).
 
   `kv` selects the KV cache: None is a float cache (model dtype, or `cache_dtype`), a `KVQuantConfig`
@@ -244,6 +245,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   `key` is required when sampling (temperature > 0). The first call for a new shape bucket compiles
   (seconds; `compiled` is then True and the timings include it). `warmup=True` first runs the same call
   untimed (its wall time in `warmup_s`), so the timings are steady-state speed.
+
+  dequantize_weights (default: True on a CPU): the decode loop holds each XLA-run quantized weight
+  dequantized (`DequantizedWeight`, once per call) and multiplies dequantized operands in float32, several
+  times faster on a CPU; the tokens then equal the integer path's up to float32 rounding (False: the integer
+  path, bit for bit, as the serving engine runs it).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -265,12 +271,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     tokens[i, :len(p)] = p
 
   graphdef, state = nnx.split(model)
-  static = _Static(graphdef, sampling, tuple(int(e) for e in eos_ids))
+  if dequantize_weights is None:
+    dequantize_weights = jax.default_backend() == "cpu"
+  static = _Static(graphdef, sampling, tuple(int(e) for e in eos_ids), bool(dequantize_weights))
   prefill_key, decode_key = jax.random.split(key)
   lengths_j = jnp.asarray(lengths)
 
   def run():
-    cache = create_cache(kv, config, len(prompts), cache_len, dtype=cache_dtype)  # donated off CPU: one per call
+    # donated off CPU: one per call; its page table is never replaced, so reads need no gather
+    cache = create_cache(kv, config, len(prompts), cache_len, dtype=cache_dtype, contiguous=True)
     start = time.perf_counter()
     first, filled = _jitted("prefill")(static, state, jnp.asarray(tokens), lengths_j, cache, prefill_key)
     first.block_until_ready()

@@ -111,7 +111,10 @@ class KV4Cache:
   @classmethod
   def create(cls, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
              dtype=jnp.float32, *, config: KVQuantConfig = KVQuantConfig(), page_size: int | None = None,
-             num_pages: int | None = None) -> "KV4Cache":
+             num_pages: int | None = None, contiguous: bool = False) -> "KV4Cache":
+    """contiguous=True promises that the identity page table built here is never replaced (generate's cache):
+    reads then reshape the pools instead of gathering through the table. A cache whose tables change
+    (`with_page_table`, or a replaced `page_table` field) must leave it False."""
     check_kv_shape(head_dim, config)
     channel = config.k_mode == "channel"
     if channel:
@@ -129,8 +132,11 @@ class KV4Cache:
       raise ValueError(f"num_pages must be >= 1, got {num_pages}")
     identity = np.arange(batch * pages_per_row, dtype=np.int32).reshape(batch, pages_per_row)
     table = jnp.asarray(np.where(identity < num_pages, identity, -1))
+    if contiguous and num_pages != batch * pages_per_row:
+      raise ValueError(f"contiguous=True needs num_pages == batch * max_len / page_size = {batch * pages_per_row}, "
+                       f"got {num_pages}")
     layer = PagedKV4.create(batch, num_pages, page_size, num_kv_heads, head_dim, table, config,
-                            contiguous=num_pages == batch * pages_per_row)
+                            contiguous=contiguous)
     return cls(layers=tuple(layer for _ in range(num_layers)), dtype=jnp.dtype(dtype))
 
   @property
@@ -220,10 +226,11 @@ def prefill_chunk(kv: KVQuantConfig | None) -> int:
 
 def create_cache(kv: KVQuantConfig | None, config, batch: int, max_len: int, dtype=None, **paging):
   """An empty cache for a model config (`LlamaConfig`): float when kv is None, else INT4 (`paging`:
-  page_size / num_pages for `KV4Cache.create`)."""
+  page_size / num_pages / contiguous for `KV4Cache.create`)."""
   dtype = dtype or config.dtype
   shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.resolved_head_dim)
   if kv is None:
+    paging.pop("contiguous", None)  # a float cache is always contiguous
     if paging:
       raise ValueError(f"paging options {sorted(paging)} need an INT4 cache (kv=KVQuantConfig(...))")
     return KVCache.create(*shape, dtype=dtype)

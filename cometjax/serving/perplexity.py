@@ -83,7 +83,7 @@ def _window_nll(graphdef, state, inputs, targets, valid, kv=None):
     logits, _ = model(inputs)
   else:  # run the window through a quantized cache, as prefill would
     b, w = inputs.shape
-    cache = create_cache(kv, model.config, b, round_up(w, prefill_chunk(kv)))
+    cache = create_cache(kv, model.config, b, round_up(w, prefill_chunk(kv)), contiguous=True)
     logits, _ = forward_with_cache(model, inputs, jnp.sum(valid, axis=1), cache)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
