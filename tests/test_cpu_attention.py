@@ -73,7 +73,7 @@ def test_decode_attention_reads_a_prefix_and_equals_the_full_softmax(newest):
 @pytest.mark.parametrize("max_row_writes", [0, 64])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decode_step_write_equals_scatter(batch, max_row_writes, monkeypatch):
-  monkeypatch.setattr("cometjax.serving.kvcache.MAX_ROW_WRITES", max_row_writes)
+  monkeypatch.setattr("cometjax.core.kv.MAX_ROW_WRITES", max_row_writes)
   shape = (batch, 8, 2, 4)
   stack = jax.random.normal(jax.random.key(0), (2, *shape))
   cache = KVCache(tuple(stack), tuple(jax.random.normal(jax.random.key(1), (2, *shape))))

@@ -261,18 +261,11 @@ def dequantized_act_reference(
 ) -> jax.Array:  # f32 [M, K], permuted channel order
   """`quantize_act_reference(x, perm, fmt).dequantize()` without packing: each block's codes times its
   per-token scale (the same codes and scales; all blocks in one pass, the fewest ops for a decode step)."""
+  if fmt.scale_span == "region":  # format version 2: one scale per precision region
+    return quantize_act_reference(x, perm, fmt).dequantize()
   _check_inputs(x, perm, fmt)
   m = x.shape[0]
   x_perm = (x if perm is None else jnp.take(x, perm, axis=1)).astype(jnp.float32)
-  if fmt.scale_span == "region":  # format version 2: one scale per precision region
-    split = fmt.int8_channels
-    parts = []
-    for first, count, qmax, region in ((0, fmt.num_int8_blocks, INT8_MAX, x_perm[:, :split]),
-                                       (fmt.num_int8_blocks, fmt.num_int4_blocks, INT4_MAX, x_perm[:, split:])):
-      if count:
-        codes, scales = _block_codes(region, fmt, first, count, qmax)
-        parts.append(codes.astype(jnp.float32) * jnp.repeat(scales.T, fmt.block_size, axis=1))
-    return jnp.concatenate(parts, axis=1)
   blocks = x_perm.reshape(m, fmt.num_blocks, fmt.block_size)
   is_int8 = jnp.arange(fmt.num_blocks) < fmt.num_int8_blocks  # [nb]
   amax = jnp.max(jnp.abs(blocks), axis=2)  # [M, nb]

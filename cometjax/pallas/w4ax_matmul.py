@@ -304,4 +304,3 @@ def w4ax_matmul_reference(
 
   y, _ = lax.scan(add_segment, jnp.zeros((m, n), jnp.float32), (x_seg, w_seg, x_scales, w_scales, zeros, code_sums))
   return y.astype(out_dtype)
-

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cometjax.core import kv as kv_layouts
 from cometjax.core.kv import KVQuantConfig, PagedKV4, check_kv_shape
 
 
@@ -68,32 +69,22 @@ class KVCache:
     return self
 
 
-# Decode writes up to this many rows as one dynamic-update-slice each; more rows select the whole layer.
-MAX_ROW_WRITES = 64
-
-
 def _write_rows(pool: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
   """pool [B, S, H, D] with new [B, T, H, D] written at positions [B, T] (>= S dropped).
 
   A decode step (T = 1) avoids XLA's scatter, which on CPU costs more than the rest of a small model's
-  step: each row is a dynamic-update-slice (in place), or beyond MAX_ROW_WRITES rows a select against a
-  one-hot of their positions (which reads and writes the whole layer).
+  step: each row is a dynamic-update-slice in place (`core.kv.set_rows`), or beyond `core.kv.MAX_ROW_WRITES` rows
+  a select against a one-hot of their positions (which reads and writes the whole layer).
   """
   new = new.astype(pool.dtype)
   b, t = positions.shape
-  max_len = pool.shape[1]
   if t != 1:
     rows = jnp.arange(b)[:, None]
     return pool.at[rows, positions].set(new, mode="drop")
-  if b > MAX_ROW_WRITES:
-    hit = jnp.arange(max_len)[None, :] == positions  # [B, S]
+  if b > kv_layouts.MAX_ROW_WRITES:
+    hit = jnp.arange(pool.shape[1])[None, :] == positions  # [B, S]
     return jnp.where(hit[:, :, None, None], new, pool)
-  for row in range(b):  # one in-place dynamic-update-slice per row
-    start = (row, jnp.minimum(positions[row, 0], max_len - 1), 0, 0)
-    kept = jax.lax.dynamic_slice(pool, start, (1,) + new.shape[1:])
-    value = jnp.where(positions[row, 0] < max_len, new[row:row + 1], kept)  # out of range: rewrite what is there
-    pool = jax.lax.dynamic_update_slice(pool, value, start)
-  return pool
+  return kv_layouts.set_rows(pool, jnp.concatenate([jnp.arange(b)[:, None], positions], axis=1), new[:, 0])
 
 
 @jax.tree_util.register_dataclass
