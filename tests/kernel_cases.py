@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cometjax.core.formats import QuantizedActivation, QuantizedWeight
+from cometjax.core.formats import QuantizedActivation, QuantizedWeight, pack_zero_points
 from cometjax.core.numerics import pack_int4
 from cometjax.ops import registry
 
@@ -31,11 +31,13 @@ def interpreted(mode: str) -> bool:
   return mode == "interpret"
 
 
-def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = False, zero_group: int | None = None):
+def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = False, zero_group: int | None = None,
+                      packed_zeros: bool = False):
   """(qx, qw, exact int64 product) with unit scales and random codes over each precision's full range;
   `extremes` also plants a row of 127s, a row of -8s and a weight column of -8s (the x16 products must
   stay exact in int32). `zero_group` gives the weight integer-valued zero points per gcd(zero_group, block_size)
-  input rows and the activation its code sums, so y = sum x (w - zero) stays an exact integer."""
+  input rows and the activation its code sums, so y = sum x (w - zero) stays an exact integer; `packed_zeros`
+  stores them as packed 4-bit integer zero points (`pack_zero_points`) instead of f32."""
   rng = np.random.default_rng(seed)
   x_int8 = rng.integers(-127, 128, size=(m, fmt.int8_channels))
   x_int4 = rng.integers(-8, 8, size=(m, fmt.int4_channels))
@@ -46,7 +48,7 @@ def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = F
   group_size, zeros, code_sums = None, None, None
   if zero_group is not None:
     group_size = math.gcd(zero_group, fmt.block_size)
-    zeros = rng.integers(-3, 4, size=(k // group_size, n))
+    zeros = rng.integers(-8 if packed_zeros else -3, 8 if packed_zeros else 4, size=(k // group_size, n))
     fmt = fmt.with_sums(group_size)
     code_sums = jnp.asarray(x_int.reshape(m, -1, group_size).sum(axis=2).T, jnp.int32)
   qx = QuantizedActivation(
@@ -56,7 +58,9 @@ def integer_gemm_case(m: int, k: int, n: int, fmt, seed: int, extremes: bool = F
   scale_rows = 1 if group_size is None else k // group_size
   qw = QuantizedWeight(data=pack_int4(jnp.asarray(w_int, jnp.int8), axis=0), scales=jnp.ones((scale_rows, n)),
                        perm=None, bits=4, group_size=group_size, shape=(k, n), activation=fmt,
-                       zeros=None if zeros is None else jnp.asarray(zeros, jnp.float32))
+                       zeros=None if zeros is None else pack_zero_points(zeros) if packed_zeros
+                       else jnp.asarray(zeros, jnp.float32))
+  qw.check_arrays()
   w_exact = w_int if zeros is None else w_int - np.repeat(zeros, group_size, axis=0)
   return qx, qw, x_int @ w_exact
 

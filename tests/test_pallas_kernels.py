@@ -133,12 +133,13 @@ def test_w4ax_matmul_matches_reference(num_int8_blocks, group_size, symmetric, m
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("zero_group", [None, 32])
-def test_w4ax_matmul_integer_accumulation_is_exact(zero_group, mode):
+@pytest.mark.parametrize("zero_group,packed_zeros", [(None, False), (32, False), (32, True)])
+def test_w4ax_matmul_integer_accumulation_is_exact(zero_group, packed_zeros, mode):
   m, k, n = (3, 64, 32) if interpreted(mode) else (3, 256, 64)
   fmt = ActivationFormat(k // 4, 2, 4)
   qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=7, zero_group=zero_group if interpreted(mode) else
-                                    None if zero_group is None else 64)
+                                    None if zero_group is None else 64, packed_zeros=packed_zeros)
+  assert qw.integer_zeros == packed_zeros
   tiles = dict(block_m=2, block_n=16, block_k=16) if interpreted(mode) else {}
   got = w4ax_matmul(qx, qw, interpret=interpreted(mode), **tiles)
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cometjax.core.formats import ActivationFormat
+from cometjax.core.formats import ActivationFormat, QuantizedWeight, pack_zero_points
+from cometjax.core.numerics import pack_int4
 from cometjax.quant import clipping, gptq
 
 
@@ -100,3 +101,35 @@ def test_fake_quantized_activation_error_is_bounded_per_group(m, k8, k4, seed):
     if hi > lo:
       step = np.abs(x[:, lo:hi]).max(1, keepdims=True) / qmax
       assert np.all(np.abs(xq[:, lo:hi] - x[:, lo:hi]) <= step / 2 + 1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.sampled_from([8, 32]), n=st.sampled_from([1, 6, 7]), shift=st.floats(-3, 3), seed=st.integers(0, 2**16))
+def test_integer_zero_grid_holds_zero_and_every_weight_within_half_a_step(k, n, shift, seed):
+  # integer zero points (GPTQ / QServe): the grid spans [min(w, 0), max(w, 0)], so 0.0 is a code even for a
+  # group of one sign, zero codes fit 4 bits, and unclipped RTN rounds every weight by at most half a step
+  w = (np.random.default_rng(seed).standard_normal((k, n)) + shift).astype(np.float32)
+  wj = jnp.asarray(w)
+  scales, zeros = clipping.grid_from_ratios(wj, jnp.ones((k // 8, n)), 4, 8, symmetric=False, integer_zero=True)
+  z = np.asarray(zeros)
+  assert np.array_equal(z, np.round(z)) and z.min() >= -8 and z.max() <= 7
+  codes = np.asarray(clipping.quantize_codes(wj, scales, 4, zeros))
+  assert codes.min() >= -8 and codes.max() <= 7
+  s = np.repeat(np.asarray(scales), 8, axis=0)
+  assert np.all(np.abs(w - (codes - np.repeat(z, 8, axis=0)) * s) <= s / 2 + 1e-5 * np.abs(w).max())
+  packed = pack_zero_points(zeros)
+  assert packed.dtype == jnp.uint8 and packed.shape == (k // 8, (n + 1) // 2)
+  qw = QuantizedWeight(data=pack_int4(jnp.asarray(codes), axis=0), scales=scales, perm=None, bits=4, group_size=8,
+                       shape=(k, n), zeros=packed)
+  qw.check_arrays()
+  np.testing.assert_array_equal(np.asarray(qw.zero_points()), z)
+
+
+def test_integer_zero_points_are_refused_out_of_range_or_fractional_or_misshapen():
+  for bad in (jnp.array([[8.0]]), jnp.array([[-9.0]]), jnp.array([[0.5]]), jnp.zeros((3,))):
+    with pytest.raises(ValueError, match="integer zero points"):
+      pack_zero_points(bad)
+  qw = QuantizedWeight(data=jnp.zeros((4, 6), jnp.uint8), scales=jnp.ones((1, 6)), perm=None, bits=4,
+                       group_size=None, shape=(8, 6), zeros=jnp.zeros((1, 4), jnp.uint8))
+  with pytest.raises(ValueError, match=r"packed integer zero points uint8 \[1, 3\]"):
+    qw.check_arrays()

@@ -76,7 +76,8 @@ def test_unknown_preset_lists_presets():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(bits=3), "weights.bits"), (dict(method="awq"), "weights.method"), (dict(group_size=7), "group_size")])
+    (dict(bits=3), "weights.bits"), (dict(method="awq"), "weights.method"), (dict(group_size=7), "group_size"),
+    (dict(integer_zero=True), "integer_zero"), (dict(integer_zero=True, symmetric=False, bits=8), "integer_zero")])
 def test_bad_weight_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     qc.WeightQuantConfig(**kwargs)
@@ -276,8 +277,9 @@ def _save_load_configs():
   symmetric = w4ax.replace(weights=qc.WeightQuantConfig(method="gptq", group_size=32),
                            activations=qc.ActivationQuantConfig(int8_fraction=0.25, rotate_int4="block"),
                            embedding_bits=8)
-  return {"w4ax-kv4 hadamard": w4ax.replace(rotation="hadamard"), "w4a16 bf16-embedding":
-          qc.preset("w4a16").replace(embedding_bits=16),
+  integer_zero = qc.WeightQuantConfig(group_size=32, symmetric=False, integer_zero=True, scale_dtype="float16")
+  return {"w4ax-kv4 hadamard": w4ax.replace(rotation="hadamard"), "w4a16 integer-zero bf16-embedding":
+          qc.preset("w4a16").replace(weights=integer_zero, embedding_bits=16),
           "w4ax-kv4 symmetric block-rotation int8-embedding": symmetric}
 
 

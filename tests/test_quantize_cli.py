@@ -69,3 +69,10 @@ def test_quantize_cli_format_flags_override_the_preset():
                                "float"])
   config = config_from_args(args)
   assert config.weights.symmetric and config.activations.rotate_int4 is False and config.embedding_bits is None
+  integer = config_from_args(_parser().parse_args(
+      ["quantize", "--model", "m", "--out", "o", "--preset", "w4ax-kv4", "--weight-zero-point", "integer"]))
+  assert not integer.weights.symmetric and integer.weights.integer_zero
+  # symmetric over a preset with integer zero points turns them off rather than failing the config check
+  args = _parser().parse_args(["quantize", "--model", "m", "--out", "o", "--preset", "w4ax-kv4",
+                               "--weight-zero-point", "symmetric"])
+  assert not config_from_args(args).weights.integer_zero

@@ -91,11 +91,12 @@ def test_warp_specialized_matches_reference(m, block_size, num_int8_blocks, symm
 
 
 @pytest.mark.parametrize("mode", SM90_MODES)
-@pytest.mark.parametrize("zero_group", [None, 64])
-def test_integer_accumulation_is_exact(zero_group, mode):
+@pytest.mark.parametrize("zero_group,packed_zeros", [(None, False), (64, False), (64, True)])
+def test_integer_accumulation_is_exact(zero_group, packed_zeros, mode):
   m, k, n = 64, 256, 64
   fmt = ActivationFormat(64, 2, 4)
-  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=3, extremes=True, zero_group=zero_group)
+  qx, qw, exact = integer_gemm_case(m, k, n, fmt, seed=3, extremes=True, zero_group=zero_group,
+                                    packed_zeros=packed_zeros)
   got = sm90.w4ax_matmul_sm90(qx, qw, block_k=64, interpret=interpreted(mode))
   np.testing.assert_array_equal(np.asarray(got).astype(np.int64), exact)
   np.testing.assert_array_equal(np.asarray(w4ax_matmul_reference(qx, qw)).astype(np.int64), exact)

@@ -20,6 +20,10 @@ from cometjax.errors import UsageError
 from cometjax.quant.config import PRESETS, ROTATIONS, SCALE_DTYPES, WEIGHT_METHODS, preset
 
 
+# --weight-zero-point: (symmetric, integer_zero)
+ZERO_POINTS = {"symmetric": (True, False), "asymmetric": (False, False), "integer": (False, True)}
+
+
 def _preset_group_sizes() -> str:
   """"w4a16: 32, w8a8: per channel, ..." for --group-size's help (the presets' own defaults)."""
   sizes = {}
@@ -57,8 +61,9 @@ def add_command(subparsers) -> argparse.ArgumentParser:
   p.add_argument("--block-size", type=int, default=None, help="FMPQ block size (default auto)")
   p.add_argument("--rotation", choices=[str(r) for r in ROTATIONS], default=None,
                  help="override the preset's rotation (None or hadamard)")
-  p.add_argument("--weight-zero-point", choices=("symmetric", "asymmetric"), default=None,
-                 help="INT4 weights symmetric, or asymmetric with a float zero point per group (default: preset's)")
+  p.add_argument("--weight-zero-point", choices=tuple(ZERO_POINTS), default=None,
+                 help="INT4 weights symmetric, asymmetric with a float zero point per group, or asymmetric with "
+                      "an integer zero point stored in 4 bits (default: preset's)")
   p.add_argument("--scale-dtype", choices=SCALE_DTYPES, default=None, help="dtype of weight scales and zeros")
   p.add_argument("--rotate-int4", choices=("none", "region", "block"), default=None,
                  help="FMPQ: signed Hadamard rotation of the INT4 channels (default: the preset's)")
@@ -77,10 +82,11 @@ def config_from_args(args):
   except ValueError as e:
     raise UsageError("--preset", str(e)) from None
   weights, acts = config.weights, config.activations
-  symmetric = None if args.weight_zero_point is None else args.weight_zero_point == "symmetric"
+  symmetric, integer_zero = ZERO_POINTS.get(args.weight_zero_point, (None, None))
   wchanges = {k: v for k, v in dict(method=args.weight_method, group_size=args.group_size or None,
                                      clip_steps=args.clip_steps, gptq_damp=args.gptq_damp, symmetric=symmetric,
-                                     scale_dtype=args.scale_dtype).items() if v is not None}
+                                     integer_zero=integer_zero, scale_dtype=args.scale_dtype).items()
+              if v is not None}
   if args.group_size == 0:  # 0 asks for per-channel scales, which the filter above drops
     wchanges["group_size"] = None
   if wchanges:

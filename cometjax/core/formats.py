@@ -23,8 +23,10 @@ Weights (`QuantizedWeight`, `quantize_weight`)
   2i+1 high nibble); bits=8: int8 [K, N]. `layout="nk"` stores the same bytes transposed ([N, K // 2] or
   [N, K]): K-major, as Hopper's int8 wgmma reads its B operand (`with_layout` converts). `scales`
   [K // group_size, N] or [1, N] per output channel (f32, or f16/bf16 to store less; used as f32).
-  Symmetric: w ~= scale * q. Asymmetric (`zeros` set, like `scales`): w ~= scale * (q - zero) with a float
-  zero point per group, q in [-8, 7] (`cometjax.core.numerics.quantize_asymmetric_signed`); the GEMM adds
+  Symmetric: w ~= scale * q. Asymmetric (`zeros` set): w ~= scale * (q - zero) with a zero point per group,
+  q in [-8, 7] (`cometjax.core.numerics.quantize_asymmetric_signed`): a float zero shaped like `scales` (in a
+  scale dtype), or an integer zero in [-8, 7] packed two per byte along N (uint8 [G, ceil(N / 2)], low nibble
+  = even column; `pack_zero_points`), the format GPTQ and QServe store; `zero_points()` reads either. The GEMM adds
   -scale * zero * (sum of the activation codes over the group) per group, so the activation format must carry
   code sums over runs of gcd(group_size, block_size) channels (block_size for per-channel weights).
   Rows of `data` are already in permuted order (row r holds original input channel perm[r]), and scale
@@ -209,7 +211,8 @@ class QuantizedWeight(_WeightShape):
   shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))
   activation: ActivationFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
   layout: str = dataclasses.field(default="kn", metadata=dict(static=True))  # "kn": data [K.., N]; "nk": [N, K..]
-  zeros: jax.Array | None = None  # like scales: the float zero point of asymmetric weights, or None
+  # asymmetric weights: float zero points shaped like scales, or integer ones packed uint8 [G, ceil(N / 2)]
+  zeros: jax.Array | None = None
   def __post_init__(self):
     # Only static fields are checked here: jax rebuilds this class with placeholder leaves.
     if self.layout not in WEIGHT_LAYOUTS:
@@ -235,6 +238,19 @@ class QuantizedWeight(_WeightShape):
   def asymmetric(self) -> bool:
     return self.zeros is not None
 
+  @property
+  def integer_zeros(self) -> bool:
+    """Asymmetric with integer zero points stored packed (4 bits each), not float ones."""
+    return self.zeros is not None and jnp.dtype(self.zeros.dtype) == jnp.uint8
+
+  def zero_points(self) -> jax.Array | None:
+    """f32 [G, N]: the zero point of every scale group (None for symmetric weights), whichever way stored."""
+    if self.zeros is None:
+      return None
+    if self.integer_zeros:
+      return unpack_int4(self.zeros, axis=-1)[:, :self.out_features].astype(jnp.float32)
+    return self.zeros.astype(jnp.float32)
+
   def required_sum_group(self) -> int | None:
     """The code-sum run the activation format must carry: None for symmetric weights, else gcd(group_size,
     block_size) (block_size for per-channel weights): the runs sharing one activation and one weight scale."""
@@ -258,10 +274,13 @@ class QuantizedWeight(_WeightShape):
                        f"{self.group_size}, got {list(self.scales.shape)}")
     if jnp.dtype(self.scales.dtype) not in SCALE_DTYPES:
       raise ValueError(f"scales must be one of {[d.name for d in SCALE_DTYPES]}, got {self.scales.dtype}")
-    if self.zeros is not None and (tuple(self.zeros.shape) != tuple(self.scales.shape)
-                                   or jnp.dtype(self.zeros.dtype) not in SCALE_DTYPES):
-      raise ValueError(f"zeros must be a float array shaped like scales {list(self.scales.shape)}, got "
-                       f"{self.zeros.dtype} {list(self.zeros.shape)}")
+    packed_zeros = (self.num_scale_groups, -(-n // 2))
+    if self.zeros is not None and not (
+        (tuple(self.zeros.shape) == tuple(self.scales.shape) and jnp.dtype(self.zeros.dtype) in SCALE_DTYPES)
+        or (tuple(self.zeros.shape) == packed_zeros and self.integer_zeros)):
+      raise ValueError(f"zeros must be a float array shaped like scales {list(self.scales.shape)} or packed "
+                       f"integer zero points uint8 {list(packed_zeros)}, got {self.zeros.dtype} "
+                       f"{list(self.zeros.shape)}")
     wanted = self.required_sum_group()
     if self.activation is not None and self.activation.sum_group != wanted:
       raise ValueError(f"activation.sum_group must be {wanted} for this weight (zeros "
@@ -297,6 +316,18 @@ class QuantizedWeight(_WeightShape):
 
 
 SCALE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+
+
+def pack_zero_points(zeros: jax.Array) -> jax.Array:
+  """Integer zero points [G, N] in [-8, 7] -> uint8 [G, ceil(N / 2)], two per byte along N (an odd N gets a
+  zero nibble); `QuantizedWeight.zero_points` unpacks."""
+  zeros = jnp.asarray(zeros)
+  values = zeros.astype(jnp.float32)
+  if zeros.ndim != 2 or bool(jnp.any((values != jnp.round(values)) | (values < -8) | (values > 7))):
+    raise ValueError(f"integer zero points must be a 2-D array of integers in [-8, 7], got {zeros.dtype} "
+                     f"{list(zeros.shape)}")
+  values = jnp.pad(values.astype(jnp.int8), ((0, 0), (0, zeros.shape[1] % 2)))
+  return pack_int4(values, axis=-1)
 
 
 def quantize_weight(w: jax.Array, bits: int = 4, group_size: int | None = None,
@@ -350,7 +381,7 @@ def dequantize_weight(qw: QuantizedWeight, original_order: bool = False, dtype=j
   values = qw.int_values().astype(jnp.float32)  # [K, N]
   groups = k // qw.scales.shape[0]
   if qw.zeros is not None:
-    values = values - jnp.repeat(qw.zeros.astype(jnp.float32), groups, axis=0)
+    values = values - jnp.repeat(qw.zero_points(), groups, axis=0)
   w = values * jnp.repeat(qw.scales.astype(jnp.float32), groups, axis=0)
   if original_order and qw.perm is not None:
     w = jnp.zeros_like(w).at[qw.perm].set(w)

@@ -141,12 +141,20 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis=-1, integer_zero: bool = F
   return jnp.clip(q, 0, qmax).astype(jnp.uint8), scale, zero
 
 
-def asymmetric_signed_params(low: jax.Array, high: jax.Array, bits: int):
+def asymmetric_signed_params(low: jax.Array, high: jax.Array, bits: int, integer_zero: bool = False):
   """(scale, zero) of the signed asymmetric grid over [low, high] (module docstring); low <= 0 <= high is not
-  required. A slice with high == low gets scale 1 (its codes then sit at zero's rounding)."""
-  qmin = -(2 ** (bits - 1))
+  required. A slice with high == low gets scale 1 (its codes then sit at zero's rounding).
+
+  integer_zero: the grid spans [min(low, 0), max(high, 0)] and the zero point is rounded to an integer code in
+  [-2**(bits-1), 2**(bits-1) - 1] (GPTQ's and QServe's format: it packs in `bits` bits, where a float zero is
+  stored in a float dtype); 0.0 is then exactly on the grid."""
+  qmin, qmax = signed_range(bits)
+  if integer_zero:
+    low, high = jnp.minimum(low, 0.0), jnp.maximum(high, 0.0)
   scale = jnp.where(high > low, (high - low) / (2**bits - 1), 1.0)
   zero = jnp.where(high > low, qmin - low / scale, -low)
+  if integer_zero:
+    zero = jnp.clip(round_half_up(zero), qmin, qmax)
   return scale, zero
 
 

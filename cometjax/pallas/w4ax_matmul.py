@@ -246,7 +246,7 @@ def w4ax_matmul(
   in_specs += [pl.BlockSpec((k // 2, bn), lambda i, j: (0, j)),
                pl.BlockSpec((qw.num_scale_groups, bn), lambda i, j: (0, j))]
   if qw.asymmetric:
-    operands.append(qw.zeros)
+    operands.append(qw.zero_points())  # f32 [G, N] whether stored float or packed integer
     in_specs.append(pl.BlockSpec((qw.num_scale_groups, bn), lambda i, j: (0, j)))
   kernel = functools.partial(
       _w4ax_kernel, int8_channels=fmt.int8_channels, int4_channels=fmt.int4_channels, block_size=fmt.block_size,
@@ -289,7 +289,7 @@ def w4ax_matmul_reference(
   groups = jnp.zeros_like(starts) if qw.group_size is None else starts // qw.group_size
   x_scales = qx.scales[starts // fmt.block_size]  # [S, M]
   w_scales = qw.scales.astype(jnp.float32)[groups]  # [S, N]
-  zeros = None if qw.zeros is None else qw.zeros.astype(jnp.float32)[groups]  # [S, N]
+  zeros = None if qw.zeros is None else qw.zero_points()[groups]  # [S, N]
   code_sums = None if qw.zeros is None else qx.code_sums.astype(jnp.float32)  # [S, M]
 
   def add_segment(acc, operands):  # one [M, N] term at a time: no [S, M, N] buffer

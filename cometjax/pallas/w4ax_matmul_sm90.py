@@ -484,7 +484,7 @@ def w4ax_matmul_sm90(
     operands.append(jnp.pad(qx.code_sums.astype(jnp.float32), ((0, 0), (0, pad_rows))))
   operands += [weight, qw.scales.astype(jnp.float32)]
   if qw.asymmetric:
-    operands.append(qw.zeros.astype(jnp.float32))
+    operands.append(qw.zero_points())
 
   scratch = _scratch_types(plan, out_dtype)
   # warp-specialized: consumer warpgroup 0, producer 1

@@ -48,14 +48,17 @@ def scales_from_ratios(w, ratios, bits: int, group_size: int | None):
   return jnp.where(amax > 0, amax / symmetric_qmax(bits), 1.0)
 
 
-def grid_from_ratios(w, ratios, bits: int, group_size: int | None, symmetric: bool = True):
-  """(scales [G, N], zeros [G, N] or None) of the clipped grid: symmetric, or asymmetric over [r min, r max]."""
+def grid_from_ratios(w, ratios, bits: int, group_size: int | None, symmetric: bool = True,
+                     integer_zero: bool = False):
+  """(scales [G, N], zeros [G, N] or None) of the clipped grid: symmetric, or asymmetric over [r min, r max]
+  (integer_zero: over [min(r min, 0), max(r max, 0)] with the zero point rounded to an integer code)."""
   if symmetric:
     return scales_from_ratios(w, ratios, bits, group_size), None
   k, n = w.shape
   g = _groups(k, group_size)
   grouped = w.reshape(g, k // g, n)
-  return asymmetric_signed_params(jnp.min(grouped, axis=1) * ratios, jnp.max(grouped, axis=1) * ratios, bits)
+  return asymmetric_signed_params(jnp.min(grouped, axis=1) * ratios, jnp.max(grouped, axis=1) * ratios, bits,
+                                  integer_zero)
 
 
 def quantize_codes(w, scales, bits: int, zeros=None):
@@ -83,7 +86,7 @@ def _check_finite(name: str, a) -> None:
 
 
 def mse_clip_ratios(w, bits: int, group_size: int | None, grid: int = 20, row_weights=None,
-                    min_ratio: float = 0.5, symmetric: bool = True):
+                    min_ratio: float = 0.5, symmetric: bool = True, integer_zero: bool = False):
   """Per-group clip ratio in {1, 1 - (1-min_ratio)/grid, ..., min_ratio} minimizing the squared error of the
   symmetric (or asymmetric) grid.
 
@@ -99,7 +102,7 @@ def mse_clip_ratios(w, bits: int, group_size: int | None, grid: int = 20, row_we
   best = jnp.ones((g, n), jnp.float32)
   for i in range(grid + 1):
     r = 1.0 - (1.0 - min_ratio) * i / grid
-    s, z = grid_from_ratios(w, jnp.full((g, n), r), bits, group_size, symmetric)
+    s, z = grid_from_ratios(w, jnp.full((g, n), r), bits, group_size, symmetric, integer_zero)
     err = (w - dequantize_codes(quantize_codes(w, s, bits, z), s, z)) ** 2 * rw[:, None]
     err = err.reshape(g, k // g, n).sum(axis=1)
     better = err < best_err

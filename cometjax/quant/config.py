@@ -66,6 +66,9 @@ class WeightQuantConfig:
   gptq_act_aware: bool = False
   symmetric: bool = True  # False: asymmetric grid with a float zero point per group (zeros stored like scales)
   scale_dtype: str = "float32"  # the dtype scales (and zero points) are stored in: float32, float16, bfloat16
+  # asymmetric: round the zero point to an integer code stored in 4 bits (GPTQ's / QServe's format: 2.5 bytes per
+  # group with f16 scales, not 4) instead of a float in scale_dtype (exact for GGUF Q4_1 grids)
+  integer_zero: bool = False
 
   def __post_init__(self):
     if self.bits not in (4, 8):
@@ -83,6 +86,9 @@ class WeightQuantConfig:
       raise ValueError(f"weights.gptq_damp must be > 0, got {self.gptq_damp}")
     if self.scale_dtype not in SCALE_DTYPES:
       raise ValueError(f"weights.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+    if self.integer_zero and (self.symmetric or self.bits != 4):
+      raise ValueError(f"weights.integer_zero=True needs asymmetric 4-bit weights (symmetric=False, bits=4), got "
+                       f"symmetric={self.symmetric}, bits={self.bits}")
     if not self.symmetric and self.method == "clip":
       raise ValueError("weights.method='clip' (learned clipping) trains symmetric clip factors only; use "
                        "symmetric=True or method 'rtn', 'mse' or 'gptq'")

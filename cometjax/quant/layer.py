@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cometjax.core import rotations
-from cometjax.core.formats import ActivationFormat, InputTransformWeight, QuantizedWeight, with_activation
+from cometjax.core.formats import (ActivationFormat, InputTransformWeight, QuantizedWeight, pack_zero_points,
+                                   with_activation)
 from cometjax.core.numerics import pack_int4
 from cometjax.quant import clipping, gptq
 from cometjax.quant.config import QuantConfig
@@ -101,13 +102,15 @@ def _weight_codes(problem: _Problem, config: QuantConfig, fmt: ActivationFormat 
   else:
     row_weights = None if hessian is None else np.maximum(np.diag(hessian), 0) + 1e-8
     ratios = clipping.mse_clip_ratios(wj, wcfg.bits, wcfg.group_size, wcfg.mse_grid, row_weights=row_weights,
-                                      symmetric=wcfg.symmetric)
+                                      symmetric=wcfg.symmetric, integer_zero=wcfg.integer_zero)
   if method == "clip":
     ratios = clipping.learn_clip_ratios(wj, problem.samples, wcfg.bits, wcfg.group_size, fmt,
                                         steps=wcfg.clip_steps, learning_rate=wcfg.clip_learning_rate,
                                         init_ratios=ratios)
-  scales, zeros = clipping.grid_from_ratios(wj, ratios, wcfg.bits, wcfg.group_size, wcfg.symmetric)
-  scales, zeros = _stored(scales, wcfg.scale_dtype), _stored(zeros, wcfg.scale_dtype)
+  scales, zeros = clipping.grid_from_ratios(wj, ratios, wcfg.bits, wcfg.group_size, wcfg.symmetric,
+                                            wcfg.integer_zero)
+  scales = _stored(scales, wcfg.scale_dtype)
+  zeros = _stored(zeros, "float32" if wcfg.integer_zero else wcfg.scale_dtype)
   scales32 = np.asarray(scales, np.float32)
   zeros32 = None if zeros is None else np.asarray(zeros, np.float32)
   if method == "gptq":
@@ -178,7 +181,8 @@ def quantize_layer(name: str, kernel, config: QuantConfig, layer_stats=None):
   inner_perm = None if region is not None else perm
   inner = with_activation(QuantizedWeight(
       data=data, scales=scales, perm=None if inner_perm is None else jnp.asarray(inner_perm, jnp.int32),
-      bits=wcfg.bits, group_size=wcfg.group_size, shape=(kp, n), zeros=zeros), fmt)
+      bits=wcfg.bits, group_size=wcfg.group_size, shape=(kp, n),
+      zeros=pack_zero_points(zeros) if wcfg.integer_zero else zeros), fmt)
   inner.check_arrays()
   outer_perm = None if region is None else perm
   if kp == k and online is None and region is None:
