@@ -54,6 +54,7 @@ def describe(config: qc.QuantConfig) -> str:
   if config.weights is not None:
     w = config.weights
     parts.append(w.method + (f" g{w.group_size}" if w.group_size else "") + ("" if w.symmetric else " asym")
+                 + (" integer zero" if w.integer_zero else "")
                  + ("" if w.scale_dtype == "float32" else f" {w.scale_dtype} scales"))
   acts = config.activations
   if acts is not None and acts.mixed:
@@ -181,7 +182,8 @@ class StatsCache:
     key = (config.rotation, acts.block_size if acts else None, config.weights.group_size, acts is None)
     if key not in self.cache:
       # the statistics do not depend on the weight grid; learned clipping (the superset) is symmetric-only
-      superset = config.replace(weights=dataclasses.replace(config.weights, method="clip", symmetric=True))
+      superset = config.replace(weights=dataclasses.replace(config.weights, method="clip", symmetric=True,
+                                                            integer_zero=False))
       self.cache[key] = collect_stats(self.model, superset, self.windows, batch_size=self.batch_size,
                                       hessian=True, max_samples=self.samples, progress=False)
     return self.cache[key]

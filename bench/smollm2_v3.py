@@ -44,6 +44,7 @@ def rows():
       weights=W(method="rtn", group_size=32, symmetric=False, scale_dtype="float16"),
       activations=qc.ActivationQuantConfig(bits=4, int8_fraction=0.25, rotate_int4=False, permute_unit=32),
       embedding_bits=16)
+  integer_zero = preset.replace(weights=dataclasses.replace(preset.weights, integer_zero=True), embedding_bits=16)
   # activation probes: 8-bit RTN weights (close to lossless on the Q4_1 grid) isolate what FMPQ costs
   w8 = preset.replace(weights=W(bits=8, method="rtn"))
   probes = [
@@ -60,6 +61,9 @@ def rows():
       ("w4axkv4 group-aligned rtn, int8 embedding", aligned.replace(embedding_bits=8), kv4, False),
       ("w4ax group-aligned rtn, float KV", aligned, None, False),
       ("w4axkv4 (preset) + int8 embedding", preset, kv4, True),  # the same quantized linears, embedding INT8
+      # integer zero points (4 bits, packed) instead of f16 ones: 1.5 bytes less per group of 32
+      ("w4axkv4 (preset) integer zero, bf16 embedding", integer_zero, kv4, False),
+      ("w4axkv4 (preset) integer zero + int8 embedding", integer_zero, kv4, True),
       ("w4a4kv4 rtn", qc.preset("w4a4-kv4"), kv4, False),
       # the GGUF's Q4_1 grid is asymmetric per 32 inputs (float minimum): asymmetric RTN g32 can hold it exactly
       ("w4a16 rtn g32 asym", qc.preset("w4a16").replace(weights=W(method="rtn", group_size=32, symmetric=False)),
