@@ -79,8 +79,8 @@ def test_bits8_and_plain_int4_need_no_stats():
   for acts, all_int8 in ((qc.ActivationQuantConfig(bits=8), True), (qc.ActivationQuantConfig(bits=4), False)):
     plan = fmpq.input_plan("x", 64, qc.QuantConfig(activations=acts))
     act = fmpq.plan_activation("x", plan, acts, None)
-    assert act.perm is None and act.format.num_blocks == 8
-    assert act.format.num_int8_blocks == (8 if all_int8 else 0)
+    assert act.perm is None and act.format.num_blocks == 16
+    assert act.format.num_int8_blocks == (16 if all_int8 else 0)
 
 
 def test_mixed_plan_without_stats_names_the_layer():
@@ -100,7 +100,7 @@ def test_stats_of_the_wrong_width_are_refused():
 def test_online_rotation_pads_to_a_hadamard_size():
   config = qc.QuantConfig(activations=qc.ActivationQuantConfig(), rotation="hadamard")
   plan = fmpq.input_plan("layers.0.mlp.down_proj", 172, config)
-  assert plan.online_rotation and plan.padded_features == 176 and plan.block_size == 16
+  assert plan.online_rotation and plan.padded_features == 176 and plan.block_size == 8
   assert not fmpq.input_plan("layers.0.mlp.up_proj", 64, config).online_rotation
 
 

@@ -109,7 +109,7 @@ def test_keep_float_patterns():
 
 def test_auto_block_size():
   acts = qc.ActivationQuantConfig()
-  assert [acts.block_size_for(k) for k in (64, 172, 4096, 11008, 8)] == [8, 16, 128, 128, 8]
+  assert [acts.block_size_for(k) for k in (64, 172, 576, 2048, 4096, 11008, 8)] == [4, 8, 32, 128, 128, 128, 4]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,12 +187,13 @@ def test_group_size_that_does_not_divide_pads_to_a_common_multiple():
     ops.linear(x[:, :32], leaf, implementation="xla")
 
 
+# blocks of 8 (the tests below check padding and permutation with them; the auto rule would pick 4 here)
 FMPQ_RTN = qc.QuantConfig(weights=qc.WeightQuantConfig(method="rtn"),
-                          activations=qc.ActivationQuantConfig(int8_fraction=0.25))
+                          activations=qc.ActivationQuantConfig(int8_fraction=0.25, block_size=8))
 
 
 def test_padded_fmpq_layer_equals_unpadded_math(model, windows):
-  """down_proj has K=44, auto block 8, padded to 48 with zeros; equals fake-quant math on the real 44."""
+  """down_proj has K=44, blocks of 8, padded to 48 with zeros; equals fake-quant math on the real 44."""
   from cometjax.core.formats import dequantize_weight
   from cometjax.quant.clipping import fake_quantize_fmpq as fake_quantize_activation
   config = FMPQ_RTN
