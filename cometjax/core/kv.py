@@ -28,16 +28,25 @@ Paged (`PagedKV4`): a pool of P pages of `page_size` tokens and a page table per
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from cometjax.core.kv_config import KVQuantConfig
 from cometjax.core.numerics import dequantize_asymmetric, pack_int4, quantize_asymmetric, unpack_int4
-from cometjax.core.rotations import hadamard_exists, hadamard_orthonormal
+from cometjax.core.rotations import fast_hadamard_transform, hadamard_exists
 
 # ------------------------------------------------------------------------------------------------
 # Contiguous layout
+
+
+def _rotate_heads(x: jax.Array) -> jax.Array:
+  """x [..., D] @ H(D) / sqrt(D), H symmetric (its own inverse once normalized), by butterflies: the values do
+  not depend on how many tokens one call rotates (a matmul's summation order does), so decoding token by token
+  writes the bytes a chunked prefill writes."""
+  d = x.shape[-1]
+  return fast_hadamard_transform(x, d) * (1.0 / math.sqrt(d))
 
 
 @jax.tree_util.register_dataclass
@@ -238,7 +247,7 @@ class PagedKV4:
       fields.update(self._write_channel_keys(k32, positions, valid, new_length))
     else:
       if self.config.k_mode == "hadamard":
-        k32 = k32 @ hadamard_orthonormal(d)
+        k32 = _rotate_heads(k32)
       k_codes, k_scale, k_zero = quantize_kv_tensor(k32, self.head_group, integer_zero)
       fields.update(k=put(self.k, k_codes), k_scale=put(self.k_scale, k_scale), k_zero=put(self.k_zero, k_zero))
     return dataclasses.replace(self, **fields)
@@ -305,7 +314,7 @@ class PagedKV4:
     codes = self.gather(self.k, num_tokens)
     if self.config.k_mode != "channel":
       keys = dequantize_kv_tensor(codes, self.gather(self.k_scale, num_tokens), self.gather(self.k_zero, num_tokens))
-      return keys @ hadamard_orthonormal(keys.shape[-1]) if self.config.k_mode == "hadamard" else keys
+      return _rotate_heads(keys) if self.config.k_mode == "hadamard" else keys
     lengths = self.length if lengths is None else lengths
     g = self.page_size
     n = self._num_pages(num_tokens)
