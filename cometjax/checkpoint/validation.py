@@ -192,8 +192,7 @@ def check_quantized_leaf(source: str, name: str, leaf, expected_shape: tuple[int
   check_tensor(source, f"{name}.kernel.scales", qw.scales, kind="float")
   if qw.zeros is not None:
     if qw.integer_zeros:  # packed 4-bit codes: every byte is a valid pair of zero points
-      check_tensor(source, f"{name}.kernel.zeros", qw.zeros, (qw.num_scale_groups, -(-qw.out_features // 2)),
-                   kind="uint8")
+      check_tensor(source, f"{name}.kernel.zeros", qw.zeros, qw.packed_zeros_shape, kind="uint8")
     else:
       check_tensor(source, f"{name}.kernel.zeros", qw.zeros, tuple(qw.scales.shape), kind="float")
   if qw.perm is not None:

@@ -243,6 +243,11 @@ class QuantizedWeight(_WeightShape):
     """Asymmetric with integer zero points stored packed (4 bits each), not float ones."""
     return self.zeros is not None and jnp.dtype(self.zeros.dtype) == jnp.uint8
 
+  @property
+  def packed_zeros_shape(self) -> tuple[int, int]:
+    """[G, ceil(N / 2)]: the uint8 array integer zero points are stored in."""
+    return (self.num_scale_groups, -(-self.out_features // 2))
+
   def zero_points(self) -> jax.Array | None:
     """f32 [G, N]: the zero point of every scale group (None for symmetric weights), whichever way stored."""
     if self.zeros is None:
@@ -274,7 +279,7 @@ class QuantizedWeight(_WeightShape):
                        f"{self.group_size}, got {list(self.scales.shape)}")
     if jnp.dtype(self.scales.dtype) not in SCALE_DTYPES:
       raise ValueError(f"scales must be one of {[d.name for d in SCALE_DTYPES]}, got {self.scales.dtype}")
-    packed_zeros = (self.num_scale_groups, -(-n // 2))
+    packed_zeros = self.packed_zeros_shape
     if self.zeros is not None and not (
         (tuple(self.zeros.shape) == tuple(self.scales.shape) and jnp.dtype(self.zeros.dtype) in SCALE_DTYPES)
         or (tuple(self.zeros.shape) == packed_zeros and self.integer_zeros)):
