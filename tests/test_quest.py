@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -210,14 +211,19 @@ def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rot
   online rotation, inside an InputTransformWeight).  The rotated runs also AdaRound a few steps, whose
   float target goes through the rotated kernel (QuantConv: im2col).
 
-  Attention matmuls stay in float here: a static quantizer there puts the p@v output on a lattice whose
-  exact rounding ties the per-token quantizer of the next layer may break differently in the two paths.
+  Every quantized layer, given one input, agrees with its fake-quantized self to float rounding, up to a
+  rare token whose code flipped on a tie.  The whole network cannot be held to that: float32 and int32 accumulation differ in the last bits, and a per-token 4-bit
+  quantizer downstream turns a value a few ulps from a rounding boundary into a whole step (the CI host and
+  this one flip different codes).  So the network's integer output must sit far closer to its fake output
+  than the fake output sits to the float model (an unrotated input or a wrong scale would not).
+  Attention matmuls stay in float here (static quantizers there put p@v on a lattice of exact ties).
   """
   from cometjax.core import formats
   from cometjax.core.formats import InputTransformWeight
   require_data("diffusion", f"mnist_{kind}", "model.safetensors")
   from cometjax.checkpoint.diffusion import load_cnn, load_dit
-  model = load_dit() if kind == "dit" else load_cnn()
+  load = load_dit if kind == "dit" else load_cnn
+  model = load()
   schedule = schedule_for(model)
   quant = dataclasses.replace(preset("w4a4"), act_granularity="token", weight_group_size=16,
                               quantize_attention_matmuls=False, rotation=rotation)
@@ -233,6 +239,9 @@ def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rot
   else:
     forward = nnx.jit(lambda m, x, t: m(x, t / 1000, 0))
   want = forward(model, x, index)
+  float_out = forward(load(), x, index)
+  layer_inputs = _random_layer_inputs(model)
+  layer_want = _layer_outputs(model, layer_inputs)
   to_integer(model)
   layers = dict(named_modules(model, QuantLinear))
   name = "blocks.0.wq" if kind == "dit" else "blocks.1.conv.linear"
@@ -241,8 +250,35 @@ def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rot
     assert isinstance(leaf, InputTransformWeight) and leaf.region is not None
     leaf = leaf.inner
   assert isinstance(leaf, formats.QuantizedWeight) and leaf.group_size == 16 and leaf.activation.int8_channels == 0
+  layer_got = _layer_outputs(model, layer_inputs)
+  for name in layer_want:  # a flipped code moves one token's row; a wrong format moves every row
+    rows = jnp.linalg.norm(layer_got[name] - layer_want[name], axis=-1) / jnp.linalg.norm(layer_want[name], axis=-1)
+    assert float(jnp.mean(rows > 1e-4)) <= 0.02, (name, float(jnp.max(rows)))
   got = forward(model, x, index)
-  assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-3  # a rare rounding tie may flip
+  quantization_error = _relative(want, float_out)
+  assert quantization_error > 0.1  # the 4-bit model is far from the float one, so the bound below means something
+  assert _relative(got, want) < 0.2 * quantization_error, (_relative(got, want), quantization_error)
+
+
+def _random_layer_inputs(model) -> dict:
+  """name -> f32 [256 tokens, K] for every quantized linear layer: Gaussian, every 13th channel 9x larger."""
+  inputs = {}
+  for i, (name, layer) in enumerate(named_modules(model, QuantLinear)):
+    if layer.quant is not None:
+      k = layer.kernel.shape[0]
+      scale = 1.0 + 8.0 * (jnp.arange(k) % 13 == 0)
+      inputs[name] = jax.random.normal(jax.random.key(i), (256, k)) * scale
+  return inputs
+
+
+@nnx.jit
+def _layer_outputs(model, inputs: dict) -> dict:
+  layers = dict(named_modules(model, QuantLinear))
+  return {name: layers[name](x, 0) for name, x in inputs.items()}
+
+
+def _relative(got, want) -> float:
+  return float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want))
 
 
 @pytest.mark.slow
