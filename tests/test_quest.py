@@ -212,10 +212,10 @@ def test_per_token_grouped_integer_execution_matches_fake_quantization(kind, rot
   float target goes through the rotated kernel (QuantConv: im2col).
 
   Every quantized layer, given one input, agrees with its fake-quantized self to float rounding, up to a
-  rare token whose code flipped on a tie.  The whole network cannot be held to that: float32 and int32 accumulation differ in the last bits, and a per-token 4-bit
-  quantizer downstream turns a value a few ulps from a rounding boundary into a whole step (the CI host and
-  this one flip different codes).  So the network's integer output must sit far closer to its fake output
-  than the fake output sits to the float model (an unrotated input or a wrong scale would not).
+  rare token whose code flipped on a tie.  The whole network cannot be held to that: float32 and int32
+  accumulation differ in the last bits, and a per-token 4-bit quantizer downstream turns a value a few ulps
+  from a rounding boundary into a whole step (the CI host and this one flip different codes).  So the
+  network's integer output must sit far closer to its fake output than the fake output sits to the float model.
   Attention matmuls stay in float here (static quantizers there put p@v on a lattice of exact ties).
   """
   from cometjax.core import formats
