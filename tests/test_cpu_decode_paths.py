@@ -2,16 +2,20 @@
 the dequantized W4Ax product (a held `DequantizedWeight`), and
 the decode loop that holds them (`hold_dequantized_weights`)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given, settings, strategies as st
 
 from calib.stats import LayerStats
 from cometjax import ops
-from cometjax.core.formats import ActivationFormat, DequantizedWeight, InputTransformWeight, dequantized_leaf
-from cometjax.models.llama import LlamaConfig, hold_dequantized_weights, init_llama
+from cometjax.core.formats import (ActivationFormat, DequantizedWeight, InputTransformWeight, dequantized_leaf,
+                                   reads_the_same_input)
+from cometjax.models.llama import LlamaConfig, hold_dequantized_weights, init_llama, shared_input_groups
 from cometjax.pallas import quantize_act, w4ax_matmul
 from cometjax.quant import config as qc
 from cometjax.quant.layer import quantize_layer
@@ -76,3 +80,56 @@ def test_the_decode_loop_holds_dequantized_weights_with_the_same_tokens():
   packed_tokens = generate(model, prompt, 12, stop_at_eos=False, dequantize_weights=False).tokens[0]
   assert len(set(held_tokens)) > 1  # a constant stream would hide a wrong product
   assert list(held_tokens) == list(packed_tokens)
+
+
+def _fmpq_model(seed=0):
+  """A small Llama quantized with FMPQ (calibration statistics: a permutation and an INT4-region rotation
+  per input)."""
+  from calib.stats import collect_stats
+  config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                       num_kv_heads=2, eos_token_id=None)
+  quant = qc.preset("w4ax-kv4").replace(weights=qc.WeightQuantConfig(group_size=32, symmetric=False))
+  model = init_llama(config, seed=seed)
+  windows = np.random.default_rng(seed).integers(0, 128, (2, 32)).astype(np.int32)
+  return quantize(model, quant, stats=collect_stats(model, quant, windows, progress=False), progress=False)
+
+
+def test_shared_input_groups_pair_the_projections_of_one_input_and_only_those():
+  model = _fmpq_model()
+  attn = model.layers[0].self_attn
+  assert isinstance(attn.q_proj.kernel.get_value(), InputTransformWeight)
+  groups = shared_input_groups(model)
+  assert (("layers", 0, "self_attn", "q_proj"), ("layers", 0, "self_attn", "k_proj"),
+          ("layers", 0, "self_attn", "v_proj")) in groups
+  assert (("layers", 1, "mlp", "gate_proj"), ("layers", 1, "mlp", "up_proj")) in groups
+  assert len(groups) == 4  # o_proj and down_proj read inputs of their own
+  # another permutation is another input plan: v_proj leaves the group
+  v = attn.v_proj.kernel.get_value()
+  attn.v_proj.kernel.set_value(dataclasses.replace(v, perm=v.perm[jnp.r_[1, 0, 2:v.perm.shape[0]]]))
+  assert not reads_the_same_input(attn.q_proj.kernel.get_value(), attn.v_proj.kernel.get_value())
+  assert ("layers", 0, "self_attn", "v_proj") not in {path for group in shared_input_groups(model) for path in group}
+  float_model = init_llama(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=1,
+                                       num_heads=4, num_kv_heads=2))
+  assert shared_input_groups(float_model) == ()
+
+
+def test_a_shared_input_is_quantized_once_with_the_same_products(monkeypatch):
+  model = _fmpq_model(seed=1)
+  x = jax.random.normal(jax.random.key(2), (3, 1, 64)) * 3
+  calls = []
+  exact = quantize_act.dequantized_act_reference
+  monkeypatch.setattr(quantize_act, "dequantized_act_reference", lambda *args: calls.append(1) or exact(*args))
+  names = ("q_proj", "k_proj", "v_proj")
+  alone = hold_dequantized_weights(nnx.clone(model)).layers[0].self_attn
+  want = [ops.linear(x, getattr(alone, name).kernel.get_value()) for name in names]
+  assert len(calls) == 3
+  calls.clear()
+  shared = hold_dequantized_weights(nnx.clone(model), shared_input_groups(model)).layers[0].self_attn
+  got = ops.linears(x, [getattr(shared, name).kernel.get_value() for name in names])
+  assert len(calls) == 1  # one quantized input serves the three projections
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  # the decode loop that shares them still produces the packed model's tokens
+  prompt = [[5, 9, 17]]
+  assert (generate(model, prompt, 10, stop_at_eos=False, dequantize_weights=True).tokens
+          == generate(model, prompt, 10, stop_at_eos=False, dequantize_weights=False).tokens)

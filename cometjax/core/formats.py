@@ -50,6 +50,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cometjax.core.numerics import (pack_int4, quantize_asymmetric_signed, quantize_static, quantize_symmetric,
                                     unpack_int4)
@@ -484,6 +485,59 @@ class InputTransformWeight:
     """Bytes of the rotations alone (the permutation excluded)."""
     perm = 0 if self.perm is None else int(self.perm.nbytes)
     return self.transform_nbytes - perm
+
+
+def _input_parts(leaf) -> tuple[tuple, tuple]:
+  """(static description, arrays) of everything a W4Ax leaf does to its input before its own product:
+  the input transform (pad, rotations, permutation) and the inner weight's permutation and activation plan."""
+  transform, inner = (leaf, leaf.inner) if isinstance(leaf, InputTransformWeight) else (None, leaf)
+  parts = (None, None, None) if transform is None else (transform.rotation, transform.perm, transform.region)
+  arrays = []
+  kinds = []
+  for part in parts + (inner.perm,):
+    if isinstance(part, HadamardRotation):
+      kinds.append(("hadamard", part.block))
+      arrays.append(part.signs)
+    else:
+      kinds.append(None if part is None else ("array", tuple(part.shape), str(part.dtype)))
+      arrays.append(part)
+  static = (type(inner).__name__, inner.in_features, inner.activation, tuple(kinds),
+            None if transform is None else (transform.in_features, transform.region_start))
+  return static, tuple(arrays)
+
+
+def reads_the_same_input(a, b) -> bool:
+  """Whether two weight leaves turn one input into the same quantized activations (concrete arrays: call
+  outside jit): the same input transform, permutation and activation plan, as q / k / v or gate / up
+  calibrated on one input have. Float and weight-only leaves never do (they quantize no input)."""
+  quantized = (QuantizedWeight, DequantizedWeight)
+  inner = lambda leaf: leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
+  if not all(isinstance(inner(leaf), quantized) and inner(leaf).activation is not None for leaf in (a, b)):
+    return False
+  (static_a, arrays_a), (static_b, arrays_b) = _input_parts(a), _input_parts(b)
+  return static_a == static_b and all(
+      x is y or (x is not None and y is not None and bool(np.array_equal(np.asarray(x), np.asarray(y))))
+      for x, y in zip(arrays_a, arrays_b))
+
+
+def shares_input_arrays(a, b) -> bool:
+  """Whether two leaves read their input through the very same array objects and the same static plan
+  (traceable: compares identities, as `with_input_arrays_of` leaves them), so one quantized input serves both."""
+  if not all(isinstance(leaf.inner if isinstance(leaf, InputTransformWeight) else leaf,
+                        (QuantizedWeight, DequantizedWeight)) for leaf in (a, b)):
+    return False
+  (static_a, arrays_a), (static_b, arrays_b) = _input_parts(a), _input_parts(b)
+  return static_a == static_b and all(x is y for x, y in zip(arrays_a, arrays_b))
+
+
+def with_input_arrays_of(leaf, leader):
+  """`leaf` reading its input through `leader`'s very arrays (transform, permutation): for leaves
+  `reads_the_same_input` paired, so that one traced program quantizes the shared input once (XLA merges the
+  identical computations). Traceable; the caller has checked the pairing."""
+  if isinstance(leaf, InputTransformWeight):
+    inner = with_input_arrays_of(leaf.inner, leader.inner)
+    return dataclasses.replace(leaf, inner=inner, rotation=leader.rotation, perm=leader.perm, region=leader.region)
+  return dataclasses.replace(leaf, perm=leader.perm)
 
 
 @jax.tree_util.register_dataclass

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cometjax import ops
-from cometjax.core.formats import InputTransformWeight, QuantizedEmbedding, QuantizedWeight, dequantized_leaf
+from cometjax.core.formats import (InputTransformWeight, QuantizedEmbedding, QuantizedWeight, dequantized_leaf,
+                                   reads_the_same_input, with_input_arrays_of)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -141,6 +142,13 @@ class Linear(nnx.Module):
     return ops.linear(x, self.kernel.get_value(), bias, implementation=self.implementation)
 
 
+def project(x: jax.Array, *layers: Linear) -> list[jax.Array]:
+  """The layers applied to one input x (`ops.linears`: an input quantized alike for all is quantized once)."""
+  return ops.linears(x, [layer.kernel.get_value() for layer in layers],
+                     [None if layer.bias is None else layer.bias.get_value() for layer in layers],
+                     implementations=[layer.implementation for layer in layers])
+
+
 class RMSNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, dtype):
@@ -182,9 +190,10 @@ class Attention(nnx.Module):
     cfg = self.config
     b, t, _ = x.shape
     hd = cfg.resolved_head_dim
-    q = apply_rope(self.q_proj(x).reshape(b, t, cfg.num_heads, hd), positions, inv_freq)
-    k = apply_rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, hd), positions, inv_freq)
-    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, hd)
+    q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+    q = apply_rope(q.reshape(b, t, cfg.num_heads, hd), positions, inv_freq)
+    k = apply_rope(k.reshape(b, t, cfg.num_kv_heads, hd), positions, inv_freq)
+    v = v.reshape(b, t, cfg.num_kv_heads, hd)
     # One token per row over a paged INT4 cache on a Pallas backend: write only, then attend through the
     # page table (no dequantized layer). The query is the row's newest token (position == cache length - 1,
     # as in generate / Engine decode); sliding windows and key_valid masks keep XLA.
@@ -301,7 +310,8 @@ class MLP(nnx.Module):
     self.down_proj = Linear(hidden, dim, **kw)
 
   def __call__(self, x):
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    gate, up = project(x, self.gate_proj, self.up_proj)
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -376,16 +386,45 @@ def set_matmul_implementation(model: nnx.Module, implementation: str) -> nnx.Mod
   return model
 
 
-def hold_dequantized_weights(model: nnx.Module) -> nnx.Module:
+def shared_input_groups(model: nnx.Module) -> tuple[tuple[tuple, ...], ...]:
+  """Paths of the projections that read one input and quantize it identically (`formats.reads_the_same_input`):
+  q / k / v, and gate / up, when calibration gave them one permutation and rotation (it does: they see the
+  same statistics). Reads concrete arrays: call outside jit, pass the result to `hold_dequantized_weights`."""
+  groups = []
+  for path, module in model.iter_modules():
+    if isinstance(module, Attention):
+      names = ("q_proj", "k_proj", "v_proj")
+    elif isinstance(module, MLP):
+      names = ("gate_proj", "up_proj")
+    else:
+      continue
+    kernels = [getattr(module, name).kernel.get_value() for name in names]
+    same = [name for name, kernel in zip(names[1:], kernels[1:]) if reads_the_same_input(kernels[0], kernel)]
+    if same:
+      groups.append(tuple(tuple(path) + (name,) for name in (names[0], *same)))
+  return tuple(groups)
+
+
+def hold_dequantized_weights(model: nnx.Module, shared_inputs: tuple[tuple[tuple, ...], ...] = ()) -> nnx.Module:
   """In place: every quantized kernel that runs on XLA held as a `DequantizedWeight`, for a decode loop on
   a CPU (called inside the jitted function, before the loop: the weights are dequantized once per call).
-  Kernels on a Pallas backend keep their packed form."""
+  Kernels on a Pallas backend keep their packed form.
+
+  shared_inputs (`shared_input_groups`): in each group the later projections read their input through the
+  first one's arrays, and `ops.linears` (`project`) then quantizes that input once instead of once per
+  projection: bit for bit the same activations, 4 input quantizations per layer instead of 7."""
   for _, module in model.iter_modules():
     if isinstance(module, Linear):
       kernel = module.kernel.get_value()
       inner = kernel.inner if isinstance(kernel, InputTransformWeight) else kernel
       if isinstance(inner, QuantizedWeight) and ops.resolve("linear", inner, module.implementation) == "xla":
         module.kernel.set_value(dequantized_leaf(kernel))
+  modules = dict(model.iter_modules())
+  for group in shared_inputs:
+    leader = modules[group[0]].kernel.get_value()
+    for path in group[1:]:
+      kernel = modules[path].kernel
+      kernel.set_value(with_input_arrays_of(kernel.get_value(), leader))
   return model
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from cometjax.core.kv import KVQuantConfig
-from cometjax.models.llama import hold_dequantized_weights
+from cometjax.models.llama import hold_dequantized_weights, shared_input_groups
 from cometjax.serving.kvcache import create_cache, prefill_chunk
 from cometjax.serving.limits import check_request
 
@@ -116,6 +116,7 @@ class _Static:
   sampling: SamplingConfig
   eos_ids: tuple[int, ...]
   dequantize_weights: bool = False
+  shared_inputs: tuple = ()  # `shared_input_groups` of the model, for the held decode loop
 
 
 def forward_with_cache(model, tokens: jax.Array, lengths: jax.Array, cache):
@@ -158,7 +159,7 @@ def _decode(static: _Static, state, first, lengths, cache, key, max_new_tokens, 
   TRACE_COUNTS["decode"] += 1
   model = nnx.merge(static.graphdef, state)
   if static.dequantize_weights:  # XLA-run quantized weights dequantized once per call, not once per step
-    hold_dequantized_weights(model)
+    hold_dequantized_weights(model, static.shared_inputs)
   b = first.shape[0]
   eos = jnp.asarray(static.eos_ids or (-1,), jnp.int32)
   is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)
@@ -273,7 +274,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   graphdef, state = nnx.split(model)
   if dequantize_weights is None:
     dequantize_weights = jax.default_backend() == "cpu"
-  static = _Static(graphdef, sampling, tuple(int(e) for e in eos_ids), bool(dequantize_weights))
+  shared = shared_input_groups(model) if dequantize_weights else ()
+  static = _Static(graphdef, sampling, tuple(int(e) for e in eos_ids), bool(dequantize_weights), shared)
   prefill_key, decode_key = jax.random.split(key)
   lengths_j = jnp.asarray(lengths)
 
