@@ -1,4 +1,4 @@
-"""bench/kernels.py --smoke runs end to end (so the benchmark script cannot rot)."""
+"""bench/kernel_speed.py --smoke runs end to end (so the benchmark script cannot rot)."""
 
 import json
 
@@ -9,7 +9,7 @@ from conftest import load_bench_script
 
 @pytest.mark.slow
 def test_kernel_benchmark_smoke(tmp_path):
-  bench = load_bench_script("kernels")
+  bench = load_bench_script("kernel_speed")
   out = tmp_path / "kernels_smoke.json"
   bench.main(["--smoke", "--quiet", "--out", str(out)])
   report = json.loads(out.read_text())
@@ -27,7 +27,7 @@ def test_kernel_benchmark_smoke(tmp_path):
 
 
 def test_kernel_benchmark_kernels_filter(tmp_path):
-  bench = load_bench_script("kernels")
+  bench = load_bench_script("kernel_speed")
   out = tmp_path / "kernels_filter.json"
   bench.main(["--smoke", "--quiet", "--kernels", "quantize_act", "--skip-attention", "--out", str(out)])
   report = json.loads(out.read_text())

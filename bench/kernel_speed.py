@@ -1,8 +1,8 @@
 """Kernel microbenchmarks: W4Ax GEMM, fused activation quantization, KV4 decode attention.
 
-    python bench/kernels.py                 # GPU: full shape sweep, compiled Pallas kernels
-    python bench/kernels.py --smoke         # tiny shapes, interpret mode on CPU, a few seconds
-    python bench/kernels.py --kernels w4ax_matmul w4ax_matmul_sm90 --skip-attention   # the two GEMMs
+    python bench/kernel_speed.py                 # GPU: full shape sweep, compiled Pallas kernels
+    python bench/kernel_speed.py --smoke         # tiny shapes, interpret mode on CPU, a few seconds
+    python bench/kernel_speed.py --kernels w4ax_matmul w4ax_matmul_sm90 --skip-attention   # the two GEMMs
 
 Every op is timed against baselines in the same run:
   w4ax_matmul   vs xla_bf16 (jnp.dot bf16) and xla_int8 (int8 x int8 -> int32 jnp.dot)
