@@ -506,34 +506,35 @@ def _input_parts(leaf) -> tuple[tuple, tuple]:
   return static, tuple(arrays)
 
 
+def _same_input_plan(a, b, same_array) -> bool:
+  """Both leaves quantize their input (W4Ax, held or packed) with equal static plans, and every input array
+  pair passes `same_array`."""
+  inner = lambda leaf: leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
+  if not all(isinstance(inner(leaf), (QuantizedWeight, DequantizedWeight)) and inner(leaf).activation is not None
+             for leaf in (a, b)):
+    return False
+  (static_a, arrays_a), (static_b, arrays_b) = _input_parts(a), _input_parts(b)
+  return static_a == static_b and all(x is y or (x is not None and y is not None and same_array(x, y))
+                                      for x, y in zip(arrays_a, arrays_b))
+
+
 def reads_the_same_input(a, b) -> bool:
   """Whether two weight leaves turn one input into the same quantized activations (concrete arrays: call
   outside jit): the same input transform, permutation and activation plan, as q / k / v or gate / up
   calibrated on one input have. Float and weight-only leaves never do (they quantize no input)."""
-  quantized = (QuantizedWeight, DequantizedWeight)
-  inner = lambda leaf: leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
-  if not all(isinstance(inner(leaf), quantized) and inner(leaf).activation is not None for leaf in (a, b)):
-    return False
-  (static_a, arrays_a), (static_b, arrays_b) = _input_parts(a), _input_parts(b)
-  return static_a == static_b and all(
-      x is y or (x is not None and y is not None and bool(np.array_equal(np.asarray(x), np.asarray(y))))
-      for x, y in zip(arrays_a, arrays_b))
+  return _same_input_plan(a, b, lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))))
 
 
 def shares_input_arrays(a, b) -> bool:
   """Whether two leaves read their input through the very same array objects and the same static plan
   (traceable: compares identities, as `with_input_arrays_of` leaves them), so one quantized input serves both."""
-  if not all(isinstance(leaf.inner if isinstance(leaf, InputTransformWeight) else leaf,
-                        (QuantizedWeight, DequantizedWeight)) for leaf in (a, b)):
-    return False
-  (static_a, arrays_a), (static_b, arrays_b) = _input_parts(a), _input_parts(b)
-  return static_a == static_b and all(x is y for x, y in zip(arrays_a, arrays_b))
+  return _same_input_plan(a, b, lambda x, y: False)
 
 
 def with_input_arrays_of(leaf, leader):
   """`leaf` reading its input through `leader`'s very arrays (transform, permutation): for leaves
-  `reads_the_same_input` paired, so that one traced program quantizes the shared input once (XLA merges the
-  identical computations). Traceable; the caller has checked the pairing."""
+  `reads_the_same_input` paired, so that `shares_input_arrays` holds and `ops.linears` quantizes the shared
+  input once. Traceable; the caller has checked the pairing."""
   if isinstance(leaf, InputTransformWeight):
     inner = with_input_arrays_of(leaf.inner, leader.inner)
     return dataclasses.replace(leaf, inner=inner, rotation=leader.rotation, perm=leader.perm, region=leader.region)
