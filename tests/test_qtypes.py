@@ -9,8 +9,8 @@ from hypothesis import given, settings, strategies as st
 from cometjax import ops
 from cometjax.core.formats import ActivationFormat, QuantizedWeight, dequantize_weight, quantize_weight
 from cometjax.core.kv import dequantize_kv, quantize_kv
-from cometjax.core.numerics import (dequantize_asymmetric, dequantize_symmetric, pack_int4, quantize_asymmetric,
-                                    quantize_symmetric, unpack_int4)
+from cometjax.core.numerics import (SHORT_REDUCTION, dequantize_asymmetric, dequantize_symmetric, pack_int4,
+                                    quantize_asymmetric, quantize_symmetric, short_max, short_min, unpack_int4)
 from cometjax.errors import UnsupportedError
 
 FUZZ = settings(max_examples=25, deadline=None)
@@ -95,6 +95,31 @@ def test_asymmetric_float_zero_spans_min_to_max_and_integer_zero_shifts(seed, of
   assert np.array_equal(np.asarray(zero_i), np.round(np.asarray(zero_i)))
   error = np.abs(x - np.asarray(dequantize_asymmetric(qi, scale_i, zero_i)))
   assert np.all(error <= np.asarray(scale_i) * (1 + 1e-4) + tol)  # the shifted grid clips up to a step
+
+
+@FUZZ
+@given(length=st.integers(1, SHORT_REDUCTION + 3), axis=st.integers(0, 2), keepdims=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_short_reductions_equal_jnp_min_and_max(length, axis, keepdims, seed):
+  # elementwise chains below SHORT_REDUCTION, a reduce above: the same values either way (min / max are exact)
+  shape = [3, 2, 5]
+  shape[axis] = length
+  x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+  x.flat[0] = np.nan if seed % 7 == 0 else x.flat[0]  # NaN propagates as through jnp.max
+  np.testing.assert_array_equal(short_max(x, axis, keepdims), jnp.max(x, axis=axis, keepdims=keepdims))
+  np.testing.assert_array_equal(short_min(x, axis, keepdims), jnp.min(x, axis=axis, keepdims=keepdims))
+
+
+@FUZZ
+@given(length=st.integers(2, 40), integer_zero=st.booleans(), seed=st.integers(0, 2**16))
+def test_asymmetric_codes_match_the_returned_grid(length, integer_zero, seed):
+  # the codes are computed from a grid recomputed at x's shape: it must be the grid returned
+  x = np.random.default_rng(seed).normal(size=(3, length)).astype(np.float32) * 3
+  q, scale, zero = quantize_asymmetric(x, 4, axis=-1, integer_zero=integer_zero)
+  x = x.astype(np.float32)
+  scale, zero = np.asarray(scale), np.asarray(zero)
+  want = (np.floor(x / scale + 0.5) + zero) if integer_zero else np.floor(x / scale + zero + 0.5)
+  np.testing.assert_array_equal(np.asarray(q), np.clip(want, 0, 15).astype(np.uint8))
 
 
 def test_asymmetric_zero_slice_is_exact():

@@ -44,6 +44,34 @@ def round_half_up(v: jax.Array) -> jax.Array:
   return jnp.floor(v + 0.5)
 
 
+# Reductions over at most this many elements are written as chains of elementwise min / max
+# (`short_min` / `short_max`): XLA fuses those into the ops that use them, where a reduce is a kernel call of
+# its own (on a CPU a decode step's cost is counted in kernel calls). min and max are exact: the values equal
+# jnp.min / jnp.max's.
+SHORT_REDUCTION = 16
+
+
+def _short_reduce(op, reduce, x: jax.Array, axis: int, keepdims: bool) -> jax.Array:
+  axis = normalize_axis(axis, x.ndim)
+  n = x.shape[axis]
+  if n > SHORT_REDUCTION or n == 0:
+    return reduce(x, axis=axis, keepdims=keepdims)
+  parts = [jax.lax.index_in_dim(x, i, axis, keepdims=keepdims) for i in range(n)]
+  while len(parts) > 1:  # a balanced tree: log2(n) dependent ops
+    parts = [op(parts[i], parts[i + 1]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+  return parts[0]
+
+
+def short_max(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+  """jnp.max(x, axis) (one axis), as elementwise maxima when the axis is short (SHORT_REDUCTION)."""
+  return _short_reduce(jnp.maximum, jnp.max, x, axis, keepdims)
+
+
+def short_min(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+  """jnp.min(x, axis) (one axis), as elementwise minima when the axis is short (SHORT_REDUCTION)."""
+  return _short_reduce(jnp.minimum, jnp.min, x, axis, keepdims)
+
+
 def normalize_axis(axis: int, ndim: int, name: str = "axis") -> int:
   if not -ndim <= axis < ndim:
     raise ValueError(f"{name} must be in [-{ndim}, {ndim}) for an array of rank {ndim}, got {axis}")
@@ -129,15 +157,18 @@ def quantize_asymmetric(x: jax.Array, bits: int, axis=-1, integer_zero: bool = F
   check_bits(bits)
   qmax = 2**bits - 1
   x = jnp.asarray(x, jnp.float32)
-  low = jnp.min(x, axis=axis, keepdims=True)
-  high = jnp.max(x, axis=axis, keepdims=True)
-  scale = jnp.where(high > low, (high - low) / qmax, 1.0)
-  if integer_zero:
-    zero = round_half_up(-low / scale)
-    q = round_half_up(x / scale) + zero
-  else:
-    zero = -low / scale
-    q = round_half_up(x / scale + zero)
+  low = short_min(x, axis=axis, keepdims=True)
+  high = short_max(x, axis=axis, keepdims=True)
+
+  def grid(low, high):  # (scale, zero)
+    scale = jnp.where(high > low, (high - low) / qmax, 1.0)
+    return scale, (round_half_up(-low / scale) if integer_zero else -low / scale)
+
+  scale, zero = grid(low, high)
+  # the codes recompute the grid at x's shape (the same values): XLA then fuses the quantizer into one loop
+  # instead of first materializing scale and zero (each a kernel call on a CPU)
+  scale_x, zero_x = grid(jnp.broadcast_to(low, x.shape), jnp.broadcast_to(high, x.shape))
+  q = round_half_up(x / scale_x) + zero_x if integer_zero else round_half_up(x / scale_x + zero_x)
   return jnp.clip(q, 0, qmax).astype(jnp.uint8), scale, zero
 
 

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from cometjax.core.formats import ActivationFormat, QuantizedActivation
-from cometjax.core.numerics import pack_int4, round_half_up
+from cometjax.core.numerics import pack_int4, round_half_up, short_max
 
 INT8_MAX = 127
 INT4_MAX = 7
@@ -222,7 +222,7 @@ def _block_codes(x, fmt: ActivationFormat, first_block: int, num_blocks: int, qm
     amax = jnp.broadcast_to(jnp.max(jnp.abs(x), axis=1, keepdims=True) if num_blocks else
                             jnp.zeros((m, 1)), (m, num_blocks))
   else:
-    amax = jnp.max(jnp.abs(blocks), axis=2)  # [M, nb]
+    amax = short_max(jnp.abs(blocks), axis=2)  # [M, nb]: fused into the ops below
   scale = jnp.where(amax > 0, amax / qmax, 1.0)
   codes = jnp.clip(round_half_up(blocks / scale[:, :, None]), -qmax, qmax).astype(jnp.int32)
   return codes.reshape(m, -1), scale.T
@@ -267,10 +267,12 @@ def dequantized_act_reference(
   m = x.shape[0]
   x_perm = (x if perm is None else jnp.take(x, perm, axis=1)).astype(jnp.float32)
   blocks = x_perm.reshape(m, fmt.num_blocks, fmt.block_size)
-  is_int8 = jnp.arange(fmt.num_blocks) < fmt.num_int8_blocks  # [nb]
-  amax = jnp.max(jnp.abs(blocks), axis=2)  # [M, nb]
+  is_int8 = (jnp.arange(fmt.num_blocks) < fmt.num_int8_blocks)[:, None]  # [nb, 1]
+  # each element's block max and scale computed where it is used: on a CPU XLA then fuses the whole function
+  # into one loop (a [M, nb] scale array would be a kernel call of its own)
+  amax = jnp.broadcast_to(short_max(jnp.abs(blocks), axis=2, keepdims=True), blocks.shape)  # [M, nb, bs]
   # the divisions exactly as `_block_codes` writes them (by each region's qmax), so the scales agree bitwise
-  scale = jnp.where(amax > 0, jnp.where(is_int8, amax / INT8_MAX, amax / INT4_MAX), 1.0)[:, :, None]
-  qmax = jnp.where(is_int8, INT8_MAX, INT4_MAX)[:, None]
+  scale = jnp.where(amax > 0, jnp.where(is_int8, amax / INT8_MAX, amax / INT4_MAX), 1.0)
+  qmax = jnp.where(is_int8, INT8_MAX, INT4_MAX)
   codes = jnp.clip(round_half_up(blocks / scale), -qmax, qmax).astype(jnp.int32)
   return (codes.astype(jnp.float32) * scale).reshape(m, -1)
