@@ -222,9 +222,15 @@ class PagedKV4:
 
   def physical(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(page, slot) of positions [B, T]; padding or unallocated positions get page P (dropped)."""
-    logical = jnp.clip(positions // self.page_size, 0, self.page_table.shape[1] - 1)
-    page = jnp.take_along_axis(self.page_table, logical, axis=1)
-    ok = (positions < self.max_len) & (page >= 0)
+    pages_per_row = self.page_table.shape[1]
+    logical = jnp.clip(positions // self.page_size, 0, pages_per_row - 1)
+    if self.contiguous:  # the identity table: arithmetic on the positions alone, which XLA then computes once
+      # for all layers rather than once per layer's table (a decode step's cost on a CPU is its op count)
+      page = jnp.arange(positions.shape[0], dtype=positions.dtype)[:, None] * pages_per_row + logical
+      ok = positions < self.max_len
+    else:
+      page = jnp.take_along_axis(self.page_table, logical, axis=1)
+      ok = (positions < self.max_len) & (page >= 0)
     return jnp.where(ok, page, self.num_pages), positions % self.page_size
 
   def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "PagedKV4":
