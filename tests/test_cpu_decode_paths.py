@@ -13,8 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from calib.stats import LayerStats
 from cometjax import ops
-from cometjax.core.formats import (ActivationFormat, DequantizedWeight, InputTransformWeight, dequantized_leaf,
-                                   reads_the_same_input)
+from cometjax.core.formats import (FOLD_INPUT_MAX_FEATURES, ActivationFormat, DequantizedWeight, InputTransformWeight,
+                                   dequantized_leaf, reads_the_same_input)
 from cometjax.models.llama import LlamaConfig, hold_dequantized_weights, init_llama, shared_input_groups
 from cometjax.pallas import quantize_act, w4ax_matmul
 from cometjax.quant import config as qc
@@ -60,9 +60,26 @@ def test_dequantized_product_equals_the_integer_gemm(rotate_int4, symmetric):
   held = dequantized_leaf(leaf)
   assert isinstance(held, InputTransformWeight) and isinstance(held.inner, DequantizedWeight)
   assert held.shape == (90, 40)
+  folded = dequantized_leaf(leaf, fold_input=True)  # the transform as one [90, 96] matrix
+  assert isinstance(folded, DequantizedWeight) and folded.input_matrix.shape == (90, 96) and folded.perm is None
+  assert folded.shape == (90, 40)
   scale = float(jnp.max(jnp.abs(segments)))
-  for got in (exact, ops.linear(x, held)):
+  for got in (exact, ops.linear(x, held), ops.linear(x, folded)):
     np.testing.assert_allclose(got, segments, atol=2e-5 * scale)
+
+
+def test_only_small_input_transforms_fold_into_a_matrix():
+  config = qc.QuantConfig(weights=qc.WeightQuantConfig(group_size=32),
+                          activations=qc.ActivationQuantConfig(int8_fraction=0.25, block_size=32,
+                                                               rotate_int4="region"))
+  big = _layer(config, k=FOLD_INPUT_MAX_FEATURES + 32)  # a K x Kp product would cost what the layer costs
+  assert isinstance(dequantized_leaf(big, fold_input=True), InputTransformWeight)
+  small = _layer(config, k=FOLD_INPUT_MAX_FEATURES)
+  folded = dequantized_leaf(small, fold_input=True)
+  x = jax.random.normal(jax.random.key(5), (4, FOLD_INPUT_MAX_FEATURES)) * 2
+  # the matrix is the transform: the same input the inner weight quantizes, up to float32 rounding
+  assert small.inner.perm is None  # the permutation is the transform's (else the matrix folds it in too)
+  np.testing.assert_allclose(x @ folded.input_matrix, small.transform_input(x), atol=1e-5)
 
 
 def test_the_decode_loop_holds_dequantized_weights_with_the_same_tokens():
@@ -125,10 +142,15 @@ def test_a_shared_input_is_quantized_once_with_the_same_products(monkeypatch):
   assert len(calls) == 3
   calls.clear()
   shared = hold_dequantized_weights(nnx.clone(model), shared_input_groups(model)).layers[0].self_attn
-  got = ops.linears(x, [getattr(shared, name).kernel.get_value() for name in names])
+  kernels = [getattr(shared, name).kernel.get_value() for name in names]
+  got = ops.linears(x, kernels)
   assert len(calls) == 1  # one quantized input serves the three projections
+  assert kernels[0].joint_outputs == (64, 32, 32)  # ... multiplied with the three weights side by side
   for g, w in zip(got, want):
-    np.testing.assert_array_equal(g, w)
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+  separate = ops.linears(x, [dataclasses.replace(kernels[0], joint_weight=None)] + kernels[1:])
+  for g, w in zip(got, separate):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
   # the decode loop that shares them still produces the packed model's tokens
   prompt = [[5, 9, 17]]
   assert (generate(model, prompt, 10, stop_at_eos=False, dequantize_weights=True).tokens

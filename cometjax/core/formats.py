@@ -400,20 +400,46 @@ class DequantizedWeight(_WeightShape):
   """A `QuantizedWeight` held as its float weight, for a loop that multiplies with it many times (a CPU
   decode loop dequantizes once per call, not once per step). The matmul quantizes its input to the same
   activation plan and multiplies the dequantized operands in float32: the integer GEMM's products up to
-  float32 rounding. An execution form only: never saved."""
+  float32 rounding. An execution form only: never saved.
+
+  input_matrix (`dequantized_leaf(fold_input=True)`): the whole input transform of an
+  `InputTransformWeight` (pad, rotations, permutations) as one f32 [K, Kp] matrix, so x @ input_matrix is
+  the input the activation plan quantizes; perm is then None. One small product in place of a chain of
+  gathers, butterflies and concatenations, each a separate kernel call on a CPU.
+
+  joint_weight (`with_joint_weight`): on the first of several projections that share this input (q / k / v),
+  all their weights side by side, so `ops.linears` runs the group as one product."""
 
   weight: jax.Array  # f32 [Kp, N], rows in permuted order
   perm: jax.Array | None  # int32 [Kp] or None (identity)
   shape: tuple[int, int] = dataclasses.field(metadata=dict(static=True))  # (K, N)
   activation: ActivationFormat | None = dataclasses.field(default=None, metadata=dict(static=True))
+  input_matrix: jax.Array | None = None  # f32 [K, Kp]
+  joint_weight: jax.Array | None = None  # f32 [Kp, sum(joint_outputs)]
+  joint_outputs: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))  # N of each
 
 
-def dequantized_leaf(leaf):
-  """A QuantizedWeight (also inside an InputTransformWeight) as a DequantizedWeight; other leaves as given."""
+# Input transforms are folded into one matrix (`dequantized_leaf(fold_input=True)`) up to this many input
+# channels: there a decode step's cost is kernel calls, not arithmetic; above it the K x Kp product would
+# cost a sizable fraction of the layer's own (576 x 576 for SmolLM2's q/k/v is 60% of their weights).
+FOLD_INPUT_MAX_FEATURES = 256
+
+
+def dequantized_leaf(leaf, fold_input: bool = False):
+  """A QuantizedWeight (also inside an InputTransformWeight) as a DequantizedWeight; other leaves as given.
+
+  fold_input: an InputTransformWeight of at most FOLD_INPUT_MAX_FEATURES inputs becomes one DequantizedWeight
+  whose `input_matrix` is its transform (traceable: the matrix is the transform of the identity). Its
+  activations then equal the unfolded path's up to float32 rounding of the rotation (a value on a rounding
+  tie may take the neighbouring code); unfolded, they are bit for bit the packed path's."""
   if isinstance(leaf, InputTransformWeight):
-    # the input transform stays as it is: the activations must round exactly as in the packed path (a dense
-    # rotation matrix moved codes across rounding ties)
-    return dataclasses.replace(leaf, inner=dequantized_leaf(leaf.inner))
+    inner = dequantized_leaf(leaf.inner)
+    if not fold_input or leaf.in_features > FOLD_INPUT_MAX_FEATURES or inner.activation is None:
+      return dataclasses.replace(leaf, inner=inner)
+    matrix = leaf.transform_input(jnp.eye(leaf.in_features, dtype=jnp.float32))  # [K, Kp]
+    if inner.perm is not None:
+      matrix = jnp.take(matrix, inner.perm, axis=1)
+    return dataclasses.replace(inner, perm=None, shape=leaf.shape, input_matrix=matrix)
   if isinstance(leaf, QuantizedWeight):
     return DequantizedWeight(weight=dequantize_weight(leaf), perm=leaf.perm, shape=leaf.shape,
                              activation=leaf.activation)
@@ -489,12 +515,13 @@ class InputTransformWeight:
 
 def _input_parts(leaf) -> tuple[tuple, tuple]:
   """(static description, arrays) of everything a W4Ax leaf does to its input before its own product:
-  the input transform (pad, rotations, permutation) and the inner weight's permutation and activation plan."""
+  the input transform (pad, rotations, permutation) and the inner weight's permutation, folded input matrix
+  and activation plan."""
   transform, inner = (leaf, leaf.inner) if isinstance(leaf, InputTransformWeight) else (None, leaf)
   parts = (None, None, None) if transform is None else (transform.rotation, transform.perm, transform.region)
   arrays = []
   kinds = []
-  for part in parts + (inner.perm,):
+  for part in parts + (inner.perm, getattr(inner, "input_matrix", None)):
     if isinstance(part, HadamardRotation):
       kinds.append(("hadamard", part.block))
       arrays.append(part.signs)
@@ -531,6 +558,21 @@ def shares_input_arrays(a, b) -> bool:
   return _same_input_plan(a, b, lambda x, y: False)
 
 
+def is_held(leaf) -> bool:
+  """Whether a weight leaf is a `DequantizedWeight`, alone or inside an `InputTransformWeight`."""
+  return isinstance(leaf.inner if isinstance(leaf, InputTransformWeight) else leaf, DequantizedWeight)
+
+
+def with_joint_weight(leader, members):
+  """`leader` (a held leaf, or one wrapping it) holding its own and the `members`' weights side by side
+  (`DequantizedWeight.joint_weight`): for projections `with_input_arrays_of` made share one input."""
+  wrapped = isinstance(leader, InputTransformWeight)
+  held = [leaf.inner if isinstance(leaf, InputTransformWeight) else leaf for leaf in (leader, *members)]
+  joint = dataclasses.replace(held[0], joint_weight=jnp.concatenate([leaf.weight for leaf in held], axis=1),
+                              joint_outputs=tuple(leaf.shape[1] for leaf in held))
+  return dataclasses.replace(leader, inner=joint) if wrapped else joint
+
+
 def with_input_arrays_of(leaf, leader):
   """`leaf` reading its input through `leader`'s very arrays (transform, permutation): for leaves
   `reads_the_same_input` paired, so that `shares_input_arrays` holds and `ops.linears` quantizes the shared
@@ -538,6 +580,8 @@ def with_input_arrays_of(leaf, leader):
   if isinstance(leaf, InputTransformWeight):
     inner = with_input_arrays_of(leaf.inner, leader.inner)
     return dataclasses.replace(leaf, inner=inner, rotation=leader.rotation, perm=leader.perm, region=leader.region)
+  if isinstance(leaf, DequantizedWeight):
+    return dataclasses.replace(leaf, perm=leader.perm, input_matrix=leader.input_matrix)
   return dataclasses.replace(leaf, perm=leader.perm)
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 
 from cometjax import ops
 from cometjax.core.formats import (InputTransformWeight, QuantizedEmbedding, QuantizedWeight, dequantized_leaf,
-                                   reads_the_same_input, with_input_arrays_of)
+                                   is_held, reads_the_same_input, with_input_arrays_of, with_joint_weight)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -406,25 +406,30 @@ def shared_input_groups(model: nnx.Module) -> tuple[tuple[tuple, ...], ...]:
 
 
 def hold_dequantized_weights(model: nnx.Module, shared_inputs: tuple[tuple[tuple, ...], ...] = ()) -> nnx.Module:
-  """In place: every quantized kernel that runs on XLA held as a `DequantizedWeight`, for a decode loop on
-  a CPU (called inside the jitted function, before the loop: the weights are dequantized once per call).
-  Kernels on a Pallas backend keep their packed form.
+  """In place: every quantized kernel that runs on XLA held as a `DequantizedWeight`, for prefill and the
+  decode loop on a CPU (called inside the jitted function, before the loop: dequantized once per call).
+  Kernels on a Pallas backend keep their packed form. Small input transforms are folded into one matrix
+  (`dequantized_leaf(fold_input=True)`): one product per step instead of gathers and butterflies.
 
   shared_inputs (`shared_input_groups`): in each group the later projections read their input through the
   first one's arrays, and `ops.linears` (`project`) then quantizes that input once instead of once per
-  projection: bit for bit the same activations, 4 input quantizations per layer instead of 7."""
+  projection (bit for bit the same activations, 4 input quantizations per layer instead of 7) and multiplies
+  it with the group's weights side by side (`with_joint_weight`) in one product."""
   for _, module in model.iter_modules():
     if isinstance(module, Linear):
       kernel = module.kernel.get_value()
       inner = kernel.inner if isinstance(kernel, InputTransformWeight) else kernel
       if isinstance(inner, QuantizedWeight) and ops.resolve("linear", inner, module.implementation) == "xla":
-        module.kernel.set_value(dequantized_leaf(kernel))
+        module.kernel.set_value(dequantized_leaf(kernel, fold_input=True))
   modules = dict(model.iter_modules())
   for group in shared_inputs:
-    leader = modules[group[0]].kernel.get_value()
-    for path in group[1:]:
-      kernel = modules[path].kernel
+    kernels = [modules[path].kernel for path in group]
+    if not all(is_held(kernel.get_value()) for kernel in kernels):
+      continue  # a projection on a Pallas backend runs its own kernel
+    leader = kernels[0].get_value()
+    for kernel in kernels[1:]:
       kernel.set_value(with_input_arrays_of(kernel.get_value(), leader))
+    kernels[0].set_value(with_joint_weight(leader, [kernel.get_value() for kernel in kernels[1:]]))
   return model
 
 

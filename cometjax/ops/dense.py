@@ -9,7 +9,8 @@ A weight leaf is a float array [in, out] (plain `jnp.dot`) or a quantized leaf o
 - `InputTransformWeight`: the input is transformed (pad, rotate, permute), then the inner weight runs.
 - `StaticActQuantWeight`: XLA's int8 dot with int32 accumulation and the zero-point term.
 - `DequantizedWeight`: a QuantizedWeight's float weight held for a loop; the input is quantized to its
-  activation plan and the dequantized operands multiplied in float32 (XLA only).
+  activation plan and the dequantized operands multiplied in float32 (XLA only); a small input transform
+  may be folded into it as one matrix (`input_matrix`).
 
 `linears(x, weights, biases)`: several projections of one input (q / k / v, gate / up). Held leaves that read
 the input through the very same arrays (`models.llama.hold_dequantized_weights` with `shared_inputs` makes
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cometjax.core.formats import (DequantizedWeight, InputTransformWeight, QuantizedWeight, StaticActQuantWeight,
-                                   dequantize_weight, shares_input_arrays)
+                                   dequantize_weight, is_held, shares_input_arrays)
 from cometjax.core.numerics import round_half_up
 from cometjax.ops import registry
 
@@ -53,30 +54,36 @@ def linears(x: jax.Array, weights, biases=None, *, implementations=None) -> list
 
   A held leaf (`DequantizedWeight`, alone or inside an `InputTransformWeight`) whose input arrays are the
   same objects as an earlier held leaf's reuses that leaf's quantized input: the same values, computed once
-  (a CPU decode step then runs 4 input quantizations per layer instead of 7)."""
+  (a CPU decode step then runs 4 input quantizations per layer instead of 7); when that first leaf holds
+  the group's weights side by side (`joint_weight`), the group is one product."""
   biases = [None] * len(weights) if biases is None else list(biases)
   implementations = ["auto"] * len(weights) if implementations is None else list(implementations)
   if not len(biases) == len(implementations) == len(weights):
     raise ValueError(f"linears needs one bias and one implementation per weight: {len(weights)} weights, "
                      f"{len(biases)} biases, {len(implementations)} implementations")
-  quantized_inputs = []  # (held leaf, its quantized input f32 [M, Kp])
-  outs = []
-  for weight, bias, implementation in zip(weights, biases, implementations):
-    if not _is_held(weight) or implementation not in ("auto", "xla"):  # linear raises for what cannot run
-      outs.append(linear(x, weight, bias, implementation=implementation))
+  outs = [None] * len(weights)
+  groups = {}  # index of a group's first held leaf -> indices of the held leaves reading its input arrays
+  for i, (weight, implementation) in enumerate(zip(weights, implementations)):
+    if not is_held(weight) or implementation not in ("auto", "xla"):  # linear raises for what cannot run
+      outs[i] = linear(x, weight, biases[i], implementation=implementation)
       continue
-    x_hat = next((q for leaf, q in quantized_inputs if shares_input_arrays(leaf, weight)), None)
-    if x_hat is None:
-      x_hat = _held_input(x, weight)
-      quantized_inputs.append((weight, x_hat))
-    y = _held_product(x, x_hat, weight.inner if isinstance(weight, InputTransformWeight) else weight)
-    outs.append(y if bias is None else y + bias.astype(y.dtype))
+    first = next((j for j in groups if shares_input_arrays(weights[j], weight)), i)
+    groups.setdefault(first, []).append(i)
+  for first, members in groups.items():
+    x_hat = _held_input(x, weights[first])
+    leader, held = _held(weights[first]), [_held(weights[i]) for i in members]
+    widths = tuple(leaf.shape[1] for leaf in held)
+    if leader.joint_weight is not None and leader.joint_outputs == widths:
+      ys = jnp.split(_held_product(x, x_hat, leader.joint_weight), np.cumsum(widths)[:-1].tolist(), axis=-1)
+    else:
+      ys = [_held_product(x, x_hat, leaf.weight) for leaf in held]
+    for i, y in zip(members, ys):
+      outs[i] = y if biases[i] is None else y + biases[i].astype(y.dtype)
   return outs
 
 
-def _is_held(weight) -> bool:
-  inner = weight.inner if isinstance(weight, InputTransformWeight) else weight
-  return isinstance(inner, DequantizedWeight)
+def _held(weight) -> DequantizedWeight:
+  return weight.inner if isinstance(weight, InputTransformWeight) else weight
 
 
 def _held_input(x, weight) -> jax.Array:
@@ -85,15 +92,19 @@ def _held_input(x, weight) -> jax.Array:
   if isinstance(weight, InputTransformWeight):
     x, weight = weight.transform_input(x), weight.inner
   x2d = _flatten(x, weight.shape[0])
+  if weight.input_matrix is not None:  # the folded transform (permutation included)
+    return quantize_act.dequantized_act_reference(
+        jnp.dot(x2d.astype(jnp.float32), weight.input_matrix, precision=jax.lax.Precision.HIGHEST), None,
+        weight.activation)
   if weight.activation is None:
     return x2d if weight.perm is None else jnp.take(x2d, weight.perm, axis=1)
   return quantize_act.dequantized_act_reference(x2d, weight.perm, weight.activation)
 
 
-def _held_product(x, x_hat, leaf: DequantizedWeight) -> jax.Array:
-  """x_hat [M, Kp] @ the held weight -> [..., N] in x's dtype (x: the layer's input, for shape and dtype)."""
-  y = jnp.dot(x_hat.astype(jnp.float32), leaf.weight, precision=jax.lax.Precision.HIGHEST)
-  return y.astype(x.dtype).reshape(*x.shape[:-1], leaf.shape[1])
+def _held_product(x, x_hat, weight: jax.Array) -> jax.Array:
+  """x_hat [M, Kp] @ a held weight [Kp, N] -> [..., N] in x's dtype (x: the layer's input, for shape and dtype)."""
+  y = jnp.dot(x_hat.astype(jnp.float32), weight, precision=jax.lax.Precision.HIGHEST)
+  return y.astype(x.dtype).reshape(*x.shape[:-1], weight.shape[1])
 
 
 def _quantized_weight_xla(x, qw: QuantizedWeight, implementation: str):
@@ -148,7 +159,7 @@ def _not_compilable(qw: QuantizedWeight) -> str | None:
 
 
 def _dequantized_weight_xla(x, leaf: DequantizedWeight, implementation: str):
-  return _held_product(x, _held_input(x, leaf), leaf)
+  return _held_product(x, _held_input(x, leaf), leaf.weight)
 
 
 def _static_act_xla(x, leaf: StaticActQuantWeight, implementation: str):

@@ -149,6 +149,8 @@ def _prefill(static: _Static, state, tokens, lengths, cache, key):
   """tokens: [B, T] right-padded; lengths: [B] -> first sampled token [B] and the filled cache."""
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(static.graphdef, state)
+  if static.dequantize_weights:  # as the decode loop: float products of the dequantized operands
+    hold_dequantized_weights(model, static.shared_inputs)
   logits, cache = forward_with_cache(model, tokens, lengths, cache)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
   return sample_logits(last, key, static.sampling), cache
@@ -247,8 +249,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   (seconds; `compiled` is then True and the timings include it). `warmup=True` first runs the same call
   untimed (its wall time in `warmup_s`), so the timings are steady-state speed.
 
-  dequantize_weights (default: True on a CPU): the decode loop holds each XLA-run quantized weight
-  dequantized (`DequantizedWeight`, once per call) and multiplies dequantized operands in float32, several
+  dequantize_weights (default: True on a CPU): prefill and the decode loop hold each XLA-run quantized weight
+  dequantized (`DequantizedWeight`, once per call) and multiply dequantized operands in float32, several
   times faster on a CPU; the tokens then equal the integer path's up to float32 rounding (False: the integer
   path, bit for bit, as the serving engine runs it).
   """
