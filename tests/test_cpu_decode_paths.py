@@ -120,7 +120,8 @@ def test_shared_input_groups_pair_the_projections_of_one_input_and_only_those():
           ("layers", 0, "self_attn", "v_proj")) in groups
   assert (("layers", 1, "mlp", "gate_proj"), ("layers", 1, "mlp", "up_proj")) in groups
   assert len(groups) == 4  # o_proj and down_proj read inputs of their own
-  # another permutation is another input plan: v_proj leaves the group
+  assert shared_input_groups(model) is groups  # remembered while the kernels' arrays are the same objects
+  # another permutation is another input plan: v_proj leaves the group (the replaced kernel is noticed)
   v = attn.v_proj.kernel.get_value()
   attn.v_proj.kernel.set_value(dataclasses.replace(v, perm=v.perm[jnp.r_[1, 0, 2:v.perm.shape[0]]]))
   assert not reads_the_same_input(attn.q_proj.kernel.get_value(), attn.v_proj.kernel.get_value())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from typing import Any
 
 import jax
@@ -386,23 +387,32 @@ def set_matmul_implementation(model: nnx.Module, implementation: str) -> nnx.Mod
   return model
 
 
+# model -> (the projection kernels' arrays it was computed from, its shared_input_groups): generate asks at
+# every call
+_SHARED_INPUT_GROUPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def shared_input_groups(model: nnx.Module) -> tuple[tuple[tuple, ...], ...]:
   """Paths of the projections that read one input and quantize it identically (`formats.reads_the_same_input`):
   q / k / v, and gate / up, when calibration gave them one permutation and rotation (it does: they see the
-  same statistics). Reads concrete arrays: call outside jit, pass the result to `hold_dequantized_weights`."""
+  same statistics). Reads concrete arrays: call outside jit, pass the result to `hold_dequantized_weights`.
+  Remembered per model while its kernels hold the same array objects (comparing values costs milliseconds)."""
+  candidates = []  # (module path, projection names, their kernels)
+  for i, layer in enumerate(model.layers):  # the layers directly: nnx's graph walk costs milliseconds
+    for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+      module = getattr(layer, part)
+      candidates.append((("layers", i, part), names, [getattr(module, n).kernel.get_value() for n in names]))
+  arrays = jax.tree.leaves([group for _, _, group in candidates])  # the same objects while nothing is replaced
+  known = _SHARED_INPUT_GROUPS.get(model)
+  if known is not None and len(known[0]) == len(arrays) and all(a is b for a, b in zip(known[0], arrays)):
+    return known[1]
   groups = []
-  for path, module in model.iter_modules():
-    if isinstance(module, Attention):
-      names = ("q_proj", "k_proj", "v_proj")
-    elif isinstance(module, MLP):
-      names = ("gate_proj", "up_proj")
-    else:
-      continue
-    kernels = [getattr(module, name).kernel.get_value() for name in names]
-    same = [name for name, kernel in zip(names[1:], kernels[1:]) if reads_the_same_input(kernels[0], kernel)]
+  for path, names, group in candidates:
+    same = [name for name, kernel in zip(names[1:], group[1:]) if reads_the_same_input(group[0], kernel)]
     if same:
-      groups.append(tuple(tuple(path) + (name,) for name in (names[0], *same)))
-  return tuple(groups)
+      groups.append(tuple(path + (name,) for name in (names[0], *same)))
+  _SHARED_INPUT_GROUPS[model] = (arrays, tuple(groups))
+  return _SHARED_INPUT_GROUPS[model][1]
 
 
 def hold_dequantized_weights(model: nnx.Module, shared_inputs: tuple[tuple[tuple, ...], ...] = ()) -> nnx.Module:
