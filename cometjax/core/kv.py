@@ -314,6 +314,27 @@ class PagedKV4:
     return dequantize_kv_tensor(self.gather(self.v, num_tokens), self.gather(self.v_scale, num_tokens),
                                 self.gather(self.v_zero, num_tokens))
 
+  def token_as_read(self, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The key and value [B, 1, Hkv, D] of a token `write` just stored as the next reads return them (f32,
+    equal to `read_keys` / `read_values` at its position): V and per-token K dequantized from the codes they
+    quantize to; channel-mode K exact (its group is the open one)."""
+    integer_zero = self.config.integer_zero
+    round_trip = lambda x: dequantize_kv_tensor(*quantize_kv_tensor(x, self.head_group, integer_zero))
+    k32, v32 = k_new.astype(jnp.float32), v_new.astype(jnp.float32)
+    if self.config.k_mode == "hadamard":
+      keys = _rotate_heads(round_trip(_rotate_heads(k32)))
+    else:
+      keys = k32 if self.config.k_mode == "channel" else round_trip(k32)
+    return keys, round_trip(v32)
+
+  def group_keys(self, positions: jax.Array) -> jax.Array:
+    """Channel mode: the dequantized keys [B, page, Hkv, D] of the group holding positions [B] (one per row),
+    as `read_keys` returns them once that group is closed."""
+    page, _ = self.physical(positions[:, None])  # [B, 1]
+    page = jnp.minimum(page[:, 0], self.num_pages - 1)
+    codes = unpack_int4(self.k[page], axis=-1, signed=False).astype(jnp.float32)  # [B, page, Hkv, D]
+    return (codes - self.k_zero[page][:, None]) * self.k_scale[page][:, None]
+
   def read_keys(self, lengths: jax.Array | None = None, num_tokens: int | None = None) -> jax.Array:
     """[B, S, Hkv, D] float32 keys as attention sees them (S as in read_values); in channel mode the
     group of position lengths - 1 (default: the newest token) comes exact from k_recent."""

@@ -19,7 +19,7 @@ from flax import nnx
 
 from cometjax.core.kv import KVQuantConfig
 from cometjax.models.llama import hold_dequantized_weights, shared_input_groups
-from cometjax.serving.kvcache import create_cache, prefill_chunk
+from cometjax.serving.kvcache import HeldKV4Cache, KV4Cache, create_cache, prefill_chunk
 from cometjax.serving.limits import check_request
 
 
@@ -117,6 +117,7 @@ class _Static:
   eos_ids: tuple[int, ...]
   dequantize_weights: bool = False
   shared_inputs: tuple = ()  # `shared_input_groups` of the model, for the held decode loop
+  dequantize_cache: bool = False  # the decode loop reads an INT4 cache through a float copy (HeldKV4Cache)
 
 
 def forward_with_cache(model, tokens: jax.Array, lengths: jax.Array, cache):
@@ -162,6 +163,8 @@ def _decode(static: _Static, state, first, lengths, cache, key, max_new_tokens, 
   model = nnx.merge(static.graphdef, state)
   if static.dequantize_weights:  # XLA-run quantized weights dequantized once per call, not once per step
     hold_dequantized_weights(model, static.shared_inputs)
+  if static.dequantize_cache and isinstance(cache, KV4Cache):
+    cache = HeldKV4Cache.hold(cache)
   b = first.shape[0]
   eos = jnp.asarray(static.eos_ids or (-1,), jnp.int32)
   is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)
@@ -236,7 +239,8 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              sampling: SamplingConfig = SamplingConfig(), key: jax.Array | None = None,
              stop_at_eos: bool = True, eos_ids: Sequence[int] | None = None,
              kv: KVQuantConfig | None = None, cache_dtype=None, truncate: str | None = None,
-             warmup: bool = False, dequantize_weights: bool | None = None) -> GenerateResult:
+             warmup: bool = False, dequantize_weights: bool | None = None,
+             dequantize_cache: bool | None = None) -> GenerateResult:
   """Generates up to `max_new_tokens` for each prompt (a list of token ids, at least one each).
 
   `kv` selects the KV cache: None is a float cache (model dtype, or `cache_dtype`), a `KVQuantConfig`
@@ -253,6 +257,11 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   dequantized (`DequantizedWeight`, once per call) and multiply dequantized operands in float32, several
   times faster on a CPU; the tokens then equal the integer path's up to float32 rounding (False: the integer
   path, bit for bit, as the serving engine runs it).
+
+  dequantize_cache (default: True on a CPU): with an INT4 cache, the decode loop also keeps the keys and
+  values as attention reads them in a float copy (`HeldKV4Cache`), so no step dequantizes the attended
+  prefix again: the same values, at the cost of a float cache's memory beside the INT4 one (False: reads
+  dequantize the INT4 cache, as the serving engine does).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -277,7 +286,10 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   if dequantize_weights is None:
     dequantize_weights = jax.default_backend() == "cpu"
   shared = shared_input_groups(model) if dequantize_weights else ()
-  static = _Static(graphdef, sampling, tuple(int(e) for e in eos_ids), bool(dequantize_weights), shared)
+  if dequantize_cache is None:
+    dequantize_cache = jax.default_backend() == "cpu"
+  static = _Static(graphdef, sampling, tuple(int(e) for e in eos_ids), bool(dequantize_weights), shared,
+                   bool(dequantize_cache) and kv is not None)
   prefill_key, decode_key = jax.random.split(key)
   lengths_j = jnp.asarray(lengths)
 

@@ -210,6 +210,81 @@ class KV4Cache:
     return sum(layer.nbytes() for layer in self.layers) / (self.num_pages * self.page_size)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class HeldKV4Cache:
+  """A `KV4Cache` and, beside it, every layer's keys and values as attention reads them (float), for a CPU
+  decode loop (`hold`, like held weights: an execution form, never returned to the caller).
+
+  Each write stores the token in the INT4 cache as always and its key and value, as the next read returns
+  them, in the float copy (`PagedKV4.token_as_read`); in "channel" mode, a group's exact keys are replaced by
+  their dequantized values once a row writes past that group, when reads start to see them quantized. Reads
+  are then slices of the copy: the values dequantizing the INT4 cache gives (bit for bit in "token" and
+  "channel" mode; "hadamard" keys up to float32 rounding of the inverse rotation), without dequantizing the
+  attended prefix at every step. Decode writes (one token per row) are kept incrementally, several tokens
+  copy the layer afresh. Memory: the float cache's on top of the INT4 one."""
+  cache: KV4Cache
+  k: tuple[jax.Array, ...]  # [B, S, Hkv, D] per layer, the cache's dtype
+  v: tuple[jax.Array, ...]
+  page_size = 1  # `read` takes any prefix length
+
+  @classmethod
+  def hold(cls, cache: KV4Cache) -> "HeldKV4Cache":
+    """The copy of a filled cache (its keys and values as read now)."""
+    return cls(cache, tuple(cache.read_keys(i).astype(cache.dtype) for i in range(len(cache.layers))),
+               tuple(cache.read_values(i).astype(cache.dtype) for i in range(len(cache.layers))))
+
+  @property
+  def max_len(self) -> int:
+    return self.cache.max_len
+
+  @property
+  def prefill_chunk(self) -> int | None:
+    return self.cache.prefill_chunk
+
+  def paged_layer(self, layer: int) -> None:
+    return None  # attention reads the float copy
+
+  def update(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array):
+    held = self.write(layer, k_new, v_new, positions)
+    return held, held.k[layer], held.v[layer]
+
+  def write(self, layer: int, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "HeldKV4Cache":
+    cache = self.cache.write(layer, k_new, v_new, positions)
+    replace = lambda layers, new: layers[:layer] + (new,) + layers[layer + 1:]
+    if positions.shape[1] != 1:  # several tokens (prefill): copy the layer as read
+      return HeldKV4Cache(cache, replace(self.k, cache.read_keys(layer).astype(cache.dtype)),
+                          replace(self.v, cache.read_values(layer).astype(cache.dtype)))
+    paged = cache.layers[layer]
+    keys, values = paged.token_as_read(k_new, v_new)
+    k = _write_rows(self.k[layer], keys, positions)
+    v = _write_rows(self.v[layer], values, positions)
+    if paged.config.k_mode == "channel":
+      k = self._close_groups(k, paged, self.cache.layers[layer].length, positions[:, 0])
+    return HeldKV4Cache(cache, replace(self.k, k), replace(self.v, v))
+
+  def _close_groups(self, k: jax.Array, paged: PagedKV4, length: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rows whose new token opens a later group than their newest one (length [B] before the write): that
+    group is closed, and reads now see it dequantized."""
+    g = paged.page_size
+    newest = jnp.maximum(length - 1, 0) // g * g  # [B]: first position of the group open before the write
+    closes = (length > 0) & (positions < paged.max_len) & (positions // g > newest // g)
+
+    def close(k):
+      b, s = k.shape[:2]
+      groups = k.reshape(b, s // g, g, *k.shape[2:])
+      index = jnp.stack([jnp.arange(b), jnp.where(closes, newest // g, s // g)], axis=1)  # past the end: kept
+      return kv_layouts.set_rows(groups, index, paged.group_keys(newest).astype(k.dtype)).reshape(k.shape)
+
+    return jax.lax.cond(jnp.any(closes), close, lambda k: k, k)
+
+  def read(self, layer: int, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+    return self.k[layer][:, :num_tokens], self.v[layer][:, :num_tokens]
+
+  def reset_rows(self, rows: jax.Array) -> "HeldKV4Cache":
+    return dataclasses.replace(self, cache=self.cache.reset_rows(rows))
+
+
 def prefill_chunk(kv: KVQuantConfig | None) -> int:
   """Tokens per prefill write the cache accepts (1 = any number)."""
   return 1 if kv is None else kv.prefill_chunk
