@@ -152,6 +152,11 @@ def test_a_shared_input_is_quantized_once_with_the_same_products(monkeypatch):
   separate = ops.linears(x, [dataclasses.replace(kernels[0], joint_weight=None)] + kernels[1:])
   for g, w in zip(got, separate):
     np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+  # another order (k and v have one width) or a part of the group: each output still its own projection's
+  swapped = ops.linears(x, [kernels[0], kernels[2], kernels[1]])
+  for g, w in zip(swapped, [want[0], want[2], want[1]]):
+    np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(ops.linears(x, kernels[:2])[1], want[1], rtol=1e-6, atol=1e-6)
   # the decode loop that shares them still produces the packed model's tokens
   prompt = [[5, 9, 17]]
   assert (generate(model, prompt, 10, stop_at_eos=False, dequantize_weights=True).tokens

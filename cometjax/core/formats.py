@@ -408,7 +408,8 @@ class DequantizedWeight(_WeightShape):
   gathers, butterflies and concatenations, each a separate kernel call on a CPU.
 
   joint_weight (`with_joint_weight`): on the first of several projections that share this input (q / k / v),
-  all their weights side by side, so `ops.linears` runs the group as one product."""
+  all their weights side by side, so `ops.linears` runs the group as one product; joint_slot: each one's
+  place in that group."""
 
   weight: jax.Array  # f32 [Kp, N], rows in permuted order
   perm: jax.Array | None  # int32 [Kp] or None (identity)
@@ -417,6 +418,7 @@ class DequantizedWeight(_WeightShape):
   input_matrix: jax.Array | None = None  # f32 [K, Kp]
   joint_weight: jax.Array | None = None  # f32 [Kp, sum(joint_outputs)]
   joint_outputs: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))  # N of each
+  joint_slot: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 # Input transforms are folded into one matrix (`dequantized_leaf(fold_input=True)`) up to this many input
@@ -563,14 +565,17 @@ def is_held(leaf) -> bool:
   return isinstance(leaf.inner if isinstance(leaf, InputTransformWeight) else leaf, DequantizedWeight)
 
 
-def with_joint_weight(leader, members):
-  """`leader` (a held leaf, or one wrapping it) holding its own and the `members`' weights side by side
-  (`DequantizedWeight.joint_weight`): for projections `with_input_arrays_of` made share one input."""
-  wrapped = isinstance(leader, InputTransformWeight)
-  held = [leaf.inner if isinstance(leaf, InputTransformWeight) else leaf for leaf in (leader, *members)]
-  joint = dataclasses.replace(held[0], joint_weight=jnp.concatenate([leaf.weight for leaf in held], axis=1),
-                              joint_outputs=tuple(leaf.shape[1] for leaf in held))
-  return dataclasses.replace(leader, inner=joint) if wrapped else joint
+def with_joint_weight(leaves: list) -> list:
+  """Held leaves (or ones wrapping them) of projections `with_input_arrays_of` made share one input, the first
+  holding all their weights side by side (`DequantizedWeight.joint_weight`) and each its place among them
+  (`joint_slot`), so `ops.linears` can tell a call in that order (which it runs as one product) from others."""
+  inner = lambda leaf: leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
+  rewrap = lambda leaf, held: dataclasses.replace(leaf, inner=held) if isinstance(leaf, InputTransformWeight) else held
+  held = [inner(leaf) for leaf in leaves]
+  out = [rewrap(leaf, dataclasses.replace(h, joint_slot=i)) for i, (leaf, h) in enumerate(zip(leaves, held))]
+  first = dataclasses.replace(inner(out[0]), joint_weight=jnp.concatenate([h.weight for h in held], axis=1),
+                              joint_outputs=tuple(h.shape[1] for h in held))
+  return [rewrap(out[0], first)] + out[1:]
 
 
 def with_input_arrays_of(leaf, leader):

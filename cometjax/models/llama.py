@@ -439,7 +439,8 @@ def hold_dequantized_weights(model: nnx.Module, shared_inputs: tuple[tuple[tuple
     leader = kernels[0].get_value()
     for kernel in kernels[1:]:
       kernel.set_value(with_input_arrays_of(kernel.get_value(), leader))
-    kernels[0].set_value(with_joint_weight(leader, [kernel.get_value() for kernel in kernels[1:]]))
+    for kernel, joint in zip(kernels, with_joint_weight([kernel.get_value() for kernel in kernels])):
+      kernel.set_value(joint)
   return model
 
 

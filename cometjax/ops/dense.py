@@ -73,7 +73,8 @@ def linears(x: jax.Array, weights, biases=None, *, implementations=None) -> list
     x_hat = _held_input(x, weights[first])
     leader, held = _held(weights[first]), [_held(weights[i]) for i in members]
     widths = tuple(leaf.shape[1] for leaf in held)
-    if leader.joint_weight is not None and leader.joint_outputs == widths:
+    in_order = [leaf.joint_slot for leaf in held] == list(range(len(held)))  # the group, as it was joined
+    if leader.joint_weight is not None and in_order and leader.joint_outputs == widths:
       ys = jnp.split(_held_product(x, x_hat, leader.joint_weight), np.cumsum(widths)[:-1].tolist(), axis=-1)
     else:
       ys = [_held_product(x, x_hat, leaf.weight) for leaf in held]
