@@ -93,10 +93,10 @@ def _held_input(x, weight) -> jax.Array:
   if isinstance(weight, InputTransformWeight):
     x, weight = weight.transform_input(x), weight.inner
   x2d = _flatten(x, weight.shape[0])
-  if weight.input_matrix is not None:  # the folded transform (permutation included)
-    return quantize_act.dequantized_act_reference(
-        jnp.dot(x2d.astype(jnp.float32), weight.input_matrix, precision=jax.lax.Precision.HIGHEST), None,
-        weight.activation)
+  if weight.input_matrix is not None:  # the folded transform (permutation included), rounded to x's dtype as
+    # the unfolded transform's output is (a bf16 model quantizes bf16 values)
+    transformed = jnp.dot(x2d.astype(jnp.float32), weight.input_matrix, precision=jax.lax.Precision.HIGHEST)
+    return quantize_act.dequantized_act_reference(transformed.astype(x.dtype), None, weight.activation)
   if weight.activation is None:
     return x2d if weight.perm is None else jnp.take(x2d, weight.perm, axis=1)
   return quantize_act.dequantized_act_reference(x2d, weight.perm, weight.activation)
