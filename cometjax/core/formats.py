@@ -538,9 +538,8 @@ def _input_parts(leaf) -> tuple[tuple, tuple]:
 def _same_input_plan(a, b, same_array) -> bool:
   """Both leaves quantize their input (W4Ax, held or packed) with equal static plans, and every input array
   pair passes `same_array`."""
-  inner = lambda leaf: leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
-  if not all(isinstance(inner(leaf), (QuantizedWeight, DequantizedWeight)) and inner(leaf).activation is not None
-             for leaf in (a, b)):
+  if not all(isinstance(inner_weight(leaf), (QuantizedWeight, DequantizedWeight))
+             and inner_weight(leaf).activation is not None for leaf in (a, b)):
     return False
   (static_a, arrays_a), (static_b, arrays_b) = _input_parts(a), _input_parts(b)
   return static_a == static_b and all(x is y or (x is not None and y is not None and same_array(x, y))
@@ -562,18 +561,17 @@ def shares_input_arrays(a, b) -> bool:
 
 def is_held(leaf) -> bool:
   """Whether a weight leaf is a `DequantizedWeight`, alone or inside an `InputTransformWeight`."""
-  return isinstance(leaf.inner if isinstance(leaf, InputTransformWeight) else leaf, DequantizedWeight)
+  return isinstance(inner_weight(leaf), DequantizedWeight)
 
 
 def with_joint_weight(leaves: list) -> list:
   """Held leaves (or ones wrapping them) of projections `with_input_arrays_of` made share one input, the first
   holding all their weights side by side (`DequantizedWeight.joint_weight`) and each its place among them
   (`joint_slot`), so `ops.linears` can tell a call in that order (which it runs as one product) from others."""
-  inner = lambda leaf: leaf.inner if isinstance(leaf, InputTransformWeight) else leaf
   rewrap = lambda leaf, held: dataclasses.replace(leaf, inner=held) if isinstance(leaf, InputTransformWeight) else held
-  held = [inner(leaf) for leaf in leaves]
+  held = [inner_weight(leaf) for leaf in leaves]
   out = [rewrap(leaf, dataclasses.replace(h, joint_slot=i)) for i, (leaf, h) in enumerate(zip(leaves, held))]
-  first = dataclasses.replace(inner(out[0]), joint_weight=jnp.concatenate([h.weight for h in held], axis=1),
+  first = dataclasses.replace(inner_weight(out[0]), joint_weight=jnp.concatenate([h.weight for h in held], axis=1),
                               joint_outputs=tuple(h.shape[1] for h in held))
   return [rewrap(out[0], first)] + out[1:]
 
@@ -687,6 +685,6 @@ def is_quantized_leaf(value) -> bool:
   return isinstance(value, QUANTIZED_LEAF_TYPES)
 
 
-def inner_weight(leaf) -> QuantizedWeight:
-  """The QuantizedWeight a (possibly input-transformed) leaf multiplies by."""
+def inner_weight(leaf):
+  """The QuantizedWeight (or held DequantizedWeight) a (possibly input-transformed) leaf multiplies by."""
   return leaf.inner if isinstance(leaf, InputTransformWeight) else leaf

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cometjax.core.formats import (DequantizedWeight, InputTransformWeight, QuantizedWeight, StaticActQuantWeight,
-                                   dequantize_weight, is_held, shares_input_arrays)
+                                   dequantize_weight, inner_weight, is_held, shares_input_arrays)
 from cometjax.core.numerics import round_half_up
 from cometjax.ops import registry
 
@@ -71,7 +71,7 @@ def linears(x: jax.Array, weights, biases=None, *, implementations=None) -> list
     groups.setdefault(first, []).append(i)
   for first, members in groups.items():
     x_hat = _held_input(x, weights[first])
-    leader, held = _held(weights[first]), [_held(weights[i]) for i in members]
+    leader, held = inner_weight(weights[first]), [inner_weight(weights[i]) for i in members]
     widths = tuple(leaf.shape[1] for leaf in held)
     in_order = [leaf.joint_slot for leaf in held] == list(range(len(held)))  # the group, as it was joined
     if leader.joint_weight is not None and in_order and leader.joint_outputs == widths:
@@ -81,10 +81,6 @@ def linears(x: jax.Array, weights, biases=None, *, implementations=None) -> list
     for i, y in zip(members, ys):
       outs[i] = y if biases[i] is None else y + biases[i].astype(y.dtype)
   return outs
-
-
-def _held(weight) -> DequantizedWeight:
-  return weight.inner if isinstance(weight, InputTransformWeight) else weight
 
 
 def _held_input(x, weight) -> jax.Array:
